@@ -1,0 +1,109 @@
+"""Configuration of a quantization run: frozen, keyword-only, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from any4_jax.quant.formats import FormatSpec, parse_format
+
+KMEANS_INITS = ("kmeans++", "random", "int", "nf4")
+SAMPLE_WEIGHTINGS = ("none", "activations", "activations_x_scales")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KMeansConfig:
+    """Weighted Lloyd's algorithm over the group-scaled values of each row (DESIGN.md s.4).
+
+    init: "kmeans++" (weighted, greedy, 2 + floor(ln k) local trials), "random" (k weighted
+      samples without replacement), "int" (uniform grid over the row's range) or "nf4" (the
+      nf4 table mapped onto the row's range).
+    max_iter: Lloyd iterations at most per row (0 keeps the initial table).
+    tol: a row stops once its largest squared centroid shift is below tol * variance(row).
+    seed: every row draws from fold_in(PRNGKey(seed), global row index), so a row's result
+      does not depend on the rows it is batched or sharded with.
+    """
+
+    init: str = "kmeans++"
+    max_iter: int = 300
+    tol: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init not in KMEANS_INITS:
+            raise ValueError(f"KMeansConfig: unknown {self.init=}; choose one of {KMEANS_INITS}")
+        if not isinstance(self.max_iter, int) or self.max_iter < 0:
+            raise ValueError(f"KMeansConfig: {self.max_iter=} must be an integer >= 0")
+        if not self.tol >= 0:
+            raise ValueError(f"KMeansConfig: {self.tol=} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How to quantize one weight matrix `[N, K]` (out_features x in_features).
+
+    format: "int4" (default grid; also "int3", "int2"), "any4" / "any3" / "any2" (learned
+      per-row tables), "nf4", "fp4" (bitsandbytes' table), "fp4_e2m1" (OCP).
+    group_size: groups of this many consecutive elements along K share a scale and a zero;
+      None means one group per whole row.
+    symmetric: int-n / any-n only; zero = 0 and the scale comes from max|w|. nf4 and fp4 are
+      always absmax-scaled.
+    dtype: storage dtype of the table, scales and zeros (None: the weight's dtype).
+    sample_weighting: any-n only; the weight of element (i, j) in k-means: "none" (1),
+      "activations" (xbar_j), "activations_x_scales" (xbar_j * alpha_ij, the paper's default).
+      Without a `sample_weight` argument, xbar is taken as all ones.
+    kmeans: the k-means settings (any-n only).
+    """
+
+    format: str = "any4"
+    group_size: int | None = 128
+    symmetric: bool = False
+    dtype: str | None = None
+    sample_weighting: str = "activations_x_scales"
+    kmeans: KMeansConfig = dataclasses.field(default_factory=KMeansConfig)
+
+    def __post_init__(self):
+        spec = parse_format(self.format)  # raises on unknown names / bad n_bit
+        object.__setattr__(self, "format", spec.name)
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(
+                f"QuantConfig: {self.group_size=} must be a positive integer "
+                "(or None for one group per row)"
+            )
+        if self.symmetric and spec.family == "table":
+            raise ValueError(
+                f"QuantConfig: symmetric=True does not apply to {spec.name!r}, which is always "
+                "absmax-scaled; drop symmetric"
+            )
+        if self.sample_weighting not in SAMPLE_WEIGHTINGS:
+            raise ValueError(
+                f"QuantConfig: unknown {self.sample_weighting=}; choose one of {SAMPLE_WEIGHTINGS}"
+            )
+        if self.dtype is not None:
+            try:
+                object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+            except TypeError as e:
+                raise ValueError(f"QuantConfig: {self.dtype=} is not a dtype name") from e
+        if not isinstance(self.kmeans, KMeansConfig):
+            raise TypeError(f"QuantConfig: kmeans must be a KMeansConfig, got {self.kmeans!r}")
+
+    @property
+    def spec(self) -> FormatSpec:
+        return parse_format(self.format)
+
+    def resolve_group_size(self, k: int, *, name: str = "weight") -> int:
+        """The group size for a row of length k, with an error that names the fix."""
+        g = k if self.group_size is None else self.group_size
+        if k % g:
+            divisors = [d for d in (32, 64, 128, 192, 256, 512, 1024) if k % d == 0]
+            raise ValueError(
+                f"{name}: in_features {k=} is not divisible by group_size={g}; choose a group "
+                f"size that divides {k} (e.g. {divisors or [k]}) or group_size=None for whole rows"
+            )
+        return g
+
+    def replace(self, **changes) -> QuantConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,191 @@
+"""Weighted 1-D k-means on every row of a matrix at once (DESIGN.md s.4, "Weighted k-means").
+
+Each row's values are sorted once. With sorted values and sorted centroids, every Lloyd
+cluster is a contiguous run of the sorted row whose ends are found by binary search of the
+midpoints between centroids, and its weighted sum is a difference of two prefix sums. A Lloyd
+iteration then costs O(k log K) per row instead of O(k K), so running to convergence
+(max_iter 300) is cheap; the sort and the k-means++ seeding dominate.
+
+Rows never interact: a converged row is frozen while others iterate, and each row draws its
+random numbers from fold_in(seed, global row index). A row's result is therefore the same
+whatever rows share its chunk or device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from any4_jax.quant.config import KMeansConfig
+from any4_jax.quant.formats import NF4_TABLE
+
+
+def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
+    """sorted_rows: [R, K], queries: [R, Q] -> [R, Q] int32 insertion points per row."""
+    return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side=side, method="scan"))(
+        sorted_rows, queries
+    ).astype(jnp.int32)
+
+
+def _row_keys(seed: int, row_ids: jax.Array) -> jax.Array:
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(row_ids)
+
+
+def _kmeans_pp(xs, ws, keys, k: int):
+    """Weighted greedy k-means++ (scikit-learn's rule) on sorted rows.
+
+    xs, ws: [R, K] sorted values and their weights; keys: [R] PRNG keys -> [R, k] centroids.
+    """
+    r_, n = xs.shape
+    trials = 2 + int(math.log(k))
+    keys = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)  # [R, k, 2]
+    rows = jnp.arange(r_)
+
+    def draw(cdf, key, shape):
+        # Inverse-CDF sampling: the first index whose cumulative weight exceeds u * total;
+        # side="right" never returns an index whose own weight is zero (unless u*total
+        # rounds up to the total, hence the clip).
+        u = jax.vmap(lambda kk: jax.random.uniform(kk, shape))(key) * cdf[:, -1:]
+        return jnp.minimum(_searchsorted_rows(cdf, u, "right"), n - 1)
+
+    first = draw(jnp.cumsum(ws, axis=1), keys[:, 0], (1,))[:, 0]  # [R]
+    c0 = xs[rows, first]
+    d2 = (xs - c0[:, None]) ** 2  # [R, K]
+    centroids = jnp.zeros((r_, k), xs.dtype).at[:, 0].set(c0)
+
+    def step(i, carry):
+        centroids, d2 = carry
+        cand_idx = draw(jnp.cumsum(ws * d2, axis=1), keys[:, i], (trials,))  # [R, T]
+        cand = jnp.take_along_axis(xs, cand_idx, axis=1)  # [R, T]
+        # One fused pass per trial; a [R, T, K] intermediate would be 4x the memory traffic.
+        pot = jnp.stack(
+            [jnp.sum(ws * jnp.minimum(d2, (xs - cand[:, t : t + 1]) ** 2), axis=1)
+             for t in range(trials)],
+            axis=1,
+        )  # [R, T]
+        best = cand[rows, jnp.argmin(pot, axis=1)]  # [R]
+        return centroids.at[:, i].set(best), jnp.minimum(d2, (xs - best[:, None]) ** 2)
+
+    centroids, _ = lax.fori_loop(1, k, step, (centroids, d2))
+    return centroids
+
+
+def _random_init(xs, ws, keys, k: int):
+    def one(key, x, w):
+        idx = jax.random.choice(key, x.shape[0], (k,), replace=False, p=w / jnp.sum(w))
+        return x[idx]
+
+    return jax.vmap(one)(keys, xs, ws)
+
+
+def grid_init(r: int, k: int, lo: float, hi: float, kind: str) -> jax.Array:
+    """The `int` (uniform) or `nf4` grid spanning [lo, hi], for r rows -> [r, k]."""
+    if kind == "int":
+        grid = jnp.linspace(0.0, 1.0, k, dtype=jnp.float32)
+    else:
+        if k != 16:
+            raise ValueError(f"KMeansConfig(init='nf4') needs 16 levels (any4), got k={k}; "
+                             "use init='int' or 'kmeans++' for any3/any2")
+        grid = (jnp.asarray(NF4_TABLE) + 1.0) / 2.0
+    return jnp.broadcast_to(lo + grid * (hi - lo), (r, k))
+
+
+def _cluster_bounds(xs, centroids):
+    """Sorted values [R, K] and sorted centroids [R, k] -> run boundaries [R, k + 1]."""
+    r_, n = xs.shape
+    mids = (centroids[:, :-1] + centroids[:, 1:]) * 0.5  # [R, k-1]
+    inner = _searchsorted_rows(xs, mids, "right")  # values <= mid stay in the lower cluster
+    zero = jnp.zeros((r_, 1), jnp.int32)
+    return jnp.concatenate([zero, inner, jnp.full((r_, 1), n, jnp.int32)], axis=1)
+
+
+def sort_rows(x, w):
+    """Sorts each row of x ascending, carrying w along: [R, K] x2 -> (xs, ws)."""
+    return lax.sort((x, w), dimension=1, num_keys=1)
+
+
+def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
+    """Weighted Lloyd's k-means on each row.
+
+    xs: [R, K] float32 values, each row sorted ascending (see `sort_rows`);
+    ws: [R, K] float32 non-negative sample weights, permuted with xs;
+    row_ids: [R] int32 global row indices (for per-row random streams);
+    grid: (lo, hi) of the scaled range for the `int` / `nf4` inits.
+    Returns (centroids [R, k] sorted ascending, iterations [R] int32 used per row).
+    """
+    r_, n = xs.shape
+    xs = xs.astype(jnp.float32)
+    ws = ws.astype(jnp.float32)
+    # A row with no positive weight has no sampling distribution: weigh its values equally.
+    ws = jnp.where(jnp.sum(ws, axis=1, keepdims=True) > 0, ws, 1.0)
+    keys = _row_keys(config.seed, row_ids)
+
+    if config.init == "kmeans++":
+        c = _kmeans_pp(xs, ws, keys, k)
+    elif config.init == "random":
+        c = _random_init(xs, ws, keys, k)
+    else:
+        lo, hi = grid if grid is not None else (0.0, float(k - 1))
+        c = grid_init(r_, k, lo, hi, config.init)
+    c = jnp.sort(c, axis=1)
+
+    zero = jnp.zeros((r_, 1), jnp.float32)
+    pw = jnp.concatenate([zero, jnp.cumsum(ws, axis=1)], axis=1)  # [R, K+1]
+    pwx = jnp.concatenate([zero, jnp.cumsum(ws * xs, axis=1)], axis=1)  # [R, K+1]
+    limit = config.tol * jnp.var(xs, axis=1)  # [R]
+
+    def body(state):
+        it, c, done, iters = state
+        b = _cluster_bounds(xs, c)
+        sw = jnp.take_along_axis(pw, b[:, 1:], 1) - jnp.take_along_axis(pw, b[:, :-1], 1)
+        swx = jnp.take_along_axis(pwx, b[:, 1:], 1) - jnp.take_along_axis(pwx, b[:, :-1], 1)
+        # An empty (or zero-weight) cluster keeps its centroid.
+        new = jnp.where(sw > 0, swx / jnp.where(sw > 0, sw, 1.0), c)
+        new = jnp.sort(new, axis=1)  # guards against rounding in the prefix differences
+        shift = jnp.max((new - c) ** 2, axis=1)
+        new = jnp.where(done[:, None], c, new)
+        iters = iters + (~done).astype(jnp.int32)
+        done = done | (shift <= limit)
+        return it + 1, new, done, iters
+
+    def cond(state):
+        it, _, done, _ = state
+        return (it < config.max_iter) & ~jnp.all(done)
+
+    init_state = (jnp.int32(0), c, jnp.zeros((r_,), bool), jnp.zeros((r_,), jnp.int32))
+    _, c, _, iters = lax.while_loop(cond, body, init_state)
+
+    if config.max_iter > 0:
+        # Final centroids from direct per-cluster sums (no prefix-sum cancellation): one more
+        # exact update on the converged partition.
+        # Masked reductions, not a scatter-add: scatter-adds are atomics on GPU and would make
+        # the result depend on thread timing.
+        labels = assign_sorted_codes(xs, c)  # [R, K]
+        sw = jnp.stack([jnp.sum(jnp.where(labels == j, ws, 0.0), axis=1) for j in range(k)], 1)
+        swx = jnp.stack(
+            [jnp.sum(jnp.where(labels == j, ws * xs, 0.0), axis=1) for j in range(k)], 1
+        )  # [R, k]
+        c = jnp.sort(jnp.where(sw > 0, swx / jnp.where(sw > 0, sw, 1.0), c), axis=1)
+    return c, iters
+
+
+def assign_sorted_codes(x, centroids):
+    """Nearest-centroid index for every value: x [R, K], sorted centroids [R, k] -> [R, K].
+
+    Ties (a value exactly on a midpoint) go to the lower centroid.
+    """
+    mids = (centroids[:, :-1] + centroids[:, 1:]) * 0.5  # [R, k-1]
+    q = jnp.zeros(x.shape, jnp.int32)
+    for j in range(centroids.shape[1] - 1):
+        q = q + (x > mids[:, j : j + 1]).astype(jnp.int32)
+    return q
+
+
+def weighted_sse(x, w, centroids):
+    """Per-row sum of w * (x - nearest centroid)^2: x, w [R, K], centroids [R, k] -> [R]."""
+    q = assign_sorted_codes(x, centroids)
+    return jnp.sum(w * (x - jnp.take_along_axis(centroids, q, axis=1)) ** 2, axis=1)

@@ -1,0 +1,219 @@
+"""`quantize_weight`: one `[N, K]` matrix -> `QuantizedWeight`, for every format.
+
+Rows are processed in fixed-size chunks (bounded memory, one compilation per chunk shape),
+and each chunk can be split over the devices of a 1-D mesh along the row axis. Results do
+not depend on the chunk size or the number of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from any4_jax.quant import scaling
+from any4_jax.quant.config import KMeansConfig, QuantConfig
+from any4_jax.quant.formats import FormatSpec, int_grid_table, nearest_code_bounds
+from any4_jax.quant.kmeans import assign_sorted_codes, kmeans_rows
+from any4_jax.quant.qweight import QuantizedWeight, pack_codes
+from any4_jax.quant.rowsort import sort_rows_auto
+
+# Elements per chunk: the k-means working set is about 40 bytes per element (sorted copies,
+# prefix sums, the k-means++ trial distances), so 2^22 elements stay near 200 MB on a CPU.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 25, "tpu": 1 << 24}
+
+
+def row_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named "rows" over `devices` (default: all local devices)."""
+    devs = np.array(devices if devices is not None else jax.local_devices())
+    return Mesh(devs, ("rows",))
+
+
+def validate_weight(w, *, name: str = "weight") -> jax.Array:
+    """Checks a weight is a finite 2-D float matrix with an even K; returns it as a jax Array."""
+    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
+        raise TypeError(f"{name}: expected an array of shape [out_features, in_features], "
+                        f"got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D weight [out_features, in_features], got shape "
+            f"{tuple(w.shape)}; reshape it (e.g. merge the head dims) before quantizing"
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"{name}: expected a floating-point weight, got dtype {w.dtype}")
+    n, k = w.shape
+    if k % 2:
+        raise ValueError(f"{name}: in_features K={k} must be even (two 4-bit codes per byte)")
+    w = jnp.asarray(w)
+    bad = ~jnp.isfinite(w)
+    count = int(jnp.sum(bad))
+    if count:
+        first = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), w.shape)
+        raise ValueError(
+            f"{name}: {count} non-finite value(s) (NaN/Inf) in the weight, the first at index "
+            f"{tuple(int(i) for i in first)}; fix or drop them before quantizing"
+        )
+    return w
+
+
+def _validate_sample_weight(sample_weight, k: int, name: str) -> jax.Array:
+    if sample_weight is None:
+        return jnp.ones((k,), jnp.float32)
+    sw = jnp.asarray(sample_weight, jnp.float32)
+    if sw.shape != (k,):
+        raise ValueError(
+            f"{name}: sample_weight has shape {tuple(sw.shape)}, expected ({k},): one "
+            "statistic per input channel"
+        )
+    if not bool(jnp.all(jnp.isfinite(sw))) or bool(jnp.any(sw < 0)):
+        raise ValueError(f"{name}: sample_weight must be finite and >= 0 (got min "
+                         f"{float(jnp.min(sw))}); pass |statistics|")
+    return sw
+
+
+def _grid_range(spec: FormatSpec, symmetric: bool, init: str) -> tuple[float, float]:
+    half = 2 ** (spec.n_bit - 1)
+    if not symmetric:
+        return 0.0, float(2**spec.n_bit - 1)
+    # Symmetric: the int init is the signed int-n grid itself; nf4 spans the scaled range.
+    return (-float(half), float(half - 1)) if init == "int" else (-(half - 1.0), half - 1.0)
+
+
+def _any_sample_weights(scale, xbar, ws_shape, g: int, weighting: str):
+    """k-means sample weights [R, K] (DESIGN.md s.4): 1, xbar_j, or xbar_j * alpha_ij."""
+    if weighting == "none":
+        return jnp.ones(ws_shape, jnp.float32)
+    if weighting == "activations":
+        return jnp.broadcast_to(xbar[None, :], ws_shape)
+    return xbar[None, :] * scaling.expand_groups(scale, g)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "g", "symmetric", "weighting"))
+def _scale_rows(w, xbar, *, spec: FormatSpec, g: int, symmetric: bool, weighting: str):
+    """w: [R, K] -> (scale [R, G], zero [R, G], scaled values [R, K], sample weights [R, K])."""
+    if spec.family == "table":
+        scale, zero, ws = scaling.absmax(w, g)
+    else:
+        rule = scaling.symmetric if symmetric else scaling.asymmetric
+        scale, zero, ws = rule(w, g, spec.n_bit)
+    sw = _any_sample_weights(scale, xbar, ws.shape, g, weighting) if spec.family == "any" else None
+    return scale, zero, ws, sw
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "symmetric"))
+def _encode_fixed(ws, *, spec: FormatSpec, symmetric: bool):
+    """Codes and table of the fixed-table and integer-grid formats: ws [R, K] -> (packed, lut)."""
+    r = ws.shape[0]
+    if spec.family == "table":
+        mids, order = nearest_code_bounds(spec.fixed_table)
+        slot = jnp.zeros(ws.shape, jnp.int32)
+        for m in mids:  # the count of midpoints strictly below y: ties go to the lower value
+            slot = slot + (ws > m).astype(jnp.int32)
+        q = jnp.asarray(order)[slot]
+        lut = jnp.broadcast_to(jnp.asarray(spec.fixed_table), (r, 16))
+    else:
+        half = 2 ** (spec.n_bit - 1)
+        lo, hi = (-half, half - 1) if symmetric else (0, 2**spec.n_bit - 1)
+        q = jnp.clip(jnp.round(ws), lo, hi).astype(jnp.int32) - lo  # round half to even
+        lut = jnp.broadcast_to(jnp.asarray(int_grid_table(spec.n_bit)), (r, 16))
+    return pack_codes(q), lut
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "symmetric", "kmeans"))
+def _encode_any(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
+                kmeans: KMeansConfig):
+    """Learned tables: k-means on the sorted rows (xs, sws), then codes of ws in its order."""
+    grid = _grid_range(spec, symmetric, kmeans.init)
+    c, iters = kmeans_rows(xs, sws, row_ids, k=spec.n_levels, config=kmeans, grid=grid)
+    q = assign_sorted_codes(ws, c)
+    table = c if symmetric else c - 2 ** (spec.n_bit - 1)
+    lut = jnp.pad(table, ((0, 0), (0, 16 - spec.n_levels)))
+    return pack_codes(q), lut, iters
+
+
+def _quantize_chunk(w, xbar, row_ids, *, config: QuantConfig, g: int, put):
+    """One chunk of rows -> (packed codes, lut, scales, zeros, k-means iterations)."""
+    spec = config.spec
+    scale, zero, ws, sw = _scale_rows(put(w), xbar, spec=spec, g=g, symmetric=config.symmetric,
+                                      weighting=config.sample_weighting)
+    if spec.family != "any":
+        codes, lut = _encode_fixed(ws, spec=spec, symmetric=config.symmetric)
+        return codes, lut, scale, zero, jnp.zeros(w.shape[:1], jnp.int32)
+    xs, sws = sort_rows_auto(ws, sw)
+    codes, lut, iters = _encode_any(ws, put(xs), put(sws), put(row_ids), spec=spec,
+                                    symmetric=config.symmetric, kmeans=config.kmeans)
+    return codes, lut, scale, zero, iters
+
+
+def quantize_weight(
+    w,
+    config: QuantConfig | None = None,
+    *,
+    sample_weight=None,
+    mesh: Mesh | None = None,
+    chunk_elements: int | None = None,
+    name: str = "weight",
+    return_info: bool = False,
+):
+    """Quantizes one weight matrix.
+
+    w: [N, K] (out_features x in_features; transpose a Flax kernel first).
+    sample_weight: [K] per-input-channel activation statistic (xbar) for any-n; see
+      `QuantConfig.sample_weighting`.
+    mesh: a 1-D mesh (see `row_mesh`) to split the rows of each chunk over its devices.
+    chunk_elements: rows are processed in chunks of about this many elements (memory bound).
+    Returns a `QuantizedWeight` (and, with return_info, a dict of k-means iteration counts).
+    """
+    config = config or QuantConfig()
+    spec = config.spec
+    w = validate_weight(w, name=name)
+    n, k = w.shape
+    g = config.resolve_group_size(k, name=name)
+    xbar = _validate_sample_weight(sample_weight, k, name)
+    out_dtype = jnp.dtype(config.dtype or w.dtype)
+
+    n_dev = 1 if mesh is None else mesh.size
+    budget = chunk_elements or _CHUNK_ELEMENTS.get(jax.default_backend(), 1 << 22)
+    rows = max(n_dev, budget // k // n_dev * n_dev)
+    rows = min(rows, -(-n // n_dev) * n_dev)  # never pad a small matrix up to a big chunk
+
+    put = (lambda a: a) if mesh is None else functools.partial(_shard_rows, mesh=mesh)
+    outs = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        wc = w[start:stop]
+        ids = jnp.arange(start, start + rows, dtype=jnp.int32)
+        if stop - start < rows:  # pad the last chunk to the common shape (one compilation)
+            wc = jnp.pad(wc, ((0, rows - (stop - start)), (0, 0)))
+        res = _quantize_chunk(wc, xbar, ids, config=config, g=g, put=put)
+        outs.append([a[: stop - start] for a in res])
+    codes, lut, scales, zeros, iters = (
+        jnp.concatenate([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in range(5)
+    )
+    qw = QuantizedWeight(
+        codes=codes,
+        lut=lut.astype(out_dtype),
+        scales=scales.astype(out_dtype),
+        zeros=zeros.astype(out_dtype),
+        format=spec.name,
+        n_bit=spec.n_bit,
+        group_size=g,
+        symmetric=bool(config.symmetric or spec.family == "table"),
+        shape=(n, k),
+        dtype=jnp.dtype(w.dtype).name,
+    ).check()
+    if not return_info:
+        return qw
+    info = {"rows": n, "chunks": len(outs), "rows_per_chunk": rows}
+    if spec.family == "any":
+        it = np.asarray(iters)
+        info.update(kmeans_iters_mean=float(it.mean()), kmeans_iters_max=int(it.max()))
+    return qw, info
+
+
+def _shard_rows(a, *, mesh: Mesh):
+    spec = PartitionSpec(mesh.axis_names[0], *([None] * (a.ndim - 1)))
+    return jax.device_put(a, NamedSharding(mesh, spec))

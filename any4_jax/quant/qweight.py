@@ -1,0 +1,144 @@
+"""`QuantizedWeight`: the contract between the quantizers and the kernels (DESIGN.md s.3).
+
+Invariant, for a weight of shape `[N, K]` with groups of `g` along K:
+  codes  [..., N, K // 2]  uint8        element 2j in the low nibble, 2j+1 in the high one
+  lut    [..., N, 16]      table dtype  per-row table, already shifted (one FMA dequantizes)
+  scales [..., N, K // g]  table dtype  per-group multiplier
+  zeros  [..., N, K // g]  table dtype  per-group offset
+  w[n, k] = lut[n, code[n, k]] * scales[n, k // g] + zeros[n, k // g]
+Leading `...` dims appear only when layers are stacked (e.g. for `vmap` over layers); the
+static metadata always describes one `[N, K]` matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def pack_codes(codes: jax.Array) -> jax.Array:
+    """codes: [..., K] integers in [0, 15] -> [..., K // 2] uint8, element 2j in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_codes: the last dim {codes.shape[-1]} must be even")
+    c = codes.astype(jnp.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_codes(packed: jax.Array) -> jax.Array:
+    """packed: [..., K // 2] uint8 -> [..., K] uint8 codes (inverse of `pack_codes`)."""
+    lo = packed & jnp.uint8(0x0F)
+    hi = packed >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A quantized `[N, K]` weight; a pytree whose array leaves are codes, lut, scales, zeros.
+
+    Metadata (static, pytree aux data): format, n_bit, group_size, symmetric, shape = (N, K),
+    dtype (the dtype `dequantize()` returns by default: the original weight's).
+    """
+
+    codes: jax.Array
+    lut: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+    format: str
+    n_bit: int
+    group_size: int
+    symmetric: bool
+    shape: tuple[int, int]
+    dtype: str
+
+    _DATA = ("codes", "lut", "scales", "zeros")
+    _META = ("format", "n_bit", "group_size", "symmetric", "shape", "dtype")
+
+    def check(self) -> QuantizedWeight:
+        """Raises a ValueError naming the field whose shape or dtype breaks the invariant."""
+        n, k = self.shape
+        g = self.group_size
+        if k % g or k % 2:
+            raise ValueError(f"QuantizedWeight: K={k} must be even and divisible by {g=}")
+        lead = tuple(self.codes.shape[:-2])
+        want = {
+            "codes": (lead + (n, k // 2), {jnp.dtype(jnp.uint8)}),
+            "lut": (lead + (n, 16), None),
+            "scales": (lead + (n, k // g), None),
+            "zeros": (lead + (n, k // g), None),
+        }
+        for name, (shape, dtypes) in want.items():
+            arr = getattr(self, name)
+            if tuple(arr.shape) != shape:
+                raise ValueError(
+                    f"QuantizedWeight.{name} has shape {tuple(arr.shape)}, expected {shape} for "
+                    f"a [{n}, {k}] weight with group_size={g}"
+                )
+            if dtypes is not None and jnp.dtype(arr.dtype) not in dtypes:
+                raise ValueError(f"QuantizedWeight.{name} has dtype {arr.dtype}, expected uint8")
+        if not (self.lut.dtype == self.scales.dtype == self.zeros.dtype):
+            raise ValueError(
+                "QuantizedWeight: lut, scales and zeros must share one dtype, got "
+                f"{self.lut.dtype}, {self.scales.dtype}, {self.zeros.dtype}"
+            )
+        return self
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[1] // self.group_size
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The dense weight `[..., N, K]`, computed in float32 and cast to `dtype`."""
+        dtype = jnp.dtype(dtype or self.dtype)
+        codes = unpack_codes(self.codes)  # [..., N, K]
+        lut = self.lut.astype(jnp.float32)
+        vals = jnp.take_along_axis(lut, codes.astype(jnp.int32), axis=-1)  # [..., N, K]
+        *lead, n, k = vals.shape
+        vals = vals.reshape(*lead, n, k // self.group_size, self.group_size)  # [..., N, G, g]
+        w = vals * self.scales.astype(jnp.float32)[..., None] + self.zeros.astype(jnp.float32)[
+            ..., None
+        ]
+        return w.reshape(*lead, n, k).astype(dtype)
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(getattr(self, f).shape)) * getattr(self, f).dtype.itemsize
+                   for f in self._DATA)
+
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        lead = int(np.prod(self.codes.shape[:-2]))
+        return 8.0 * self.nbytes() / (lead * n * k)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedWeight(format={self.format!r}, shape={self.shape}, "
+            f"group_size={self.group_size}, symmetric={self.symmetric}, dtype={self.dtype}, "
+            f"codes={getattr(self.codes, 'shape', None)})"
+        )
+
+
+def _flatten_with_keys(qw: QuantizedWeight):
+    children = tuple((jax.tree_util.GetAttrKey(f), getattr(qw, f)) for f in QuantizedWeight._DATA)
+    aux = tuple(getattr(qw, f) for f in QuantizedWeight._META)
+    return children, aux
+
+
+def _unflatten(aux, children) -> QuantizedWeight:
+    # Transformations rebuild the node with tracers or placeholders as leaves: no checks here.
+    qw = object.__new__(QuantizedWeight)
+    for f, v in zip(QuantizedWeight._DATA, children, strict=True):
+        object.__setattr__(qw, f, v)
+    for f, v in zip(QuantizedWeight._META, aux, strict=True):
+        object.__setattr__(qw, f, v)
+    return qw
+
+
+jax.tree_util.register_pytree_with_keys(
+    QuantizedWeight,
+    _flatten_with_keys,
+    _unflatten,
+    flatten_func=lambda qw: (tuple(getattr(qw, f) for f in QuantizedWeight._DATA),
+                             tuple(getattr(qw, f) for f in QuantizedWeight._META)),
+)
