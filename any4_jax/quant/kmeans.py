@@ -85,7 +85,9 @@ def _random_init(xs, ws, keys, k: int):
 def grid_init(r: int, k: int, lo: float, hi: float, kind: str) -> jax.Array:
     """The `int` (uniform) or `nf4` grid spanning [lo, hi], for r rows -> [r, k]."""
     if kind == "int":
-        grid = jnp.linspace(0.0, 1.0, k, dtype=jnp.float32)
+        # lo + i * step: exact integers when the step is 1 (the int-n grid itself).
+        step = (hi - lo) / (k - 1)
+        return jnp.broadcast_to(lo + jnp.arange(k, dtype=jnp.float32) * step, (r, k))
     else:
         if k != 16:
             raise ValueError(f"KMeansConfig(init='nf4') needs 16 levels (any4), got k={k}; "

@@ -13,6 +13,7 @@ static metadata always describes one `[N, K]` matrix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -92,15 +93,8 @@ class QuantizedWeight:
     def dequantize(self, dtype=None) -> jax.Array:
         """The dense weight `[..., N, K]`, computed in float32 and cast to `dtype`."""
         dtype = jnp.dtype(dtype or self.dtype)
-        codes = unpack_codes(self.codes)  # [..., N, K]
-        lut = self.lut.astype(jnp.float32)
-        vals = jnp.take_along_axis(lut, codes.astype(jnp.int32), axis=-1)  # [..., N, K]
-        *lead, n, k = vals.shape
-        vals = vals.reshape(*lead, n, k // self.group_size, self.group_size)  # [..., N, G, g]
-        w = vals * self.scales.astype(jnp.float32)[..., None] + self.zeros.astype(jnp.float32)[
-            ..., None
-        ]
-        return w.reshape(*lead, n, k).astype(dtype)
+        return _dequantize(self.codes, self.lut, self.scales, self.zeros, g=self.group_size,
+                           dtype=dtype)
 
     def nbytes(self) -> int:
         return sum(int(np.prod(getattr(self, f).shape)) * getattr(self, f).dtype.itemsize
@@ -117,6 +111,18 @@ class QuantizedWeight:
             f"group_size={self.group_size}, symmetric={self.symmetric}, dtype={self.dtype}, "
             f"codes={getattr(self.codes, 'shape', None)})"
         )
+
+
+@functools.partial(jax.jit, static_argnames=("g", "dtype"))
+def _dequantize(codes, lut, scales, zeros, *, g: int, dtype):
+    # One compiled function for eager and traced callers alike, so that both round the same
+    # way (XLA contracts the multiply-add into an FMA).
+    q = unpack_codes(codes).astype(jnp.int32)  # [..., N, K]
+    vals = jnp.take_along_axis(lut.astype(jnp.float32), q, axis=-1)  # [..., N, K]
+    *lead, n, k = vals.shape
+    vals = vals.reshape(*lead, n, k // g, g)  # [..., N, G, g]
+    w = vals * scales.astype(jnp.float32)[..., None] + zeros.astype(jnp.float32)[..., None]
+    return w.reshape(*lead, n, k).astype(dtype)
 
 
 def _flatten_with_keys(qw: QuantizedWeight):

@@ -7,6 +7,14 @@ shape [R, K // g] plus the scaled values [R, K] that the codes are chosen from.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
+
+
+def exact_div(x, d: float):
+    """x / d, correctly rounded. XLA rewrites division by a constant into a multiply by its
+    rounded reciprocal (off by an ulp); the barrier hides the constant so exact grids stay
+    exact (15 * alpha / 15 == alpha)."""
+    return x / lax.optimization_barrier(jnp.full_like(x, d))
 
 
 def _groups(w, g):
@@ -21,7 +29,7 @@ def asymmetric(w, g: int, n_bit: int):
     """
     wg = _groups(w, g)
     mn, mx = wg.min(-1), wg.max(-1)  # [R, G]
-    alpha = jnp.maximum(mx - mn, 1e-6) / (2**n_bit - 1)
+    alpha = exact_div(jnp.maximum(mx - mn, 1e-6), 2**n_bit - 1)
     zero = mn + alpha * 2 ** (n_bit - 1)
     ws = (wg - mn[..., None]) / alpha[..., None]
     return alpha, zero, ws.reshape(w.shape)
@@ -30,7 +38,7 @@ def asymmetric(w, g: int, n_bit: int):
 def symmetric(w, g: int, n_bit: int):
     """alpha = max(max|w|, 1e-6) / (2^(n-1) - 1); zero = 0; ws = w / alpha."""
     wg = _groups(w, g)
-    alpha = jnp.maximum(jnp.abs(wg).max(-1), 1e-6) / (2 ** (n_bit - 1) - 1)  # [R, G]
+    alpha = exact_div(jnp.maximum(jnp.abs(wg).max(-1), 1e-6), 2 ** (n_bit - 1) - 1)  # [R, G]
     ws = wg / alpha[..., None]
     return alpha, jnp.zeros_like(alpha), ws.reshape(w.shape)
 
