@@ -24,6 +24,10 @@ from any4_jax.quant.rowsort import sort_rows_auto
 # Elements per chunk: the k-means working set is about 40 bytes per element (sorted copies,
 # prefix sums, the k-means++ trial distances), so 2^22 elements stay near 200 MB on a CPU.
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 25, "tpu": 1 << 24}
+# XLA:CPU emits a different (differently rounded) row-reduction loop for fewer than 16 rows;
+# padding every device's share of a chunk to at least 16 rows keeps a row's result independent
+# of the chunk size and the device count.
+_MIN_ROWS_PER_DEVICE = 16
 
 
 def row_mesh(devices=None) -> Mesh:
@@ -122,9 +126,8 @@ def _encode_fixed(ws, *, spec: FormatSpec, symmetric: bool):
     return pack_codes(q), lut
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "symmetric", "kmeans"))
-def _encode_any(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
-                kmeans: KMeansConfig):
+def _encode_any_rows(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
+                     kmeans: KMeansConfig):
     """Learned tables: k-means on the sorted rows (xs, sws), then codes of ws in its order."""
     grid = _grid_range(spec, symmetric, kmeans.init)
     c, iters = kmeans_rows(xs, sws, row_ids, k=spec.n_levels, config=kmeans, grid=grid)
@@ -134,17 +137,31 @@ def _encode_any(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
     return pack_codes(q), lut, iters
 
 
-def _quantize_chunk(w, xbar, row_ids, *, config: QuantConfig, g: int, put):
+@functools.lru_cache(maxsize=64)
+def _encode_any_fn(spec: FormatSpec, symmetric: bool, kmeans: KMeansConfig, mesh: Mesh | None):
+    """The jitted k-means + encode step; with a mesh, each device runs the very program of the
+    unsharded case on its own rows (shard_map), which keeps the results bit-identical (letting
+    the SPMD partitioner rewrite the loop changes how XLA fuses and rounds)."""
+    fn = functools.partial(_encode_any_rows, spec=spec, symmetric=symmetric, kmeans=kmeans)
+    if mesh is not None:
+        rows = PartitionSpec(mesh.axis_names[0])
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * 4, out_specs=(rows,) * 3,
+                           check_vma=False)
+    return jax.jit(fn)
+
+
+def _quantize_chunk(w, xbar, row_ids, *, config: QuantConfig, g: int, mesh: Mesh | None):
     """One chunk of rows -> (packed codes, lut, scales, zeros, k-means iterations)."""
     spec = config.spec
+    put = (lambda a: a) if mesh is None else functools.partial(_shard_rows, mesh=mesh)
     scale, zero, ws, sw = _scale_rows(put(w), xbar, spec=spec, g=g, symmetric=config.symmetric,
                                       weighting=config.sample_weighting)
     if spec.family != "any":
         codes, lut = _encode_fixed(ws, spec=spec, symmetric=config.symmetric)
         return codes, lut, scale, zero, jnp.zeros(w.shape[:1], jnp.int32)
     xs, sws = sort_rows_auto(ws, sw)
-    codes, lut, iters = _encode_any(ws, put(xs), put(sws), put(row_ids), spec=spec,
-                                    symmetric=config.symmetric, kmeans=config.kmeans)
+    encode = _encode_any_fn(spec, config.symmetric, config.kmeans, mesh)
+    codes, lut, iters = encode(ws, put(xs), put(sws), put(row_ids))
     return codes, lut, scale, zero, iters
 
 
@@ -177,10 +194,10 @@ def quantize_weight(
 
     n_dev = 1 if mesh is None else mesh.size
     budget = chunk_elements or _CHUNK_ELEMENTS.get(jax.default_backend(), 1 << 22)
-    rows = max(n_dev, budget // k // n_dev * n_dev)
-    rows = min(rows, -(-n // n_dev) * n_dev)  # never pad a small matrix up to a big chunk
+    per_dev = max(_MIN_ROWS_PER_DEVICE, budget // k // n_dev)
+    per_dev = min(per_dev, max(_MIN_ROWS_PER_DEVICE, -(-n // n_dev)))  # small matrix: no big pad
+    rows = per_dev * n_dev
 
-    put = (lambda a: a) if mesh is None else functools.partial(_shard_rows, mesh=mesh)
     outs = []
     for start in range(0, n, rows):
         stop = min(start + rows, n)
@@ -188,7 +205,7 @@ def quantize_weight(
         ids = jnp.arange(start, start + rows, dtype=jnp.int32)
         if stop - start < rows:  # pad the last chunk to the common shape (one compilation)
             wc = jnp.pad(wc, ((0, rows - (stop - start)), (0, 0)))
-        res = _quantize_chunk(wc, xbar, ids, config=config, g=g, put=put)
+        res = _quantize_chunk(wc, xbar, ids, config=config, g=g, mesh=mesh)
         outs.append([a[: stop - start] for a in res])
     codes, lut, scales, zeros, iters = (
         jnp.concatenate([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in range(5)

@@ -47,7 +47,9 @@ def absmax(w, g: int):
     """bitsandbytes' blockwise rule: absmax = max|w|; y = clip(w * (1 / absmax), -1, 1)."""
     wg = _groups(w, g)
     am = jnp.abs(wg).max(-1)  # [R, G]
-    inv = 1.0 / jnp.maximum(am, 1e-38)
+    # bitsandbytes clamps absmax at 1e-38, a subnormal that XLA flushes to zero: an all-zero
+    # block would give 0 * inf = NaN. Its values all map to 0 either way.
+    inv = jnp.where(am > 0, 1.0 / jnp.where(am > 0, am, 1.0), 0.0)
     y = jnp.clip(wg * inv[..., None], -1.0, 1.0)
     return am, jnp.zeros_like(am), y.reshape(w.shape)
 
