@@ -35,32 +35,59 @@ def _row_keys(seed: int, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(row_ids)
 
 
+_BLOCK = 64  # rows are padded to a multiple of this for the blocked scans below
+
+
+def _blocked_cumsum(v):
+    """Inclusive cumsum along axis 1 of [R, K] (K % 64 == 0) as 64-wide triangular matmuls plus
+    a short scan of block totals: ~5x faster on CPU than XLA's log-depth scan, which dominated
+    the k-means time."""
+    r_, n = v.shape
+    vb = v.reshape(r_, n // _BLOCK, _BLOCK)  # [R, nb, B]
+    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), v.dtype))
+    inner = jnp.einsum("rnb,bc->rnc", vb, tri, precision=lax.Precision.HIGHEST)  # [R, nb, B]
+    offset = jnp.cumsum(inner[:, :, -1], axis=1) - inner[:, :, -1]  # [R, nb] exclusive
+    return (inner + offset[:, :, None]).reshape(r_, n)
+
+
+def _draw(v, key, shape):
+    """Indices drawn with probability proportional to v [R, K] (K % 64 == 0), `shape` per row.
+
+    Two-level inverse CDF: pick a 64-wide block by its total, then the element inside it, so
+    no full-length scan is needed. The first element whose cumulative weight exceeds the draw
+    is taken, so an element of zero weight is never picked (up to rounding at block edges).
+    """
+    r_, n = v.shape
+    vb = v.reshape(r_, n // _BLOCK, _BLOCK)  # [R, nb, B]
+    bsum = vb.sum(-1)  # [R, nb]
+    bcdf = jnp.cumsum(bsum, axis=1)  # [R, nb]
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, shape))(key) * bcdf[:, -1:]  # [R, T]
+    blk = jnp.minimum(_searchsorted_rows(bcdf, u, "right"), n // _BLOCK - 1)  # [R, T]
+    rem = u - (jnp.take_along_axis(bcdf, blk, 1) - jnp.take_along_axis(bsum, blk, 1))
+    inside = jnp.cumsum(jnp.take_along_axis(vb, blk[:, :, None], 1), axis=-1)  # [R, T, B]
+    pos = jnp.minimum(jnp.sum(inside <= rem[:, :, None], axis=-1), _BLOCK - 1)
+    return blk * _BLOCK + pos  # [R, T]
+
+
 def _kmeans_pp(xs, ws, keys, k: int):
     """Weighted greedy k-means++ (scikit-learn's rule) on sorted rows.
 
-    xs, ws: [R, K] sorted values and their weights; keys: [R] PRNG keys -> [R, k] centroids.
+    xs, ws: [R, K] sorted values and their weights (K % 64 == 0); keys: [R] PRNG keys.
+    Returns [R, k] centroids.
     """
     r_, n = xs.shape
     trials = 2 + int(math.log(k))
     keys = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)  # [R, k, 2]
     rows = jnp.arange(r_)
 
-    def draw(cdf, key, shape):
-        # Inverse-CDF sampling: the first index whose cumulative weight exceeds u * total;
-        # side="right" never returns an index whose own weight is zero (unless u*total
-        # rounds up to the total, hence the clip).
-        u = jax.vmap(lambda kk: jax.random.uniform(kk, shape))(key) * cdf[:, -1:]
-        return jnp.minimum(_searchsorted_rows(cdf, u, "right"), n - 1)
-
-    first = draw(jnp.cumsum(ws, axis=1), keys[:, 0], (1,))[:, 0]  # [R]
+    first = _draw(ws, keys[:, 0], (1,))[:, 0]  # [R]
     c0 = xs[rows, first]
     d2 = (xs - c0[:, None]) ** 2  # [R, K]
     centroids = jnp.zeros((r_, k), xs.dtype).at[:, 0].set(c0)
 
     def step(i, carry):
         centroids, d2 = carry
-        cand_idx = draw(jnp.cumsum(ws * d2, axis=1), keys[:, i], (trials,))  # [R, T]
-        cand = jnp.take_along_axis(xs, cand_idx, axis=1)  # [R, T]
+        cand = jnp.take_along_axis(xs, _draw(ws * d2, keys[:, i], (trials,)), axis=1)  # [R, T]
         # One fused pass per trial; a [R, T, K] intermediate would be 4x the memory traffic.
         pot = jnp.stack(
             [jnp.sum(ws * jnp.minimum(d2, (xs - cand[:, t : t + 1]) ** 2), axis=1)
@@ -124,6 +151,12 @@ def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
     ws = ws.astype(jnp.float32)
     # A row with no positive weight has no sampling distribution: weigh its values equally.
     ws = jnp.where(jnp.sum(ws, axis=1, keepdims=True) > 0, ws, 1.0)
+    limit = config.tol * jnp.var(xs, axis=1)  # [R]
+    pad = -n % _BLOCK
+    if pad:  # zero-weight copies of the row's largest value change no sum and no boundary
+        xs = jnp.concatenate([xs, jnp.broadcast_to(xs[:, -1:], (r_, pad))], axis=1)
+        ws = jnp.concatenate([ws, jnp.zeros((r_, pad), ws.dtype)], axis=1)
+        n += pad
     keys = _row_keys(config.seed, row_ids)
 
     if config.init == "kmeans++":
@@ -135,10 +168,13 @@ def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
         c = grid_init(r_, k, lo, hi, config.init)
     c = jnp.sort(c, axis=1)
 
+    # Prefix sums of w and of w * (x - center): centring the values on the middle of the row's
+    # range keeps the running sums small, so differences of them (cluster sums) lose little to
+    # cancellation in float32.
+    center = 0.5 * (xs[:, :1] + xs[:, -1:])  # [R, 1]
     zero = jnp.zeros((r_, 1), jnp.float32)
-    pw = jnp.concatenate([zero, jnp.cumsum(ws, axis=1)], axis=1)  # [R, K+1]
-    pwx = jnp.concatenate([zero, jnp.cumsum(ws * xs, axis=1)], axis=1)  # [R, K+1]
-    limit = config.tol * jnp.var(xs, axis=1)  # [R]
+    pw = jnp.concatenate([zero, _blocked_cumsum(ws)], axis=1)  # [R, K+1]
+    pwx = jnp.concatenate([zero, _blocked_cumsum(ws * (xs - center))], axis=1)  # [R, K+1]
 
     def body(state):
         it, c, done, iters = state
@@ -146,7 +182,7 @@ def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
         sw = jnp.take_along_axis(pw, b[:, 1:], 1) - jnp.take_along_axis(pw, b[:, :-1], 1)
         swx = jnp.take_along_axis(pwx, b[:, 1:], 1) - jnp.take_along_axis(pwx, b[:, :-1], 1)
         # An empty (or zero-weight) cluster keeps its centroid.
-        new = jnp.where(sw > 0, swx / jnp.where(sw > 0, sw, 1.0), c)
+        new = jnp.where(sw > 0, center + swx / jnp.where(sw > 0, sw, 1.0), c)
         new = jnp.sort(new, axis=1)  # guards against rounding in the prefix differences
         shift = jnp.max((new - c) ** 2, axis=1)
         new = jnp.where(done[:, None], c, new)
@@ -161,17 +197,6 @@ def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
     init_state = (jnp.int32(0), c, jnp.zeros((r_,), bool), jnp.zeros((r_,), jnp.int32))
     _, c, _, iters = lax.while_loop(cond, body, init_state)
 
-    if config.max_iter > 0:
-        # Final centroids from direct per-cluster sums (no prefix-sum cancellation): one more
-        # exact update on the converged partition.
-        # Masked reductions, not a scatter-add: scatter-adds are atomics on GPU and would make
-        # the result depend on thread timing.
-        labels = assign_sorted_codes(xs, c)  # [R, K]
-        sw = jnp.stack([jnp.sum(jnp.where(labels == j, ws, 0.0), axis=1) for j in range(k)], 1)
-        swx = jnp.stack(
-            [jnp.sum(jnp.where(labels == j, ws * xs, 0.0), axis=1) for j in range(k)], 1
-        )  # [R, k]
-        c = jnp.sort(jnp.where(sw > 0, swx / jnp.where(sw > 0, sw, 1.0), c), axis=1)
     return c, iters
 
 
