@@ -2,8 +2,8 @@
 
 from any4_jax.quant.config import KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FORMAT_NAMES, parse_format
-from any4_jax.quant.qweight import QuantizedWeight, pack_codes, unpack_codes
 from any4_jax.quant.quantize import quantize_weight, row_mesh
+from any4_jax.quant.qweight import QuantizedWeight, pack_codes, unpack_codes
 
 __all__ = [
     "FORMAT_NAMES",

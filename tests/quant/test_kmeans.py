@@ -12,10 +12,8 @@ sklearn_cluster = pytest.importorskip("sklearn.cluster")
 
 
 def _rows(rng, kind, r=48, k=512):
-    if kind == "normal":
-        x = rng.standard_normal((r, k))
-    else:  # heavy tails, like LLM weights with outliers
-        x = rng.standard_t(2.5, size=(r, k))
+    # "heavy": Student-t tails, like LLM weights with outliers
+    x = rng.standard_normal((r, k)) if kind == "normal" else rng.standard_t(2.5, size=(r, k))
     # map to the any4 scaled range [0, 15] as group scaling would
     x = (x - x.min(1, keepdims=True)) / np.ptp(x, axis=1, keepdims=True) * 15
     w = rng.uniform(0.05, 2.0, size=(r, k)) * np.exp(rng.standard_normal((1, k)))

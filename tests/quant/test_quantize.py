@@ -1,5 +1,6 @@
 """quantize_weight: the int-n formulas, exact cases, dtypes, group sizes and error messages."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,7 +39,10 @@ def test_int_matches_the_formulas(rng, n_bit, symmetric):
     qw = quantize_weight(w, QuantConfig(format=f"int{n_bit}", group_size=64, symmetric=symmetric))
     code, deq, alpha, zero = int_reference(w, 64, n_bit, symmetric)
     np.testing.assert_array_equal(_codes(qw), code)
-    np.testing.assert_array_equal(qw.scales, alpha)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(qw.scales, alpha)
+    else:  # GPU float32 division is not correctly rounded (within 2 ulp)
+        np.testing.assert_allclose(qw.scales, alpha, rtol=2.5e-7)
     # zero = mn + alpha * 2^(n-1): XLA may fuse it into one FMA; alpha * 2^(n-1) is exact.
     np.testing.assert_allclose(qw.zeros, zero, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(qw.dequantize(), deq, rtol=1e-6, atol=1e-6)
