@@ -1,0 +1,6 @@
+"""LUT-dequantizing matmul kernels behind one entry point, `lut_matmul`."""
+
+from any4_jax.kernels.api import available, can_use, lut_matmul
+from any4_jax.kernels.reference import lut_matmul_reference
+
+__all__ = ["available", "can_use", "lut_matmul", "lut_matmul_reference"]

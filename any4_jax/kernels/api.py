@@ -1,0 +1,92 @@
+"""`lut_matmul`: the one entry point for a matmul against a `QuantizedWeight`.
+
+Every implementation registers a function and a `can_use(x, qweight) -> list[str]` that
+returns, in words, each reason it declines an input (an empty list means it can run).
+`implementation=None` picks the first usable one in `PREFERENCE` for the input's platform;
+"xla" (the reference) always can, so a CPU-only user loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from any4_jax.kernels.reference import lut_matmul_reference
+from any4_jax.quant.qweight import QuantizedWeight
+
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str
+    fn: Callable[[jax.Array, QuantizedWeight], jax.Array]
+    can_use: Callable[[jax.Array, QuantizedWeight], list[str]]
+
+
+def _common_reasons(x, qweight) -> list[str]:
+    reasons = []
+    if not isinstance(qweight, QuantizedWeight):
+        return [f"qweight must be a QuantizedWeight, got {type(qweight).__name__}"]
+    n, k = qweight.shape
+    if x.ndim < 1 or x.shape[-1] != k:
+        reasons.append(f"x has shape {tuple(x.shape)}; its last dim must be K={k} of the "
+                       f"[{n}, {k}] weight")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+        reasons.append(f"x dtype {x.dtype} is not one of bfloat16, float16, float32")
+    if qweight.codes.ndim != 2:
+        reasons.append(f"qweight holds a stack of layers (codes {tuple(qweight.codes.shape)}); "
+                       "vmap over the stack axis")
+    return reasons
+
+
+_REGISTRY: dict[str, Implementation] = {
+    "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
+}
+
+# Tried in this order when implementation=None; only registered ones count.
+PREFERENCE = ("cuda", "pallas", "cpu", "xla")
+KNOWN = ("xla", "pallas", "cuda", "cpu")
+
+
+def register(impl: Implementation) -> None:
+    """Adds a backend (the kernel modules call this when they are loaded)."""
+    _REGISTRY[impl.name] = impl
+
+
+def available() -> list[str]:
+    return [name for name in PREFERENCE if name in _REGISTRY]
+
+
+def can_use(implementation: str, x: jax.Array, qweight: QuantizedWeight) -> list[str]:
+    """Why `implementation` cannot run this input: [] if it can."""
+    reasons = _common_reasons(x, qweight)
+    if implementation not in _REGISTRY:
+        if implementation in KNOWN:
+            return reasons + [f"the {implementation!r} implementation is not available in this "
+                              f"installation (available: {', '.join(available())})"]
+        return reasons + [f"unknown implementation {implementation!r}; choose one of "
+                          f"{', '.join(KNOWN)} or None for the best available"]
+    return reasons + _REGISTRY[implementation].can_use(x, qweight)
+
+
+def lut_matmul(x: jax.Array, qweight: QuantizedWeight, *,
+               implementation: str | None = None) -> jax.Array:
+    """y = x @ dequantize(qweight).T with float32 accumulation.
+
+    x: [..., K] bfloat16 / float16 / float32; qweight: a [N, K] QuantizedWeight.
+    Returns [..., N] in x's dtype. Works under jit and vmap.
+    """
+    if implementation is None:
+        for name in available():
+            if not can_use(name, x, qweight):
+                implementation = name
+                break
+    reasons = can_use(implementation or "xla", x, qweight)
+    if reasons:
+        raise ValueError(f"lut_matmul(implementation={implementation!r}) cannot run: "
+                         + "; ".join(reasons))
+    return _REGISTRY[implementation].fn(x, qweight)
