@@ -174,6 +174,7 @@ def quantize_weight(
     chunk_elements: int | None = None,
     name: str = "weight",
     return_info: bool = False,
+    progress: bool = False,
 ):
     """Quantizes one weight matrix.
 
@@ -182,6 +183,7 @@ def quantize_weight(
       `QuantConfig.sample_weighting`.
     mesh: a 1-D mesh (see `row_mesh`) to split the rows of each chunk over its devices.
     chunk_elements: rows are processed in chunks of about this many elements (memory bound).
+    progress: show a progress bar over the row chunks (useful for very large matrices).
     Returns a `QuantizedWeight` (and, with return_info, a dict of k-means iteration counts).
     """
     config = config or QuantConfig()
@@ -199,7 +201,12 @@ def quantize_weight(
     rows = per_dev * n_dev
 
     outs = []
-    for start in range(0, n, rows):
+    starts = range(0, n, rows)
+    if progress and n > rows:  # a bar only when there is more than one chunk
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"{name} [{n}x{k}] {spec.name}", unit="chunk", leave=False)
+    for start in starts:
         stop = min(start + rows, n)
         wc = w[start:stop]
         ids = jnp.arange(start, start + rows, dtype=jnp.int32)
