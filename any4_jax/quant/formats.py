@@ -103,15 +103,3 @@ def int_grid_table(n_bit: int) -> np.ndarray:
     levels = 2**n_bit
     table[:levels] = np.arange(levels, dtype=np.float32) - 2 ** (n_bit - 1)
     return table
-
-
-def nearest_code_bounds(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Midpoints between the sorted table values and the code of each sorted slot.
-
-    Assigning `code = order[#(midpoints < y)]` picks the nearest table value with ties to the
-    lower value (bitsandbytes' `bucketize` rule). A stable sort keeps +0 before -0 in fp4.
-    """
-    order = np.argsort(table, kind="stable").astype(np.int32)
-    srt = table[order]
-    mids = (srt[:-1] + srt[1:]) / np.float32(2.0)
-    return mids.astype(np.float32), order

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from any4_jax.quant import scaling
 from any4_jax.quant.config import KMeansConfig, QuantConfig
-from any4_jax.quant.formats import FormatSpec, int_grid_table, nearest_code_bounds
+from any4_jax.quant.formats import FormatSpec, int_grid_table
 from any4_jax.quant.kmeans import assign_sorted_codes, kmeans_rows
 from any4_jax.quant.qweight import QuantizedWeight, pack_codes
 from any4_jax.quant.rowsort import sort_rows_auto
@@ -112,11 +112,11 @@ def _encode_fixed(ws, *, spec: FormatSpec, symmetric: bool):
     """Codes and table of the fixed-table and integer-grid formats: ws [R, K] -> (packed, lut)."""
     r = ws.shape[0]
     if spec.family == "table":
-        mids, order = nearest_code_bounds(spec.fixed_table)
-        slot = jnp.zeros(ws.shape, jnp.int32)
-        for m in mids:  # the count of midpoints strictly below y: ties go to the lower value
-            slot = slot + (ws > m).astype(jnp.int32)
-        q = jnp.asarray(order)[slot]
+        # Nearest table value with ties to the lower one (bitsandbytes' rule): the slot in the
+        # sorted table, then the code that slot holds.
+        order = np.argsort(spec.fixed_table, kind="stable")  # stable: +0 before -0 in fp4
+        srt = jnp.broadcast_to(jnp.asarray(spec.fixed_table[order]), (r, 16))
+        q = jnp.asarray(order.astype(np.int32))[assign_sorted_codes(ws, srt)]
         lut = jnp.broadcast_to(jnp.asarray(spec.fixed_table), (r, 16))
     else:
         half = 2 ** (spec.n_bit - 1)
