@@ -115,11 +115,10 @@ def grid_init(r: int, k: int, lo: float, hi: float, kind: str) -> jax.Array:
         # lo + i * step: exact integers when the step is 1 (the int-n grid itself).
         step = (hi - lo) / (k - 1)
         return jnp.broadcast_to(lo + jnp.arange(k, dtype=jnp.float32) * step, (r, k))
-    else:
-        if k != 16:
-            raise ValueError(f"KMeansConfig(init='nf4') needs 16 levels (any4), got k={k}; "
-                             "use init='int' or 'kmeans++' for any3/any2")
-        grid = (jnp.asarray(NF4_TABLE) + 1.0) / 2.0
+    if k != 16:
+        raise ValueError(f"KMeansConfig(init='nf4') needs 16 levels (any4), got k={k}; "
+                         "use init='int' or 'kmeans++' for any3/any2")
+    grid = (jnp.asarray(NF4_TABLE) + 1.0) / 2.0
     return jnp.broadcast_to(lo + grid * (hi - lo), (r, k))
 
 

@@ -78,12 +78,19 @@ def _validate_sample_weight(sample_weight, k: int, name: str) -> jax.Array:
     return sw
 
 
+def _int_range(n_bit: int, symmetric: bool) -> tuple[int, int]:
+    """Lowest and highest level of the int-n grid in the scaled domain."""
+    half = 2 ** (n_bit - 1)
+    return (-half, half - 1) if symmetric else (0, 2**n_bit - 1)
+
+
 def _grid_range(spec: FormatSpec, symmetric: bool, init: str) -> tuple[float, float]:
-    half = 2 ** (spec.n_bit - 1)
-    if not symmetric:
-        return 0.0, float(2**spec.n_bit - 1)
-    # Symmetric: the int init is the signed int-n grid itself; nf4 spans the scaled range.
-    return (-float(half), float(half - 1)) if init == "int" else (-(half - 1.0), half - 1.0)
+    # The int init is the int-n grid itself; nf4 spans the scaled range, which for symmetric
+    # scaling is +-(2^(n-1) - 1).
+    lo, hi = _int_range(spec.n_bit, symmetric)
+    if symmetric and init != "int":
+        lo = -hi
+    return float(lo), float(hi)
 
 
 def _any_sample_weights(scale, xbar, ws_shape, g: int, weighting: str):
@@ -119,8 +126,7 @@ def _encode_fixed(ws, *, spec: FormatSpec, symmetric: bool):
         q = jnp.asarray(order.astype(np.int32))[assign_sorted_codes(ws, srt)]
         lut = jnp.broadcast_to(jnp.asarray(spec.fixed_table), (r, 16))
     else:
-        half = 2 ** (spec.n_bit - 1)
-        lo, hi = (-half, half - 1) if symmetric else (0, 2**spec.n_bit - 1)
+        lo, hi = _int_range(spec.n_bit, symmetric)
         q = jnp.clip(jnp.round(ws), lo, hi).astype(jnp.int32) - lo  # round half to even
         lut = jnp.broadcast_to(jnp.asarray(int_grid_table(spec.n_bit)), (r, 16))
     return pack_codes(q), lut
