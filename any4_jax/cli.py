@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from any4_jax.cli_model import add_model_commands, cli_errors
 from any4_jax.quant.formats import FORMAT_NAMES
 
 
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quantize_matrix(sub)
+    add_model_commands(sub)
     return parser
 
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, *cli_errors()) as e:
         print(f"any4 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

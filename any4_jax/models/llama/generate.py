@@ -1,0 +1,135 @@
+"""Text generation with a KV cache: one jitted prefill, one jitted single-token decode step.
+
+Prompts are right-padded to a multiple of `PAD` tokens so that prompts of similar length share
+one compiled prefill; padded cache slots lie after the last real token, are masked by position
+until the decode overwrites them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PAD = 64
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_seconds: float  # includes compilation on the first call of a shape
+    first_decode_seconds: float  # the first decode step, which compiles on a new shape
+    decode_seconds: float  # every later decode step
+    stopped_by: str  # "eos" | "max_new_tokens"
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Steady-state decode speed: tokens after the first decode step / their time."""
+        n = len(self.tokens) - 2  # one token from the prefill, one from the first step
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
+
+
+def sample_token(logits, key, *, temperature: float, top_p: float):
+    """logits: [b, vocab] float32 -> [b] int32. temperature 0 is greedy (argmax)."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        # keep the smallest set of tokens whose probability mass reaches top_p
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+        choice = jax.random.categorical(key, sorted_logits, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
+def _prefill(graphdef, state, tokens, cache, last, temperature, top_p, key):
+    model = nnx.merge(graphdef, state)
+    h, cache = model.hidden(tokens, start=0, cache=cache)
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [b, d]
+    return sample_token(model.logits(h_last), key, temperature=temperature, top_p=top_p), cache
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
+def _decode(graphdef, state, token, cache, pos, temperature, top_p, key):
+    model = nnx.merge(graphdef, state)
+    h, cache = model.hidden(token[:, None], start=pos, cache=cache)
+    return sample_token(model.logits(h[:, 0]), key, temperature=temperature, top_p=top_p), cache
+
+
+def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_ids=(),
+                 on_token: Callable[[int], None] | None = None):
+    """Generate after `prompt_ids` (batch 1).
+
+    Returns (new ids, prefill s, first decode step s, later decode steps s, stop reason).
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"{max_new_tokens=} must be positive")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{top_p=} must be in (0, 1]")
+    p = len(prompt_ids)
+    p_pad = -(-p // PAD) * PAD
+    max_len = -(-(p + max_new_tokens) // PAD) * PAD
+    limit = model.config.max_position_embeddings
+    if p + max_new_tokens > limit:
+        raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings={limit}")
+    graphdef, state = nnx.split(model)
+    tokens = np.zeros((1, p_pad), np.int32)
+    tokens[0, :p] = prompt_ids
+    cache = model.init_cache(1, max(max_len, p_pad))
+    key = jax.random.key(seed)
+    t0 = time.perf_counter()
+    key, sub = jax.random.split(key)
+    tok, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache,
+                          jnp.asarray([p - 1], jnp.int32), float(temperature), float(top_p), sub)
+    out = [int(tok[0])]
+    prefill_s = time.perf_counter() - t0
+    if on_token:
+        on_token(out[-1])
+    eos = set(int(e) for e in eos_ids)
+    reason = "eos" if out[-1] in eos else "max_new_tokens"
+    t0 = time.perf_counter()
+    first_s = 0.0
+    pos = p
+    while reason != "eos" and len(out) < max_new_tokens:
+        key, sub = jax.random.split(key)
+        tok, cache = _decode(graphdef, state, tok, cache, jnp.int32(pos), float(temperature),
+                             float(top_p), sub)
+        out.append(int(tok[0]))
+        if pos == p:
+            first_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        pos += 1
+        if on_token:
+            on_token(out[-1])
+        if out[-1] in eos:
+            reason = "eos"
+    decode_s = time.perf_counter() - t0 if pos > p else 0.0
+    return out, prefill_s, first_s, decode_s, reason
+
+
+def generate(model, tokenizer, prompt: str, **kw) -> Generation:
+    """Generate a continuation of `prompt` text; keyword arguments as `generate_ids`."""
+    ids = tokenizer.encode(prompt)
+    kw.setdefault("eos_ids", tokenizer.eos_ids)
+    new, pre_s, first_s, dec_s, reason = generate_ids(model, ids, **kw)
+    shown = [t for t in new if t not in set(tokenizer.eos_ids)]
+    return Generation(text=tokenizer.decode(shown), tokens=new, prompt_tokens=len(ids),
+                      prefill_seconds=pre_s, first_decode_seconds=first_s,
+                      decode_seconds=dec_s, stopped_by=reason)

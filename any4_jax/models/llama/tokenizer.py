@@ -1,0 +1,116 @@
+"""Tokenizers behind one small interface: `encode(text) -> list[int]`, `decode(ids) -> str`.
+
+Two sources: a Hugging Face directory (transformers' AutoTokenizer, offline) and the metadata
+of a GGUF file (byte-level BPE rebuilt with the `tokenizers` package).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class Tokenizer:
+    """Wraps a `tokenizers.Tokenizer` or a transformers tokenizer.
+
+    `add_bos`: whether `encode` starts with BOS (what the checkpoint's own tokenizer does;
+    the SmolLM2 GGUF adds none).
+    """
+
+    def __init__(self, backend, *, bos_id: int | None, eos_ids: tuple[int, ...],
+                 add_bos: bool, source: str):
+        self._tok = backend
+        self.bos_id, self.eos_ids, self.add_bos, self.source = bos_id, eos_ids, add_bos, source
+
+    def encode(self, text: str) -> list[int]:
+        if hasattr(self._tok, "encode_batch"):  # tokenizers.Tokenizer
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+            return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + ids
+        return list(self._tok(text, add_special_tokens=True)["input_ids"])
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __len__(self) -> int:
+        if hasattr(self._tok, "get_vocab_size"):
+            return self._tok.get_vocab_size()
+        return len(self._tok)
+
+
+def hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a Hugging Face directory, without network access."""
+    path = os.fspath(path)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        AutoTokenizer = None
+    if AutoTokenizer is not None:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"{path}: no usable tokenizer files (tokenizer.json / tokenizer_config.json): "
+                f"{e}") from None
+        eos = tok.eos_token_id
+        return Tokenizer(tok, bos_id=tok.bos_token_id, eos_ids=() if eos is None else (eos,),
+                         add_bos=bool(tok("")["input_ids"]), source=path)
+    from tokenizers import Tokenizer as HFTok
+
+    f = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{path}: no tokenizer.json (and transformers not installed)")
+    return Tokenizer(HFTok.from_file(f), bos_id=None, eos_ids=(), add_bos=False, source=path)
+
+
+# llama.cpp pre-tokenizer names -> `tokenizers` pre-tokenizer builders.
+def _pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder", "refact"):
+        # individual digits, then GPT-2's byte-level split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        byte_level])
+    if pre in ("gpt2", "default", "gpt-2"):
+        return byte_level
+    if pre in ("llama3", "llama-bpe", "llama-v3"):
+        pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
+               r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pat), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ValueError(
+        f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, llama-bpe); load the "
+        "model from its Hugging Face directory instead, which carries tokenizer.json")
+
+
+def gguf_tokenizer(fields: dict, *, source: str) -> Tokenizer:
+    """Byte-level BPE from GGUF metadata (`tokenizer.ggml.*`), as llama.cpp builds it."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTok
+
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"{source}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, "
+            "'gpt2'); load the model from its Hugging Face directory instead")
+    tokens = fields["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                           ignore_merges=False))
+    tok.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
+    tok.decoder = decoders.ByteLevel()
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # CONTROL (3) and USER_DEFINED (4) tokens match as whole strings, never split by BPE
+    special = [AddedToken(tokens[i], special=(t == 3), normalized=False)
+               for i, t in enumerate(types) if t in (3, 4)]
+    if special:
+        tok.add_special_tokens([s for s in special if s.special])
+        tok.add_tokens([s for s in special if not s.special])
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    eot = fields.get("tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(int(e) for e in dict.fromkeys(x for x in (eos, eot) if x is not None))
+    return Tokenizer(tok, bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
+                     add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                     source=source)

@@ -1,0 +1,72 @@
+"""One entry point for every model source: `load_model(spec)`.
+
+spec: None (the embedded SmolLM2, fetched by `any4 fetch`), a `.gguf` file, or a Hugging Face
+directory (config.json + safetensors). The format is detected from the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from any4_jax.models.llama.config import LlamaConfig
+from any4_jax.models.llama.modules import Llama
+from any4_jax.models.llama.safetensors_io import CheckpointError
+from any4_jax.models.llama.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Llama
+    config: LlamaConfig
+    tokenizer: Tokenizer
+    source: str
+    format: str  # "gguf" | "hf"
+    load_seconds: float
+
+
+def default_model_path() -> str:
+    from any4_jax import assets
+
+    p = assets.model_path()
+    if not os.path.isfile(p):
+        raise CheckpointError(
+            f"the default model is not fetched yet ({p} missing): run `any4 fetch`, or name a "
+            "model (a .gguf file or a Hugging Face directory)")
+    return p
+
+
+def detect_format(path: str) -> str:
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"GGUF":
+            return "gguf"
+        raise CheckpointError(f"{path}: a file but not GGUF (magic {magic!r}); pass a .gguf "
+                              "file or a Hugging Face model directory")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf"
+        raise CheckpointError(f"{path}: a directory without config.json; not a Hugging Face "
+                              "model directory")
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
+def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> LoadedModel:
+    """Load a model with its tokenizer. `param_dtype` None: float32 for GGUF, the checkpoint's
+    own dtype for Hugging Face directories."""
+    path = default_model_path() if spec is None else os.fspath(spec)
+    fmt = detect_format(path)
+    t0 = time.perf_counter()
+    if fmt == "gguf":
+        from any4_jax.models.llama.convert_gguf import load_gguf_model
+
+        model, config, tok = load_gguf_model(path, param_dtype=param_dtype)
+    else:
+        from any4_jax.models.llama.convert_hf import load_hf_model
+        from any4_jax.models.llama.tokenizer import hf_tokenizer
+
+        tok = hf_tokenizer(path)
+        model, config = load_hf_model(path, param_dtype=param_dtype)
+    return LoadedModel(model, config, tok, path, fmt, time.perf_counter() - t0)
