@@ -80,7 +80,7 @@ def weight_files(path: str | os.PathLike) -> list[str]:
 def _stream(files: list[str]) -> Iterator[tuple[tuple, np.ndarray]]:
     for f in files:
         st = SafetensorsFile(f)
-        for name in st.keys():  # noqa: SIM118 - not a dict
+        for name in st:
             p = hf_name_to_path(name)
             if p is not None:
                 yield p, st.get(name)

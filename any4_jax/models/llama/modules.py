@@ -237,7 +237,7 @@ class Llama(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed_tokens.embedding.value.dtype
+        return self.embed_tokens.embedding.get_value().dtype
 
     def hidden(self, tokens, *, start=0, cache=None):
         """tokens: [b, t] -> final-norm hidden states [b, t, d], new cache (or None).

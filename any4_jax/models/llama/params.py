@@ -74,7 +74,7 @@ def assemble(config: LlamaConfig, tensors: Iterable[tuple[Path, np.ndarray]], *,
         for k in path[:-1]:
             d = d.setdefault(k, {})
         d[path[-1]] = arr
-    state.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 

@@ -74,6 +74,9 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._header)
 
+    def __iter__(self):
+        return iter(self._header)
+
     def __contains__(self, name: str) -> bool:
         return name in self._header
 

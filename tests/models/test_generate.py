@@ -1,0 +1,71 @@
+"""KV-cache generation against full recomputation, and the samplers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax.models.llama.config import TINY
+from any4_jax.models.llama.generate import PAD, generate_ids, sample_token
+from any4_jax.models.llama.params import random_model
+
+
+def _naive_greedy(model, prompt, n):
+    """Greedy by recomputing the whole sequence each step (no cache). Causality lets one
+    fixed padded length serve every step, so it compiles once."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    length = len(prompt) + n
+    step = jax.jit(lambda st, ids, i: jnp.argmax(nnx.merge(graphdef, st)(ids)[0][0, i]))
+    ids = np.zeros((1, length), np.int32)
+    ids[0, :len(prompt)] = prompt
+    for i in range(len(prompt), length):
+        ids[0, i] = int(step(state, jnp.asarray(ids), i - 1))
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+@pytest.mark.parametrize("prompt_len", [5, PAD + 3])
+def test_cached_greedy_equals_recomputation(prompt_len, sliding_window):
+    cfg = TINY.replace(sliding_window=sliding_window)
+    # scaled-up random weights so that greedy choices are not near-ties
+    model = random_model(cfg, seed=3)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
+    n = 24
+    got, *_ , reason = generate_ids(model, prompt, max_new_tokens=n)
+    assert reason == "max_new_tokens" and len(got) == n
+    assert got == _naive_greedy(model, prompt, n)
+
+
+def test_stops_at_eos():
+    model = random_model(TINY, seed=3)
+    prompt = [1, 2, 3]
+    first = _naive_greedy(model, prompt, 3)
+    got, *_, reason = generate_ids(model, prompt, max_new_tokens=10, eos_ids=(first[2],))
+    assert reason == "eos" and got == first
+
+
+def test_bad_arguments_are_named():
+    model = random_model(TINY)
+    with pytest.raises(ValueError, match="empty"):
+        generate_ids(model, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate_ids(model, [1] * 10, max_new_tokens=TINY.max_position_embeddings)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_ids(model, [1], top_p=0.0)
+
+
+def test_sampling_follows_the_distribution_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = jax.vmap(lambda k, tp: sample_token(logits, k, temperature=1.0, top_p=tp)[0],
+                    in_axes=(0, None))
+    full = np.bincount(np.asarray(draw(keys, 1.0)), minlength=4) / len(keys)
+    np.testing.assert_allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # top_p = 0.7 keeps {0.5, 0.3}: the smallest set reaching 0.7 mass
+    nucleus = np.bincount(np.asarray(draw(keys, 0.7)), minlength=4) / len(keys)
+    assert nucleus[2] == nucleus[3] == 0
+    np.testing.assert_allclose(nucleus[:2], [0.625, 0.375], atol=0.03)
+    greedy = sample_token(logits, keys[0], temperature=0.0, top_p=1.0)
+    assert int(greedy[0]) == 0
