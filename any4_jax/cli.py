@@ -8,6 +8,7 @@ import sys
 import time
 
 from any4_jax.cli_model import add_model_commands, cli_errors
+from any4_jax.cli_quant import add_quant_commands, fix_defaults
 from any4_jax.quant.formats import FORMAT_NAMES
 
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quantize_matrix(sub)
     add_model_commands(sub)
+    add_quant_commands(sub)
     return parser
 
 
@@ -124,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    fix_defaults(args)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, *cli_errors()) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, *cli_errors()) as e:
         print(f"any4 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

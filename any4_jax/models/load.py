@@ -22,7 +22,7 @@ class LoadedModel:
     config: LlamaConfig
     tokenizer: Tokenizer
     source: str
-    format: str  # "gguf" | "hf"
+    format: str  # "gguf" | "hf" | "any4" (a quantized checkpoint)
     load_seconds: float
 
 
@@ -46,10 +46,13 @@ def detect_format(path: str) -> str:
         raise CheckpointError(f"{path}: a file but not GGUF (magic {magic!r}); pass a .gguf "
                               "file or a Hugging Face model directory")
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "any4.json")):
+            return "any4"
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
-        raise CheckpointError(f"{path}: a directory without config.json; not a Hugging Face "
-                              "model directory")
+        raise CheckpointError(f"{path}: a directory without config.json or any4.json; not a "
+                              "Hugging Face model directory nor an any4-jax checkpoint (an "
+                              "interrupted save leaves no any4.json)")
     raise CheckpointError(f"{path}: no such file or directory")
 
 
@@ -63,6 +66,13 @@ def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> Lo
         from any4_jax.models.llama.convert_gguf import load_gguf_model
 
         model, config, tok = load_gguf_model(path, param_dtype=param_dtype)
+    elif fmt == "any4":
+        from any4_jax.checkpoint import load_quantized
+
+        if param_dtype is not None:
+            raise ValueError(f"{path} is a quantized checkpoint; its dtype is fixed at save "
+                             "time (drop --dtype)")
+        model, config, tok, _ = load_quantized(path)
     else:
         from any4_jax.models.llama.convert_hf import load_hf_model
         from any4_jax.models.llama.tokenizer import hf_tokenizer

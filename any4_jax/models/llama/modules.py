@@ -38,11 +38,12 @@ class Dense(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))
 
-    def __call__(self, x):
+    def __call__(self, x, *, out_dtype=None):
+        """out_dtype: None = the kernel's dtype (float32 for logits)."""
         k = self.kernel[...]
         y = jnp.einsum("...k,kn->...n", x.astype(k.dtype), k,
                        preferred_element_type=jnp.float32)
-        return y.astype(k.dtype)
+        return y.astype(out_dtype or k.dtype)
 
 
 class Embed(nnx.Module):
@@ -239,16 +240,22 @@ class Llama(nnx.Module):
     def dtype(self):
         return self.embed_tokens.embedding.get_value().dtype
 
+    def embed_inputs(self, tokens, *, start=0):
+        """tokens: [b, t] -> (x [b, t, d], extras): `layer(x, *extras)` runs one block.
+
+        The block-by-block protocol that sequential calibration uses.
+        """
+        q_pos = start + jnp.arange(tokens.shape[1])
+        cos, sin = rope_cos_sin(jnp.asarray(rope_inv_freq(self.config)), q_pos[None])
+        return self.embed_tokens(tokens), (cos, sin, q_pos)
+
     def hidden(self, tokens, *, start=0, cache=None):
         """tokens: [b, t] -> final-norm hidden states [b, t, d], new cache (or None).
 
         `start` (int or traced scalar) is the position of tokens[:, 0]; with a cache the
         keys/values are written there.
         """
-        t = tokens.shape[1]
-        q_pos = start + jnp.arange(t)
-        cos, sin = rope_cos_sin(jnp.asarray(rope_inv_freq(self.config)), q_pos[None])
-        x = self.embed_tokens(tokens)
+        x, (cos, sin, q_pos) = self.embed_inputs(tokens, start=start)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start)
@@ -259,11 +266,7 @@ class Llama(nnx.Module):
         """h: [..., d] -> float32 logits [..., vocab]."""
         if self.lm_head is None:
             return self.embed_tokens.attend(h)
-        k = self.lm_head.kernel[...] if isinstance(self.lm_head, Dense) else None
-        if k is not None:
-            return jnp.einsum("...d,dv->...v", h.astype(k.dtype), k,
-                              preferred_element_type=jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+        return self.lm_head(h, out_dtype=jnp.float32)
 
     def __call__(self, tokens, *, start=0, cache=None):
         """tokens: [b, t] -> (logits float32 [b, t, vocab], new cache or None)."""

@@ -1,0 +1,204 @@
+"""Quantized checkpoints: an orbax checkpoint of the model state plus JSON metadata.
+
+Layout of a checkpoint directory:
+  any4.json     metadata: format version, package versions, model config, per-layer
+                quantization metadata, quantization and calibration settings, tokenizer info
+  state/        orbax (StandardCheckpointer) save of the model's arrays
+  tokenizer/    the tokenizer's own files
+
+Writing is atomic: everything goes to a hidden sibling directory, `any4.json` is written last,
+and the directory is renamed into place, so an interrupted run never leaves a directory that
+looks complete. Loading validates the metadata and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+FORMAT_VERSION = 1
+META_FILE = "any4.json"
+
+
+class CheckpointFormatError(ValueError):
+    """A quantized checkpoint is incomplete, from an incompatible version, or inconsistent."""
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("any4-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def is_quantized_checkpoint(path) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> dict:
+    directory.mkdir()
+    backend = tokenizer._tok
+    info = {"bos_id": tokenizer.bos_id, "eos_ids": list(tokenizer.eos_ids),
+            "add_bos": tokenizer.add_bos}
+    if hasattr(backend, "encode_batch") and hasattr(backend, "save"):
+        backend.save(str(directory / "tokenizer.json"))
+        return {"kind": "tokenizers", **info}
+    backend.save_pretrained(str(directory))
+    return {"kind": "transformers", **info}
+
+
+def _load_tokenizer(directory: str, info: dict):
+    from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
+
+    if info.get("kind") == "transformers":
+        return hf_tokenizer(directory)
+    from tokenizers import Tokenizer as HFTok
+
+    f = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(f):
+        raise CheckpointFormatError(f"{directory}: tokenizer.json missing")
+    return Tokenizer(HFTok.from_file(f), bos_id=info.get("bos_id"),
+                     eos_ids=tuple(info.get("eos_ids", ())), add_bos=bool(info.get("add_bos")),
+                     source=directory)
+
+
+def quantized_layer_meta(model) -> dict[str, dict]:
+    from any4_jax.quant.calibrate import dense_layers
+    from any4_jax.quant.qdense import QuantDense
+
+    return {p: layer.meta() for p, layer in dense_layers(model) if isinstance(layer, QuantDense)}
+
+
+def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = False) -> Path:
+    """Write `model` (a Llama whose Dense layers may be QuantDense) to the directory `path`.
+
+    `metadata` (JSON-serialisable: quantization/calibration settings, source model, report)
+    is stored under "run". Returns the final path.
+    """
+    import orbax.checkpoint as ocp
+
+    final = Path(path).absolute()
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; choose another --out or pass overwrite "
+                              "(--overwrite)")
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        _, state = nnx.split(model)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "state", nnx.to_pure_dict(state))
+        ckptr.wait_until_finished()
+        tok_info = _save_tokenizer(tokenizer, tmp / "tokenizer")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": _versions(),
+            "model_config": model.config.to_dict(),
+            "param_dtype": str(model.dtype),
+            "quantized_layers": quantized_layer_meta(model),
+            "tokenizer": tok_info,
+            "run": metadata,
+        }
+        with open(tmp / META_FILE, "w") as fh:  # last: marks the directory complete
+            json.dump(meta, fh, indent=2, default=str)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_metadata(path) -> dict:
+    f = os.path.join(path, META_FILE)
+    if not os.path.isfile(f):
+        raise CheckpointFormatError(
+            f"{path}: no {META_FILE}; not an any4-jax checkpoint, or an interrupted save")
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{f}: corrupt metadata ({e})") from None
+    v = meta.get("format_version")
+    if v != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{path}: checkpoint format_version {v!r} (written by any4-jax "
+            f"{meta.get('versions', {}).get('any4-jax', '?')}); this any4-jax reads version "
+            f"{FORMAT_VERSION}: re-quantize with this version")
+    for key in ("model_config", "quantized_layers", "param_dtype", "tokenizer"):
+        if key not in meta:
+            raise CheckpointFormatError(f"{f}: metadata lacks {key!r}")
+    for sub in ("state", "tokenizer"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise CheckpointFormatError(f"{path}: the {sub}/ directory is missing")
+    return meta
+
+
+def abstract_quantized_model(config, param_dtype, layers: dict[str, dict]):
+    """The model structure of a checkpoint, with shapes only (no memory)."""
+    from any4_jax.models.llama.modules import Llama
+    from any4_jax.quant.calibrate import set_layer
+    from any4_jax.quant.qdense import QuantDense
+
+    def build():
+        m = Llama(config, param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0))
+        for p, meta in layers.items():
+            set_layer(m, p, QuantDense.placeholder(meta))
+        return m
+
+    return nnx.eval_shape(build)
+
+
+def load_quantized(path):
+    """(model, config, tokenizer, metadata) from a checkpoint directory."""
+    import orbax.checkpoint as ocp
+
+    from any4_jax.models.llama.config import LlamaConfig
+
+    path = os.path.abspath(path)
+    meta = read_metadata(path)
+    try:
+        config = LlamaConfig.from_dict(meta["model_config"])
+        abstract = abstract_quantized_model(config, meta["param_dtype"],
+                                            meta["quantized_layers"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointFormatError(f"{path}: inconsistent metadata: {e}") from None
+    graphdef, state = nnx.split(abstract)
+    target = nnx.to_pure_dict(state)
+    try:
+        restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for bad files
+        raise CheckpointFormatError(
+            f"{path}/state: could not restore the arrays ({type(e).__name__}: "
+            f"{str(e)[:500]}); the checkpoint is corrupt or does not match any4.json") from None
+    want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), target)
+    got = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), restored)
+    if want != got:
+        raise CheckpointFormatError(f"{path}: array shapes/dtypes differ from any4.json")
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(graphdef, state)
+    tok = _load_tokenizer(os.path.join(path, "tokenizer"), meta["tokenizer"])
+    return model, config, tok, meta
+
+
+def directory_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)

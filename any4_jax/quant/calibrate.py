@@ -1,0 +1,243 @@
+"""Calibration: per-input-channel statistics of every Dense-like layer's input.
+
+Generic over NNX models that follow a small protocol: `model.layers` (the blocks, each called
+as `block(x, *extras)` returning `x` or `(x, ...)`) and `model.embed_inputs(tokens) ->
+(x, extras)`. A layer's input is captured by wrapping the layer in a tap on a *copy* of the
+block inside a jitted function: the model code is not touched and nothing is patched
+globally. Sums of x and |x| (float32) are accumulated over every calibration token, so both
+statistics of DESIGN.md come from one pass:
+  abs_of_mean = |mean_t x_tj|   (the reference release's default)
+  mean_of_abs = mean_t |x_tj|   (the paper's wording)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from any4_jax.quant.qdense import QuantDense
+
+STATISTICS = ("abs_of_mean", "mean_of_abs")
+MODES = ("sequential", "offline")
+
+# Written for this project: a few sentences of fiction, news, code, arithmetic and facts.
+DEFAULT_PROMPT = (
+    "Fiction: The lighthouse keeper's daughter rowed out before dawn, certain that the strange "
+    "lantern she had seen on the rocks belonged to no ship she knew.\n"
+    "News: On Tuesday the city council approved a new budget that raises funding for public "
+    "transport and delays the renovation of the central library.\n"
+    "Code:\ndef mean(xs):\n    return sum(xs) / len(xs)\nprint(mean([3, 5, 8]))\n"
+    "Math: (12.5 - 4.25) * 3 + 7 / 2 = 28.25\n"
+    "Facts: Water boils at 100 degrees Celsius at sea level. The Pacific is the largest ocean "
+    "on Earth. Tokyo is the capital of Japan.\n"
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """How activation statistics are gathered.
+
+    source: "prompt" (DEFAULT_PROMPT, one sequence) or "text" (random windows of a text the
+      caller tokenizes: `num_samples` windows of `seq_len` tokens, seeded).
+    statistic: "abs_of_mean" or "mean_of_abs".
+    mode: "sequential" (block by block through the already-quantized model) or "offline"
+      (one forward of the unquantized model).
+    batch_size: calibration sequences per block forward (memory bound).
+    """
+
+    source: str = "prompt"
+    num_samples: int = 128
+    seq_len: int = 512
+    statistic: str = "abs_of_mean"
+    mode: str = "sequential"
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"CalibrationConfig: unknown {self.statistic=}; choose one of "
+                             f"{STATISTICS}")
+        if self.mode not in MODES:
+            raise ValueError(f"CalibrationConfig: unknown {self.mode=}; choose one of {MODES}")
+        for f in ("num_samples", "seq_len", "batch_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"CalibrationConfig.{f}={getattr(self, f)} must be positive")
+
+
+def calibration_tokens(encode, config: CalibrationConfig, text: str | None = None) -> np.ndarray:
+    """[n, t] int32 calibration sequences: the prompt, or seeded random windows of `text`."""
+    if config.source == "prompt" or text is None:
+        return np.asarray([encode(DEFAULT_PROMPT)], np.int32)
+    ids = np.asarray(encode(text), np.int32)
+    if len(ids) <= config.seq_len:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, not more than "
+                         f"seq_len={config.seq_len}; use a longer text or a smaller seq_len")
+    rng = np.random.default_rng(config.seed)
+    starts = rng.integers(0, len(ids) - config.seq_len, size=config.num_samples)
+    return np.stack([ids[s:s + config.seq_len] for s in starts])
+
+
+def finalize(sums: dict[str, tuple], count: int, statistic: str) -> dict[str, np.ndarray]:
+    """{layer: (sum x, sum |x|)} over `count` tokens -> {layer: xbar [K] float32}."""
+    i = 0 if statistic == "abs_of_mean" else 1
+    out = {}
+    for k, v in sums.items():
+        m = np.asarray(v[i], np.float64) / count
+        out[k] = np.abs(m).astype(np.float32)
+    return out
+
+
+# --- layers and taps ----------------------------------------------------------------------
+
+def is_dense(node) -> bool:
+    if isinstance(node, QuantDense):
+        return True
+    k = getattr(node, "kernel", None)
+    return isinstance(node, nnx.Module) and isinstance(k, nnx.Param) and k.get_value().ndim == 2
+
+
+def dense_layers(module) -> list[tuple[str, nnx.Module]]:
+    """(dotted path, layer) of every Dense-like layer (a 2-D `kernel` Param, or a QuantDense)."""
+    out = []
+    for path, node in nnx.iter_graph(module):
+        if path and is_dense(node):
+            out.append((".".join(str(p) for p in path), node))
+    return out
+
+
+def _parent(module, path: str):
+    parts = path.split(".")
+    node = module
+    for p in parts[:-1]:
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    return node, parts[-1]
+
+
+def get_layer(module, path: str):
+    parent, last = _parent(module, path)
+    return parent[int(last)] if last.isdigit() else getattr(parent, last)
+
+
+def set_layer(module, path: str, layer) -> None:
+    parent, last = _parent(module, path)
+    if last.isdigit():
+        parent[int(last)] = layer
+    else:
+        setattr(parent, last, layer)
+
+
+class _Tap:
+    """Calls the wrapped layer and records its input."""
+
+    def __init__(self, layer, key, sink):
+        self.layer, self.key, self.sink = layer, key, sink
+
+    def __call__(self, x, *args, **kw):
+        self.sink.append((self.key, x))
+        return self.layer(x, *args, **kw)
+
+
+def _tapped(block, taps, sink):
+    for p in taps:
+        set_layer(block, p, _Tap(get_layer(block, p), p, sink))
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _run(graphdef, state, x, extras, taps: tuple[str, ...]):
+    """One block forward; returns (output, {tap: (sum x, sum |x|)})."""
+    block = nnx.merge(graphdef, state)
+    sink: list = []
+    _tapped(block, taps, sink)
+    y = _out(block(x, *extras))
+    sums = {}
+    for key, xin in sink:
+        x32 = xin.astype(jnp.float32).reshape(-1, xin.shape[-1])
+        s = (x32.sum(0), jnp.abs(x32).sum(0))
+        sums[key] = s if key not in sums else (sums[key][0] + s[0], sums[key][1] + s[1])
+    return y, sums
+
+
+def run_block(block, x, extras, taps=()):
+    graphdef, state = nnx.split(block)
+    return _run(graphdef, state, x, extras, tuple(taps))
+
+
+def call_groups(block, x, extras, paths) -> list[list[str]]:
+    """`paths` in the order the block calls them, grouped by shared input (q/k/v, gate/up):
+    the layers of one group can be quantized together, as none feeds another."""
+    order: list = []
+    graphdef, state = nnx.split(block)
+
+    def f(state, x):
+        b = nnx.merge(graphdef, state)
+        _tapped(b, paths, order)
+        b(x, *extras)
+
+    jax.eval_shape(f, state, x)
+    groups: list[list[str]] = []
+    prev = None
+    for key, xin in order:
+        if groups and xin is prev:
+            groups[-1].append(key)
+        else:
+            groups.append([key])
+        prev = xin
+    seen = {k for g in groups for k in g}
+    missing = [p for p in paths if p not in seen]
+    if missing:
+        raise ValueError(f"layers {missing} are never called by the block's forward; they "
+                         "cannot be calibrated (exclude them)")
+    return groups
+
+
+@partial(jax.jit, static_argnums=0)
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed_inputs(tokens)
+
+
+def embed_batches(model, tokens: np.ndarray, batch_size: int):
+    """[(x, extras)] per batch of calibration sequences."""
+    graphdef, state = nnx.split(model)
+    return [_embed(graphdef, state, jnp.asarray(tokens[i:i + batch_size]))
+            for i in range(0, len(tokens), batch_size)]
+
+
+def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: int = 16,
+                    progress: bool = False) -> tuple[dict, int]:
+    """One forward of `model` (unchanged): ({path: (sum x, sum |x|)}, token count)."""
+    by_block: dict[int, list[str]] = {}
+    rest = []
+    for p in paths:
+        head, _, tail = p.partition(".")
+        if head == "layers" and tail.split(".")[0].isdigit():
+            i, rel = tail.split(".", 1)
+            by_block.setdefault(int(i), []).append(rel)
+        else:
+            rest.append(p)
+    if rest:
+        raise ValueError(f"offline calibration covers the decoder blocks only; {rest} lie "
+                         "outside them (exclude them or quantize without activations)")
+    batches = embed_batches(model, tokens, batch_size)
+    xs = [b[0] for b in batches]
+    sums: dict = {}
+    from tqdm.auto import tqdm
+
+    for i, block in enumerate(tqdm(model.layers, desc="calibrating", disable=not progress,
+                                   leave=False)):
+        taps = by_block.get(i, [])
+        for j, (x, extras) in enumerate(zip(xs, [b[1] for b in batches], strict=True)):
+            y, s = run_block(block, x, extras, taps)
+            xs[j] = y
+            for k, v in s.items():
+                key = f"layers.{i}.{k}"
+                sums[key] = v if key not in sums else (sums[key][0] + v[0], sums[key][1] + v[1])
+    return sums, int(tokens.size)

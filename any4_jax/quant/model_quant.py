@@ -1,0 +1,243 @@
+"""Quantize a whole model: every selected Dense-like layer becomes a `QuantDense`.
+
+`quantize_model(model, config, calibration=..., tokens=...)` returns a new model (the input is
+left as it was; unchanged arrays are shared, not copied). Layers are selected by dotted path
+(`layers.3.self_attn.q_proj`) with fnmatch patterns; a bare name like `lm_head` or `down_proj`
+matches that last component anywhere. Defaults: every decoder Dense, `lm_head` excluded; an
+embedding is never a Dense, so it is never touched (tied embeddings stay tied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from any4_jax.quant.calibrate import (
+    CalibrationConfig,
+    call_groups,
+    collect_offline,
+    dense_layers,
+    embed_batches,
+    finalize,
+    get_layer,
+    run_block,
+    set_layer,
+)
+from any4_jax.quant.config import QuantConfig
+from any4_jax.quant.qdense import QuantDense, QuantState
+from any4_jax.quant.quantize import quantize_weight
+
+DEFAULT_EXCLUDE = ("lm_head",)
+
+
+def _match(path: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}")
+
+
+def select_layers(model, include: Sequence[str] = ("*",),
+                  exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Dotted paths of the Dense layers to quantize (already-quantized ones are skipped)."""
+    out = []
+    for path, layer in dense_layers(model):
+        if isinstance(layer, QuantDense):
+            continue
+        if any(_match(path, p) for p in include) and not any(_match(path, p) for p in exclude):
+            out.append(path)
+    return out
+
+
+def layer_configs(paths: list[str], config: QuantConfig,
+                  overrides: Mapping[str, Mapping | QuantConfig] | None) -> dict[str, QuantConfig]:
+    """Per-layer configs: `config`, then every matching override in order (later wins)."""
+    out = {}
+    for p in paths:
+        c = config
+        for pattern, change in (overrides or {}).items():
+            if _match(p, pattern):
+                c = change if isinstance(change, QuantConfig) else c.replace(**dict(change))
+        out[p] = c
+    return out
+
+
+def _check_group_sizes(model, cfgs: dict[str, QuantConfig]) -> None:
+    bad = []
+    for p, c in cfgs.items():
+        k = get_layer(model, p).kernel.shape[0]
+        if c.group_size is not None and k % c.group_size:
+            bad.append(f"{p} (K={k})")
+    if bad:
+        gs = sorted({c.group_size for c in cfgs.values() if c.group_size})
+        raise ValueError(
+            f"group size {gs} does not divide in_features of {len(bad)} layers: "
+            f"{', '.join(bad)}. Choose a group size that divides every K (or 'row'), or give "
+            "those layers their own group size with an override")
+
+
+def needs_activations(cfgs: dict[str, QuantConfig]) -> bool:
+    return any(c.spec.family == "any" and c.sample_weighting != "none" for c in cfgs.values())
+
+
+@dataclasses.dataclass
+class LayerReport:
+    path: str
+    shape: tuple[int, int]
+    format: str
+    group_size: int
+    seconds: float
+    kmeans_iters_mean: float | None = None
+    kmeans_iters_max: int | None = None
+
+
+@dataclasses.dataclass
+class QuantReport:
+    layers: list[LayerReport]
+    calibration_seconds: float
+    quantize_seconds: float
+    total_seconds: float
+    calibration_tokens: int
+    mode: str  # "sequential" | "offline" | "stats" | "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _quantize_one(layer, cfg: QuantConfig, xbar, path: str):
+    w = layer.kernel[...].T  # Flax [K, N] -> [N, K]
+    qw, info = quantize_weight(w, cfg, sample_weight=xbar, name=path, return_info=True)
+    bias = getattr(layer, "bias", None)
+    bias = None if bias is None else bias[...]
+    return QuantDense(qw, bias), info
+
+
+def quantize_model(model, config: QuantConfig | None = None, *,
+                   calibration: CalibrationConfig | None = None,
+                   tokens: np.ndarray | None = None,
+                   stats: Mapping[str, np.ndarray] | None = None,
+                   include: Sequence[str] = ("*",), exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                   overrides: Mapping[str, Mapping | QuantConfig] | None = None,
+                   progress: bool = True):
+    """Returns (quantized model, QuantReport).
+
+    Activation statistics for any-n come from `stats` ({path: xbar [K]}, e.g. a file written
+    by `any4 calibrate`), else from `tokens` ([n, t] calibration sequences, see
+    `calibrate.calibration_tokens`) with `calibration` (mode, statistic, batch size). Formats
+    that need none (int/nf4/fp4, any-n with sample_weighting="none") ignore both.
+    """
+    config = config or QuantConfig()
+    calibration = calibration or CalibrationConfig()
+    t_start = time.perf_counter()
+    new = nnx.merge(*nnx.split(model))  # a new object sharing the (immutable) arrays
+    paths = select_layers(new, include, exclude)
+    if not paths:
+        raise ValueError(f"no Dense layer matches include={list(include)} "
+                         f"exclude={list(exclude)}")
+    cfgs = layer_configs(paths, config, overrides)
+    _check_group_sizes(new, cfgs)
+    want_act = needs_activations(cfgs)
+    if want_act and stats is None and tokens is None:
+        raise ValueError("any-n with activation sample weights needs calibration: pass tokens= "
+                         "(see calibration_tokens) or stats=, or use sample_weighting='none'")
+    if stats is not None:
+        missing = [p for p in paths if cfgs[p].spec.family == "any" and p not in stats]
+        if want_act and missing:
+            raise ValueError(f"the calibration statistics lack {len(missing)} layers, e.g. "
+                             f"{missing[:3]}; they were computed for another model")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(paths), desc="quantizing", unit="layer", disable=not progress)
+    reports: list[LayerReport] = []
+    calib_s = 0.0
+
+    def do(path, xbar):
+        t0 = time.perf_counter()
+        bar.set_postfix_str(path, refresh=False)
+        q, info = _quantize_one(get_layer(new, path), cfgs[path], xbar, path)
+        set_layer(new, path, q)
+        jax.block_until_ready(q.codes.get_value())
+        reports.append(LayerReport(path, (q.out_features, q.in_features), q.format,
+                                   q.group_size, time.perf_counter() - t0,
+                                   info.get("kmeans_iters_mean"), info.get("kmeans_iters_max")))
+        bar.update(1)
+
+    def xbar_for(path, table):
+        c = cfgs[path]
+        return table.get(path) if c.spec.family == "any" and c.sample_weighting != "none" \
+            else None
+
+    n_tok = 0 if tokens is None else int(np.asarray(tokens).size)
+    if not want_act or stats is not None:
+        mode = "stats" if (want_act and stats is not None) else "none"
+        for p in paths:
+            do(p, xbar_for(p, stats or {}))
+    elif calibration.mode == "offline":
+        mode = "offline"
+        t0 = time.perf_counter()
+        sums, count = collect_offline(new, np.asarray(tokens), paths,
+                                      batch_size=calibration.batch_size, progress=False)
+        table = finalize(sums, count, calibration.statistic)
+        calib_s = time.perf_counter() - t0
+        for p in paths:
+            do(p, xbar_for(p, table))
+    else:
+        mode = "sequential"
+        calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for)
+    bar.close()
+    total = time.perf_counter() - t_start
+    return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode)
+
+
+def _sequential(model, tokens, paths, calibration, do, xbar_for) -> float:
+    """Block by block: each group of layers (sharing an input) is calibrated on the model in
+    which every earlier layer is already quantized, then quantized. Returns calibration s."""
+    by_block: dict[int, list[str]] = {}
+    for p in paths:
+        parts = p.split(".")
+        if parts[0] != "layers" or not parts[1].isdigit():
+            raise ValueError(f"sequential calibration covers the decoder blocks only; {p} lies "
+                             "outside them (exclude it, or use mode='offline' with stats)")
+        by_block.setdefault(int(parts[1]), []).append(".".join(parts[2:]))
+    calib_s = 0.0
+    t0 = time.perf_counter()
+    batches = embed_batches(model, tokens, calibration.batch_size)
+    xs = [b[0] for b in batches]
+    extras = [b[1] for b in batches]
+    count = int(tokens.size)
+    calib_s += time.perf_counter() - t0
+    for i, block in enumerate(model.layers):
+        rel = by_block.get(i, [])
+        groups = call_groups(block, xs[0], extras[0], rel) if rel else []
+        for grp in groups:
+            t0 = time.perf_counter()
+            sums: dict = {}
+            for x, ex in zip(xs, extras, strict=True):
+                _, s = run_block(block, x, ex, grp)
+                for k, v in s.items():
+                    sums[k] = v if k not in sums else (sums[k][0] + v[0], sums[k][1] + v[1])
+            table = {f"layers.{i}.{k}": v
+                     for k, v in finalize(sums, count, calibration.statistic).items()}
+            calib_s += time.perf_counter() - t0
+            for r in grp:
+                p = f"layers.{i}.{r}"
+                do(p, xbar_for(p, table))
+        if i + 1 < len(model.layers) and any(j > i for j in by_block):
+            t0 = time.perf_counter()
+            xs = [run_block(block, x, ex)[0] for x, ex in zip(xs, extras, strict=True)]
+            calib_s += time.perf_counter() - t0
+    return calib_s
+
+
+def model_bytes(model) -> dict[str, int]:
+    """Bytes of the model's arrays by kind: quantized layers vs everything else."""
+    _, state = nnx.split(model)
+    out = {"quantized": 0, "other": 0}
+    for _, v in nnx.to_flat_state(state):
+        a = v.get_value()
+        out["quantized" if isinstance(v, QuantState) else "other"] += a.size * a.dtype.itemsize
+    return out
