@@ -184,8 +184,22 @@ def load_quantized(path):
         raise CheckpointFormatError(f"{path}: inconsistent metadata: {e}") from None
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)
+    ckptr = ocp.StandardCheckpointer()
+    state_dir = os.path.join(path, "state")
     try:
-        restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+        stored = _flat_shapes(ckptr.metadata(state_dir).item_metadata.tree)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointFormatError(f"{state_dir}: unreadable orbax metadata ({e})") from None
+    want = _flat_shapes(target)
+    diff = [f"{k}: stored {stored.get(k)}, any4.json implies {v}" for k, v in want.items()
+            if stored.get(k) != v]
+    diff += [f"{k}: stored but not in any4.json" for k in stored if k not in want]
+    if diff:
+        raise CheckpointFormatError(
+            f"{path}: the stored arrays do not match any4.json ({len(diff)} differ): "
+            + "; ".join(diff[:5]))
+    try:
+        restored = ckptr.restore(state_dir, target)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for bad files
         raise CheckpointFormatError(
             f"{path}/state: could not restore the arrays ({type(e).__name__}: "
@@ -198,6 +212,17 @@ def load_quantized(path):
     model = nnx.merge(graphdef, state)
     tok = _load_tokenizer(os.path.join(path, "tokenizer"), meta["tokenizer"])
     return model, config, tok, meta
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    """{"layers/0/mlp/up_proj/codes": (shape, dtype)} for arrays or orbax ArrayMetadata."""
+    out = {}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+    for kp, leaf in leaves:
+        key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+        out[key] = (tuple(int(d) for d in leaf.shape), str(jnp.dtype(leaf.dtype)))
+    return out
 
 
 def directory_bytes(path) -> int:

@@ -1,0 +1,113 @@
+"""Quantized checkpoints: bit-exact round trips, atomic writes, validated loading."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax import checkpoint as ck
+from any4_jax.eval.perplexity import perplexity
+from any4_jax.models.load import load_model
+from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens
+from any4_jax.quant.config import QuantConfig
+from any4_jax.quant.model_quant import quantize_model
+from tests.tiny_lm import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    tok = byte_tokenizer()
+    toks = calibration_tokens(tok.encode, CalibrationConfig())
+    qm, _ = quantize_model(tiny_model(), QuantConfig(format="any4", group_size=32),
+                           tokens=toks, overrides={"down_proj": {"format": "nf4"}},
+                           progress=False)
+    return qm, tok
+
+
+def test_round_trip_is_bit_exact(quantized, tmp_path):
+    qm, tok = quantized
+    path = ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={"note": "t"})
+    assert sorted(os.listdir(path)) == ["any4.json", "state", "tokenizer"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    lm = load_model(path)  # format detected from the files
+    assert lm.format == "any4"
+    ids = np.asarray(tok.encode("It is a truth universally acknowledged. " * 12), np.int32)
+    a = perplexity(qm, ids, seq_len=64, progress=False)
+    b = perplexity(lm.model, ids, seq_len=64, progress=False)
+    assert a.window_nll == b.window_nll  # bit for bit
+    assert lm.model.layers[1].mlp.down_proj.format == "nf4"
+    assert lm.tokenizer.encode("héllo") == tok.encode("héllo")
+    meta = ck.read_metadata(path)
+    assert meta["run"] == {"note": "t"} and meta["versions"]["jax"]
+    assert len(meta["quantized_layers"]) == 14
+
+
+def test_interrupted_save_leaves_nothing_that_looks_complete(quantized, tmp_path,
+                                                            monkeypatch):
+    qm, tok = quantized
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.json, "dump", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={})
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_directory_needs_overwrite(quantized, tmp_path):
+    qm, tok = quantized
+    ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={"v": 1})
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={"v": 2})
+    ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={"v": 2}, overwrite=True)
+    assert ck.read_metadata(tmp_path / "ck")["run"] == {"v": 2}
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def _edit_meta(path, fn):
+    f = os.path.join(path, "any4.json")
+    with open(f) as fh:
+        meta = json.load(fh)
+    fn(meta)
+    with open(f, "w") as fh:
+        json.dump(meta, fh)
+
+
+def test_loading_names_what_is_wrong(quantized, tmp_path):
+    qm, tok = quantized
+    path = str(ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={}))
+    _edit_meta(path, lambda m: m.update(format_version=99))
+    with pytest.raises(ck.CheckpointFormatError, match="format_version 99"):
+        ck.load_quantized(path)
+    _edit_meta(path, lambda m: m.update(format_version=ck.FORMAT_VERSION))
+    _edit_meta(path, lambda m: m["quantized_layers"]["layers.0.mlp.up_proj"].update(
+        group_size=64))
+    with pytest.raises(ck.CheckpointFormatError, match=r"layers/0/mlp/up_proj/scales: stored"):
+        ck.load_quantized(path)
+    os.remove(os.path.join(path, "any4.json"))
+    with pytest.raises(ck.CheckpointFormatError, match="interrupted save"):
+        ck.read_metadata(path)
+
+
+def test_missing_state_directory(quantized, tmp_path):
+    import shutil
+
+    qm, tok = quantized
+    path = str(ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={}))
+    shutil.rmtree(os.path.join(path, "state"))
+    with pytest.raises(ck.CheckpointFormatError, match="state/ directory is missing"):
+        ck.load_quantized(path)
+
+
+def test_sizes(quantized):
+    from any4_jax.quant.model_quant import model_bytes
+
+    qm, _ = quantized
+    b = model_bytes(qm)
+    dense = model_bytes(tiny_model())
+    # tiny layers (K=64, float32 tables) carry a large table overhead; still under half
+    assert 0 < b["quantized"] < 0.5 * (dense["other"] - b["other"])
+    assert jnp.dtype(qm.dtype) == jnp.float32
