@@ -198,6 +198,48 @@ def _run_calibrate(args) -> int:
     return 0
 
 
+def _run_analyze(args) -> int:
+    from any4_jax.cli_model import _load
+    from any4_jax.eval import analyze as A
+    from any4_jax.quant.model_quant import select_layers
+
+    lm = _load(args)
+    _, tokens, desc = _calibration(args, lm.tokenizer)
+    if tokens is None:
+        raise ValueError("--calibration none: the output error needs calibration inputs")
+    tokens = tokens[:, :args.max_tokens] if tokens.shape[0] == 1 else tokens[
+        :max(1, args.max_tokens // tokens.shape[1])]
+    paths = select_layers(lm.model, args.include or ("*",), args.exclude)
+    results, qws = A.analyze(lm.model, tokens, paths, args.formats,
+                             group_size=args.group_size, statistic=args.statistic)
+    table = A.summary_table(results, args.formats)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    files = A.write_outputs(results, args.formats, args.out)
+    row_layer = args.row_layer or paths[0]
+    any_fmt = next((f for f in args.formats if f.startswith("any")), None)
+    if any_fmt and row_layer in qws:
+        files["row_png"] = A.plot_row_histogram(
+            lm.model, row_layer, args.row, qws[row_layer][any_fmt],
+            os.path.join(args.out, "row_histogram.png"), group_size=args.group_size)
+    rec = {"model": lm.source, "formats": args.formats, "group_size": args.group_size,
+           "calibration": desc, "layers": [dataclasses_asdict(r) for r in results],
+           "files": files}
+    with open(os.path.join(args.out, "analysis.json"), "w") as fh:
+        json.dump(rec, fh, indent=2)
+    with open(os.path.join(args.out, "summary.md"), "w") as fh:
+        fh.write(table + "\n")
+    _log(f"wrote {args.out}/analysis.json, summary.md, " + ", ".join(
+        os.path.basename(f) for f in files.values()))
+    return 0
+
+
+def dataclasses_asdict(x):
+    import dataclasses
+
+    return dataclasses.asdict(x)
+
+
 def add_quant_commands(sub) -> None:
     from any4_jax.cli import _group_size
     from any4_jax.cli_model import _model_args
@@ -245,6 +287,24 @@ def add_quant_commands(sub) -> None:
     p.add_argument("--exclude", action="append", default=None)
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.set_defaults(func=_run_calibrate)
+
+    from any4_jax.cli import _formats
+
+    p = sub.add_parser("analyze", help="per-layer error of several formats; table, JSON, PNGs",
+                       description="Quantize each selected layer alone with each format; "
+                       "report weight error and output error on calibration activations.")
+    _model_args(p)
+    p.add_argument("--formats", type=_formats, default=_formats("int4,nf4,fp4,any4"))
+    p.add_argument("--group-size", type=_group_size, default=64)
+    _calib_args(p)
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="calibration tokens used for the output error (default 2048)")
+    p.add_argument("--include", action="append")
+    p.add_argument("--exclude", action="append", default=None)
+    p.add_argument("--row-layer", help="layer of the row histogram (default: the first)")
+    p.add_argument("--row", type=int, default=0)
+    p.add_argument("--out", default="analysis", help="output directory (default analysis/)")
+    p.set_defaults(func=_run_analyze)
 
 
 def fix_defaults(args) -> None:

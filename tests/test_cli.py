@@ -76,3 +76,62 @@ def test_model_and_text_errors_name_the_fix(tmp_path, capsys):
 def test_unknown_text_source(smollm2_path, capsys):
     assert main(["eval", smollm2_path, "--text", "no-such-text"]) == 2
     assert "not a file and not a known source" in capsys.readouterr().err
+
+
+def test_quantize_save_then_eval_and_generate_the_checkpoint(smollm2_path, pride_text,
+                                                             tmp_path, capsys):
+    out = tmp_path / "q"
+    rec = tmp_path / "q.json"
+    rc = main(["quantize", smollm2_path, "--format", "any4", "--group-size", "64",
+               "--include", "layers.0.*", "--include", "layers.29.mlp.*", "--out", str(out),
+               "--json", str(rec)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| SmolLM2-135M-Instruct.Q4_1.gguf | any4 | 64 | 10 |" in table
+    r = json.loads(rec.read_text())
+    assert r["calibration"]["source"] == "prompt" and r["report"]["mode"] == "sequential"
+    assert len(r["report"]["layers"]) == 10
+    assert main(["eval", str(out), "--seq-len", "128", "--max-windows", "2",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["format"] == "any4" and 3 < e["ppl"] < 300
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    # an existing output directory is never clobbered silently
+    assert main(["quantize", smollm2_path, "--format", "int4", "--include", "layers.0.*",
+                 "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_calibrate_then_quantize_with_stats(smollm2_path, tmp_path, capsys):
+    stats = tmp_path / "s.npz"
+    assert main(["calibrate", smollm2_path, "--include", "layers.1.*", "--out",
+                 str(stats)]) == 0
+    rc = main(["quantize", smollm2_path, "--include", "layers.1.*", "--stats", str(stats),
+               "--statistic", "mean_of_abs", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["report"]["mode"] == "stats"
+    rc = main(["quantize", smollm2_path, "--include", "layers.2.*", "--stats", str(stats)])
+    assert rc == 2
+    assert "lack" in capsys.readouterr().err
+
+
+def test_group_size_error_lists_layers(smollm2_path, capsys):
+    assert main(["quantize", smollm2_path, "--group-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "layers.0.self_attn.q_proj (K=576)" in err and "layers.29.mlp.up_proj" in err
+
+
+def test_analyze_writes_table_json_and_plots(smollm2_path, tmp_path, capsys):
+    out = tmp_path / "an"
+    rc = main(["analyze", smollm2_path, "--formats", "int4,nf4,any4", "--include",
+               "layers.3.self_attn.*", "--max-tokens", "64", "--out", str(out)])
+    assert rc == 0
+    assert "| any4 |" in capsys.readouterr().out
+    rec = json.loads((out / "analysis.json").read_text())
+    errs = {(r["path"], r["format"]): r for r in rec["layers"]}
+    assert len(errs) == 12
+    for p in ("layers.3.self_attn.q_proj", "layers.3.self_attn.o_proj"):
+        assert errs[(p, "any4")]["output_rel_error"] < errs[(p, "int4")]["output_rel_error"]
+    for f in ("layer_errors.png", "row_histogram.png"):
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"

@@ -43,8 +43,22 @@ def _common_reasons(x, qweight) -> list[str]:
     return reasons
 
 
+def _pallas(x, q):
+    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+
+    return lut_matmul_pallas(x, q)
+
+
+def _pallas_can_use(x, q):
+    from any4_jax.kernels.pallas_gpu import can_use_pallas
+
+    return can_use_pallas(x, q)
+
+
+# The Pallas module (and jax.experimental.pallas) is imported on first use, not here.
 _REGISTRY: dict[str, Implementation] = {
     "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
+    "pallas": Implementation("pallas", _pallas, _pallas_can_use),
 }
 
 # Tried in this order when implementation=None; only registered ones count.

@@ -241,3 +241,35 @@ def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: 
                 key = f"layers.{i}.{k}"
                 sums[key] = v if key not in sums else (sums[key][0] + v[0], sums[key][1] + v[1])
     return sums, int(tokens.size)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _run_inputs(graphdef, state, x, extras, taps: tuple[str, ...]):
+    block = nnx.merge(graphdef, state)
+    sink: list = []
+    _tapped(block, taps, sink)
+    y = _out(block(x, *extras))
+    return y, {k: v.reshape(-1, v.shape[-1]) for k, v in sink}
+
+
+def collect_inputs(model, tokens: np.ndarray, paths: list[str], *,
+                   batch_size: int = 16) -> dict[str, np.ndarray]:
+    """The actual inputs [tokens, K] (float32) of the decoder-block layers in `paths`, from
+    one forward of `model`: for error analysis on calibration activations."""
+    by_block: dict[int, list[str]] = {}
+    for p in paths:
+        _, i, rel = p.split(".", 2)
+        by_block.setdefault(int(i), []).append(rel)
+    out: dict[str, list] = {}
+    batches = embed_batches(model, tokens, batch_size)
+    xs = [b[0] for b in batches]
+    for i, block in enumerate(model.layers):
+        graphdef, state = nnx.split(block)
+        for j, (_, extras) in enumerate(batches):
+            y, got = _run_inputs(graphdef, state, xs[j], extras, tuple(by_block.get(i, [])))
+            xs[j] = y
+            for k, v in got.items():
+                out.setdefault(f"layers.{i}.{k}", []).append(np.asarray(v, np.float32))
+        if i >= max(by_block, default=-1):
+            break
+    return {k: np.concatenate(v) for k, v in out.items()}

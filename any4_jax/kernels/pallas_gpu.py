@@ -1,0 +1,150 @@
+"""The LUT-dequantizing GEMM in Pallas (Triton backend): `implementation="pallas"`.
+
+y[m, n] = sum_k x[m, k] * (lut[n, code[n, k]] * scale[n, k // g] + zero[n, k // g])
+
+Grid: (N / BN, M_padded / BM); each program owns a [BM, BN] output tile and walks K in
+blocks of BK (BK divides g, so one scale and one zero per row and block). Per block:
+  1. load the packed codes [BN, BK/2] (uint8): element 2j is the low nibble, 2j+1 the high;
+     instead of interleaving the nibbles, the activations come pre-split into even and odd
+     columns (x_even, x_odd: [M, K/2], a cheap XLA slice of the small activation matrix);
+  2. table lookup without a gather (which does not lower in Pallas-Triton): a 4-level binary
+     select tree on the code bits over the row's 16 table entries (15 selects + 4 bit tests
+     per weight instead of 16 compare-selects); the integer formats skip the table
+     (value = code - 2^(n-1), exact);
+  3. dequantize in float32 with one multiply-add per weight (as the reference does, so an
+     identity activation returns the dequantized weight bit for bit), cast to x's dtype;
+  4. two MMAs (even and odd halves) into a float32 accumulator.
+The table, scales and zeros are transposed to [16 | K/g, N] once per call in XLA so that the
+kernel's per-block loads of them are contiguous rows.
+
+Compiler parameters are passed explicitly (`plgpu.CompilerParams`): jax 0.10 and 0.11 differ
+in their default GPU backend for Pallas.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from any4_jax.kernels.tuning import block_config, dense_threshold
+from any4_jax.quant.qweight import QuantizedWeight
+
+NAME = "any4_lut_matmul"
+
+
+def _lookup(codes, lut_rows, *, int_offset):
+    """codes: [BN, BK2] int32 in [0, 16); lut_rows: 16 arrays [BN, 1] -> values [BN, BK2]."""
+    if int_offset is not None:
+        return codes.astype(jnp.float32) - float(int_offset)
+    level = [lut_rows[i] for i in range(16)]
+    for bit in range(4):  # 16 -> 8 -> 4 -> 2 -> 1 candidates, selected by bit 0, 1, 2, 3
+        b = (codes & (1 << bit)) != 0
+        level = [jnp.where(b, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
+            bk: int, g: int, int_offset, precision):
+    # xe/xo: [BM, K/2]; codes: [BN, K/2]; lut: [16, BN]; scales/zeros: [K/g, BN]
+    bk2 = bk // 2
+    n_blocks = xe_ref.shape[1] // bk2
+    bm, bn = o_ref.shape
+    if int_offset is None:
+        lut_rows = [lut_ref[i, :].astype(jnp.float32)[:, None] for i in range(16)]
+    else:
+        lut_rows = None
+    blocks_per_group = g // bk
+
+    def body(kb, acc):
+        sl = pl.ds(kb * bk2, bk2)
+        packed = codes_ref[:, sl].astype(jnp.int32)  # [BN, BK2]
+        grp = kb // blocks_per_group
+        s = scales_ref[grp, :].astype(jnp.float32)[:, None]  # [BN, 1]
+        z = zeros_ref[grp, :].astype(jnp.float32)[:, None]
+        xe = xe_ref[:, sl]
+        xo = xo_ref[:, sl]
+        for half, x in ((packed & 0xF, xe), (packed >> 4, xo)):
+            w = _lookup(half, lut_rows, int_offset=int_offset) * s + z  # [BN, BK2] f32
+            acc += lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32, precision=precision)
+        return acc
+
+    acc = lax.fori_loop(0, n_blocks, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _int_offset(qw: QuantizedWeight):
+    return 2 ** (qw.n_bit - 1) if qw.format.startswith("int") and not qw.symmetric else None
+
+
+@functools.partial(jax.jit, static_argnames=("g", "int_offset", "interpret", "bm", "bn", "bk",
+                                             "num_warps", "num_stages"))
+def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk, num_warps,
+          num_stages):
+    from jax.experimental.pallas import triton as plgpu
+
+    m, k = x2.shape
+    n = codes.shape[0]
+    mp = -(-m // bm) * bm
+    x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
+    xe, xo = x2[:, 0::2], x2[:, 1::2]  # [Mp, K/2] each
+    precision = lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
+    kernel = functools.partial(_kernel, bk=bk, g=g, int_offset=int_offset,
+                               precision=precision)
+    out = pl.pallas_call(
+        kernel,
+        grid=(n // bn, mp // bm),
+        in_specs=[
+            pl.BlockSpec((bm, k // 2), lambda i, j: (j, 0)),
+            pl.BlockSpec((bm, k // 2), lambda i, j: (j, 0)),
+            pl.BlockSpec((bn, k // 2), lambda i, j: (i, 0)),
+            pl.BlockSpec((16, bn), lambda i, j: (0, i)),
+            pl.BlockSpec((k // g, bn), lambda i, j: (0, i)),
+            pl.BlockSpec((k // g, bn), lambda i, j: (0, i)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
+        out_shape=jax.ShapeDtypeStruct((mp, n), x2.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=NAME,
+    )(xe, xo, codes, lut.T, scales.T, zeros.T)
+    return out[:m]
+
+
+def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *,
+                      interpret: bool = False) -> jax.Array:
+    """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests)."""
+    n, k = qweight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    cfg = block_config(m=x2.shape[0], n=n, k=k, g=qweight.group_size)
+    y = _call(x2, qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
+              g=qweight.group_size, int_offset=_int_offset(qweight), interpret=interpret,
+              **cfg)
+    return y.reshape(*lead, n)
+
+
+def can_use_pallas(x, qweight: QuantizedWeight, *, interpret: bool = False) -> list[str]:
+    reasons = []
+    n, k = qweight.shape
+    g = qweight.group_size
+    if not interpret and jax.default_backend() != "gpu":
+        reasons.append(f"the Pallas kernel needs a CUDA GPU (jax's backend is "
+                       f"{jax.default_backend()!r})")
+    if g % 32:
+        reasons.append(f"group_size={g} is not a multiple of 32 (the kernel's smallest K "
+                       "block)")
+    if n % 16:
+        reasons.append(f"N={n} is not a multiple of 16")
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    limit = dense_threshold(n=n, k=k)
+    if m > limit:
+        reasons.append(f"M={m} rows exceed {limit}, above which dequantize-then-dense is "
+                       "the faster path (tuning table)")
+    return reasons

@@ -1,0 +1,55 @@
+"""Block sizes of the Pallas kernel, per shape, from `tuning.json` (written by
+`scripts/tune_pallas.py` on a GPU), with a rule-based fallback for shapes not in the table."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+_TABLE = os.path.join(os.path.dirname(__file__), "tuning.json")
+
+
+@functools.cache
+def _table() -> dict:
+    if not os.path.isfile(_TABLE):
+        return {}
+    with open(_TABLE) as fh:
+        return json.load(fh).get("entries", {})
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to the tuned buckets 16, 32, 64, 128, 256."""
+    for b in (16, 32, 64, 128, 256):
+        if m <= b:
+            return b
+    return 256
+
+
+def default_config(*, m: int, n: int, k: int, g: int) -> dict:
+    """Rule of thumb until a GPU measures better: small M -> tall thin tiles over N."""
+    bm = min(m_bucket(m), 64)
+    bn = next(b for b in (128, 64, 32, 16) if n % b == 0)
+    if m <= 16 and n >= 4096 and n % 64 == 0:
+        bn = 64  # more programs for the memory-bound decode case
+    bk = min(g, 256 if m <= 16 else 128)
+    return {"bm": bm, "bn": bn, "bk": bk, "num_warps": 4, "num_stages": 3}
+
+
+def block_config(*, m: int, n: int, k: int, g: int) -> dict:
+    key = f"{n}x{k}:g{g}:m{m_bucket(m)}"
+    cfg = dict(default_config(m=m, n=n, k=k, g=g))
+    cfg.update(_table().get(key, {}))
+    if n % cfg["bn"] or g % cfg["bk"]:  # a table entry for another group size: ignore
+        cfg = default_config(m=m, n=n, k=k, g=g)
+    return cfg
+
+
+# Above this many rows of x the kernel declines and `lut_matmul` falls back to the reference
+# (dequantize once, then a dense MMA GEMM). A rule until a GPU measures the crossover per shape
+# (`scripts/tune_pallas.py` writes "dense_threshold" entries).
+DEFAULT_DENSE_THRESHOLD = 128
+
+
+def dense_threshold(*, n: int, k: int) -> int:
+    return int(_table().get(f"{n}x{k}:dense_threshold", DEFAULT_DENSE_THRESHOLD))

@@ -1,0 +1,97 @@
+"""The Pallas LUT GEMM: interpret mode on CPU against the reference, CUDA lowering from a CPU
+machine (export), and the GPU runs (marker `gpu`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax.kernels import can_use, lut_matmul
+from any4_jax.kernels.pallas_gpu import NAME, can_use_pallas, lut_matmul_pallas
+from any4_jax.kernels.reference import lut_matmul_reference
+from any4_jax.shapes import LLAMA_SHAPES
+from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
+
+
+class TestPallasInterpret(LutMatmulBase):
+    """The kernel body run by Pallas' interpreter on the CPU: same code, same numerics."""
+
+    implementation = "pallas"
+
+    def run(self, x, qw):
+        return lut_matmul_pallas(x, qw, interpret=True)
+
+
+@pytest.mark.parametrize("fmt", ["any4", "int4", "nf4", "int3"])
+@pytest.mark.parametrize("g", [32, 128, 512])
+@pytest.mark.parametrize("m", [1, 20])
+def test_interpret_against_reference(rng, fmt, g, m):
+    qw = _qweight(rng, 128, 1024, fmt=fmt, g=g, dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
+    y = lut_matmul_pallas(x, qw, interpret=True)
+    ref = lut_matmul_reference(x, qw)
+    err = jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(
+        ref.astype(jnp.float32))
+    assert float(err) < TOLERANCE[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("fmt, g", [("any4", 64), ("int4", 128), ("nf4", 32)])
+def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g):
+    """Lowers the kernel for the CUDA platform (Pallas -> Triton IR) without a GPU, so a change
+    that breaks GPU lowering fails CI on CPU machines."""
+    from jax import export
+
+    qw = _qweight(rng, 256, 512, fmt=fmt, g=g, dtype=dtype)
+    x = jnp.ones((3, 512), dtype)
+    exp = export.export(
+        jax.jit(lambda x, q: lut_matmul_pallas(x, q)), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(x, qw)
+    text = exp.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text and f'name = "{NAME}"' in text
+    assert exp.out_avals[0].shape == (3, 256) and exp.out_avals[0].dtype == dtype
+
+
+def test_declines_in_words(rng):
+    qw = _qweight(rng, 64, 256, g=64)
+    reasons = can_use_pallas(jnp.ones((2, 256), jnp.bfloat16), qw)
+    if jax.default_backend() != "gpu":
+        assert any("needs a CUDA GPU" in r for r in reasons)
+        assert lut_matmul(jnp.ones((2, 256), jnp.bfloat16), qw).shape == (2, 64)  # xla
+    big = can_use_pallas(jnp.ones((300, 256), jnp.bfloat16), qw, interpret=True)
+    assert any("dequantize-then-dense" in r for r in big)
+    assert can_use("pallas", jnp.ones((2, 256), jnp.bfloat16), qw) == reasons
+
+
+@pytest.mark.gpu
+class TestPallasGpu(LutMatmulBase):
+    implementation = "pallas"
+
+    def run(self, x, qw):
+        return lut_matmul(x, qw, implementation="pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LLAMA_SHAPES))
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 64])
+def test_gpu_llama_shapes(rng, name, m):
+    n, k = LLAMA_SHAPES[name]
+    qw = _qweight(rng, n, k, g=128)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = jax.jit(lambda x, q: lut_matmul(x, q, implementation="pallas"))(x, qw)
+    hlo = jax.jit(lambda x, q: lut_matmul(x, q, implementation="pallas")).lower(
+        x, qw).as_text()
+    assert NAME in hlo  # the kernel ran, not a fallback
+    ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+    err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    assert err < TOLERANCE[jnp.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LLAMA_SHAPES))
+def test_gpu_m256_falls_back_to_the_reference(rng, name):
+    n, k = LLAMA_SHAPES[name]
+    qw = _qweight(rng, n, k, g=128)
+    x = jnp.asarray(rng.standard_normal((256, k)), jnp.bfloat16)
+    np.testing.assert_array_equal(lut_matmul(x, qw), lut_matmul_reference(x, qw))
