@@ -115,13 +115,14 @@ def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk
     return out[:m]
 
 
-def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *,
-                      interpret: bool = False) -> jax.Array:
-    """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests)."""
+def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *, interpret: bool = False,
+                      config: dict | None = None) -> jax.Array:
+    """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests);
+    `config` overrides the tuning table (bm, bn, bk, num_warps, num_stages)."""
     n, k = qweight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    cfg = block_config(m=x2.shape[0], n=n, k=k, g=qweight.group_size)
+    cfg = config or block_config(m=x2.shape[0], n=n, k=k, g=qweight.group_size)
     y = _call(x2, qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
               g=qweight.group_size, int_offset=_int_offset(qweight), interpret=interpret,
               **cfg)

@@ -1,0 +1,107 @@
+"""LUT-GEMM kernels vs the reference and dense bf16 on real Llama shapes (run on a GPU).
+
+    python scripts/bench_kernels.py [--ms 1,4,16,64] [--group-size 128] [--format any4]
+                                    [--shapes llama3-8b/gate_up,...] [--out benchmarks/results]
+
+For each shape and M: median time of the reference path (`implementation="xla"`: dequantize,
+then a dense GEMM), the Pallas kernel, the CUDA kernel when built, and a dense bf16 `x @ W.T`;
+achieved bytes/s of each quantized path (codes + scales + zeros + table + activations +
+output) against the device's copy bandwidth measured here. Weight copies are rotated so the
+L2 cache is not what gets measured (see kernel_timing.py). Writes JSON named after the GPU and
+prints a markdown table. On a CPU it runs the reference and dense paths only (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_timing import copies_for, copy_bandwidth, time_per_call  # noqa: E402
+
+
+def _qweights(n, k, fmt, g, copies, seed=0):
+    from any4_jax import QuantConfig, quantize_weight
+
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_t(4, size=(n, k)) * 0.02, jnp.bfloat16)
+    qw = quantize_weight(w, QuantConfig(format=fmt, group_size=g, sample_weighting="none"))
+    # copies: same values, distinct buffers
+    return [jax.tree.map(lambda a: a + 0 if a.dtype != jnp.uint8 else a ^ 0, qw)
+            for _ in range(copies)], w
+
+
+def main():
+    from any4_jax.kernels import can_use, lut_matmul
+    from any4_jax.shapes import LLAMA_SHAPES
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ms", default="1,4,16,64")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--format", default="any4")
+    ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    dev = jax.devices()[0]
+    bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
+    print(f"device: {dev.device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
+    rows = []
+    for name in args.shapes.split(","):
+        n, k = LLAMA_SHAPES[name]
+        one, _ = _qweights(n, k, args.format, args.group_size, 1)
+        qbytes = one[0].nbytes()
+        copies = copies_for(qbytes)
+        qws, w = _qweights(n, k, args.format, args.group_size, copies)
+        dense = [w + 0 for _ in range(copies_for(n * k * 2))]
+        for m in (int(s) for s in args.ms.split(",")):
+            x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
+            io = qbytes + x.size * 2 + m * n * 2
+            row = {"shape": name, "n": n, "k": k, "m": m, "bytes": io}
+            row["dense_bf16_s"] = time_per_call(lambda x, w: x @ w.T, x, dense, reps=args.reps)
+            for impl in ("xla", "pallas", "cuda"):
+                reasons = can_use(impl, x, qws[0])
+                if reasons:
+                    row[f"{impl}_s"] = None
+                    row[f"{impl}_declined"] = reasons
+                    continue
+                t = time_per_call(lambda x, q, impl=impl: lut_matmul(x, q, implementation=impl),
+                                  x, qws, reps=args.reps)
+                row[f"{impl}_s"] = t
+                row[f"{impl}_bw_fraction"] = io / t / bw
+            rows.append(row)
+            print(json.dumps({k2: v for k2, v in row.items() if not k2.endswith("declined")}),
+                  file=sys.stderr)
+    rec = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+           "copy_bandwidth_bytes_per_s": bw, "format": args.format,
+           "group_size": args.group_size, "rows": rows,
+           "command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"kernels_{dev.device_kind.lower().replace(' ', '_')}.json"
+    path.write_text(json.dumps(rec, indent=2))
+
+    def us(t):
+        return "-" if t is None else f"{t * 1e6:.1f}"
+
+    print("| shape (N x K) | M | dense bf16 (us) | reference (us) | Pallas (us) | CUDA (us) | "
+          "Pallas vs dense | Pallas % of copy BW |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r.get("pallas_s")
+        speed = "-" if p is None else f"{r['dense_bf16_s'] / p:.2f}x"
+        frac = "-" if p is None else f"{100 * r['pallas_bw_fraction']:.0f}%"
+        print(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {us(r['dense_bf16_s'])} | "
+              f"{us(r['xla_s'])} | {us(p)} | {us(r.get('cuda_s'))} | {speed} | {frac} |")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
