@@ -22,7 +22,7 @@ class LoadedModel:
     config: LlamaConfig
     tokenizer: Tokenizer
     source: str
-    format: str  # "gguf" | "hf" | "any4" (a quantized checkpoint)
+    format: str  # "gguf" | "hf" (safetensors) | "flax" (msgpack) | "any4" (quantized)
     load_seconds: float
 
 
@@ -49,7 +49,11 @@ def detect_format(path: str) -> str:
         if os.path.isfile(os.path.join(path, "any4.json")):
             return "any4"
         if os.path.isfile(os.path.join(path, "config.json")):
-            return "hf"
+            from any4_jax.models.llama.convert_flax import is_flax_dir
+
+            has_st = any(os.path.isfile(os.path.join(path, f)) for f in
+                         ("model.safetensors", "model.safetensors.index.json"))
+            return "flax" if is_flax_dir(path) and not has_st else "hf"
         raise CheckpointError(f"{path}: a directory without config.json or any4.json; not a "
                               "Hugging Face model directory nor an any4-jax checkpoint (an "
                               "interrupted save leaves no any4.json)")
@@ -73,6 +77,12 @@ def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> Lo
             raise ValueError(f"{path} is a quantized checkpoint; its dtype is fixed at save "
                              "time (drop --dtype)")
         model, config, tok, _ = load_quantized(path)
+    elif fmt == "flax":
+        from any4_jax.models.llama.convert_flax import load_flax_model
+        from any4_jax.models.llama.tokenizer import hf_tokenizer
+
+        tok = hf_tokenizer(path)
+        model, config = load_flax_model(path, param_dtype=param_dtype)
     else:
         from any4_jax.models.llama.convert_hf import load_hf_model
         from any4_jax.models.llama.tokenizer import hf_tokenizer

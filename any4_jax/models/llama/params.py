@@ -37,14 +37,19 @@ def path_str(path: Path) -> str:
 
 
 def assemble(config: LlamaConfig, tensors: Iterable[tuple[Path, np.ndarray]], *,
-             param_dtype, source: str, convert: Callable | None = None) -> Llama:
+             param_dtype, source: str, convert: Callable | None = None,
+             model: Llama | None = None) -> Llama:
     """Fill a model from (path, array) pairs; checks names and shapes, names what is wrong.
 
     `convert(path, array) -> array` runs per tensor (e.g. transpose); arrays are moved to the
-    default device in `param_dtype` one at a time.
+    default device in `param_dtype` one at a time. `model`: an abstract model (from
+    `abstract_model`) in which some layers already hold real arrays (e.g. QuantDense); those
+    are kept as they are.
     """
-    graphdef, state = nnx.split(abstract_model(config, param_dtype))
-    want = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    graphdef, state = nnx.split(model if model is not None
+                                else abstract_model(config, param_dtype))
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    want = {p: v for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)}
     got: dict[Path, jax.Array] = {}
     for path, arr in tensors:
         if path not in want:
@@ -69,6 +74,9 @@ def assemble(config: LlamaConfig, tensors: Iterable[tuple[Path, np.ndarray]], *,
             f"{source}: {len(missing)} tensors missing, e.g. {missing[:4]}; the checkpoint is "
             "incomplete or not a Llama-family model")
     pure: dict = {}
+    for path, v in flat.items():
+        if path not in want:
+            got[path] = v.get_value()
     for path, arr in got.items():
         d = pure
         for k in path[:-1]:

@@ -37,28 +37,30 @@ class Tokenizer:
 
 
 def hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a Hugging Face directory, without network access."""
+    """The tokenizer of a Hugging Face directory, without network access:
+    transformers' AutoTokenizer, else a bare tokenizer.json through `tokenizers`."""
     path = os.fspath(path)
+    error = None
     try:
         from transformers import AutoTokenizer
-    except ImportError:
-        AutoTokenizer = None
-    if AutoTokenizer is not None:
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"{path}: no usable tokenizer files (tokenizer.json / tokenizer_config.json): "
-                f"{e}") from None
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         eos = tok.eos_token_id
         return Tokenizer(tok, bos_id=tok.bos_token_id, eos_ids=() if eos is None else (eos,),
                          add_bos=bool(tok("")["input_ids"]), source=path)
-    from tokenizers import Tokenizer as HFTok
-
+    except ImportError:
+        pass
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        error = e
     f = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{path}: no tokenizer.json (and transformers not installed)")
-    return Tokenizer(HFTok.from_file(f), bos_id=None, eos_ids=(), add_bos=False, source=path)
+    if os.path.isfile(f):
+        from tokenizers import Tokenizer as HFTok
+
+        return Tokenizer(HFTok.from_file(f), bos_id=None, eos_ids=(), add_bos=False,
+                         source=path)
+    raise FileNotFoundError(
+        f"{path}: no usable tokenizer (tokenizer.json / tokenizer_config.json)"
+        + (f": {error}" if error else ""))
 
 
 # llama.cpp pre-tokenizer names -> `tokenizers` pre-tokenizer builders.

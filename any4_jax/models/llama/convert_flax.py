@@ -1,0 +1,169 @@
+"""Load Hugging Face *Flax* Llama checkpoints: `config.json` + `flax_model.msgpack`, or sharded
+`flax_model-0000x-of-0000y.msgpack` + `flax_model.msgpack.index.json` (as written by
+transformers' `FlaxLlamaForCausalLM.save_pretrained`).
+
+Their tree is Flax Linen layout: `model/embed_tokens/embedding`,
+`model/layers/<i>/self_attn/{q,k,v,o}_proj/kernel` ([in, out], already our layout),
+`model/layers/<i>/mlp/{gate,up,down}_proj/kernel`, the norms' `weight`, `model/norm/weight`,
+and `lm_head/kernel` unless tied. Shards are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from any4_jax.models.llama.config import LlamaConfig
+from any4_jax.models.llama.params import abstract_model, assemble
+from any4_jax.models.llama.safetensors_io import CheckpointError
+
+SINGLE = "flax_model.msgpack"
+INDEX = "flax_model.msgpack.index.json"
+_LAYER = re.compile(r"^model/layers/(\d+)/(self_attn|mlp)/(\w+_proj)/kernel$")
+_NORM = re.compile(r"^model/layers/(\d+)/(input_layernorm|post_attention_layernorm)/weight$")
+
+
+def is_flax_dir(path) -> bool:
+    return os.path.isfile(os.path.join(path, SINGLE)) or os.path.isfile(
+        os.path.join(path, INDEX))
+
+
+def flax_name_to_path(name: str) -> tuple | None:
+    """'model/layers/3/self_attn/q_proj/kernel' -> ('layers', 3, 'self_attn', 'q_proj',
+    'kernel'); None for entries the model does not use."""
+    if m := _LAYER.match(name):
+        return ("layers", int(m[1]), m[2], m[3], "kernel")
+    if m := _NORM.match(name):
+        return ("layers", int(m[1]), m[2], "weight")
+    return {"model/embed_tokens/embedding": ("embed_tokens", "embedding"),
+            "model/norm/weight": ("norm", "weight"),
+            "lm_head/kernel": ("lm_head", "kernel")}.get(name)
+
+
+def path_to_flax_name(path: tuple) -> str:
+    if path[0] == "layers":
+        return "model/" + "/".join(str(p) for p in path)
+    return {("embed_tokens", "embedding"): "model/embed_tokens/embedding",
+            ("norm", "weight"): "model/norm/weight",
+            ("lm_head", "kernel"): "lm_head/kernel"}[tuple(path)]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, name))
+        else:
+            out[name] = v
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        d = out
+        *head, last = name.split("/")
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = v
+    return out
+
+
+def shard_files(path) -> list[str]:
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as fh:
+                wmap = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid Flax checkpoint index ({e!r})") from None
+        shards = sorted(set(wmap.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{path}: the index lists shards that are not there: "
+                                  f"{missing}; download them or remove the directory")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, SINGLE)
+    if os.path.isfile(single):
+        return [single]
+    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
+
+
+def read_shard(file: str) -> dict[str, np.ndarray]:
+    """One msgpack file -> {"model/layers/0/...": array} (flattened with '/')."""
+    from flax import serialization
+
+    with open(file, "rb") as fh:
+        data = fh.read()
+    try:
+        tree = serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types on bad bytes
+        raise CheckpointError(
+            f"{file}: not a readable Flax msgpack file ({type(e).__name__}: {e}); it is "
+            "truncated or corrupt (re-download it)") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{file}: the msgpack root is {type(tree).__name__}, not a dict")
+    if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
+        tree = tree["params"]
+    return flatten(tree)
+
+
+def iter_flax_tensors(path) -> Iterator[tuple[str, np.ndarray]]:
+    for f in shard_files(path):
+        yield from read_shard(f).items()
+
+
+def load_flax_params(path) -> dict:
+    """The whole Linen-layout params tree of a checkpoint directory (nested dict)."""
+    return unflatten(dict(iter_flax_tensors(path)))
+
+
+def load_flax_model(path, *, param_dtype=None):
+    """(model, config) from a HF Flax directory; param_dtype None keeps the stored dtype."""
+    from any4_jax.models.llama.convert_hf import read_hf_config
+
+    path = os.fspath(path)
+    config = read_hf_config(path)
+    files = shard_files(path)
+    dtype = param_dtype
+    if dtype is None:
+        first = next(iter(read_shard(files[0]).values()))
+        dtype = str(np.asarray(first).dtype)
+
+    def stream():
+        for name, arr in iter_flax_tensors(path):
+            p = flax_name_to_path(name)
+            if p is None or (config.tie_word_embeddings and p[0] == "lm_head"):
+                continue
+            yield p, np.asarray(arr)
+
+    return assemble(config, stream(), param_dtype=dtype, source=path), config
+
+
+def model_from_params(params: dict, config: LlamaConfig, *, param_dtype=None):
+    """Our Llama from a Linen-layout params tree whose kernels may be `QuantizedWeight`s
+    (from `quantize_params`): those layers become `QuantDense`."""
+    from any4_jax.quant.calibrate import set_layer
+    from any4_jax.quant.qdense import QuantDense
+    from any4_jax.quant.qweight import QuantizedWeight
+
+    flat = flatten(params if "model" in params else params.get("params", params))
+    quantized = {n: v for n, v in flat.items() if isinstance(v, QuantizedWeight)}
+    dense = [(flax_name_to_path(n), np.asarray(v)) for n, v in flat.items()
+             if n not in quantized and flax_name_to_path(n) is not None]
+    dtype = param_dtype or str(dense[0][1].dtype)
+    if config.tie_word_embeddings:
+        dense = [(p, a) for p, a in dense if p[0] != "lm_head"]
+    model = abstract_model(config, dtype)
+    for n, qw in quantized.items():
+        p = flax_name_to_path(n)
+        if p is None or p[-1] != "kernel":
+            raise ValueError(f"a QuantizedWeight sits at {n!r}, which is not a Dense kernel "
+                             "of the Llama")
+        set_layer(model, ".".join(str(x) for x in p[:-1]), QuantDense(qw))
+    return assemble(config, dense, param_dtype=dtype, source="params", model=model)
