@@ -116,7 +116,7 @@ def _run_quantize(args) -> int:
         _log("--calibration none: any-n k-means without sample weights")
     qmodel, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, stats=stats,
                                  include=args.include or ("*",), exclude=args.exclude,
-                                 overrides=overrides)
+                                 overrides=overrides, in_place=True)
     total_s = time.perf_counter() - t0
     del lm.model
     mb = model_bytes(qmodel)

@@ -77,6 +77,7 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
         include = [_dotted(n) for n in names]
         qmodel, _ = quantize_model(model, config, calibration=calibration.config,
                                    tokens=calibration.tokens, include=include, exclude=(),
+                                   in_place=True,
                                    progress=progress)
         layers = dict(dense_layers(qmodel))
         for n in names:

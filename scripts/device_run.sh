@@ -6,7 +6,7 @@
 #   STEPS="tests bench" bash scripts/device_run.sh
 set -uo pipefail
 OUT=${OUT:-device_out}
-STEPS=${STEPS:-"tests tune bench quantize"}
+STEPS=${STEPS:-"tests tune bench model quantize"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -22,6 +22,9 @@ for step in $STEPS; do
       cp any4_jax/kernels/tuning.json "$OUT/" 2>/dev/null ;;
     bench)
       python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.txt" ;;
+    model)
+      python3 scripts/bench_model_quant.py --model llama3-8b --out "$OUT" 2>&1 \
+        | tail -5 | tee "$OUT/bench_model_quant.txt" ;;
     quantize)
       python3 scripts/bench_quantize.py --sklearn-rows 1024 --jobs 16 --out "$OUT" 2>&1 \
         | tee "$OUT/bench_quantize.txt" ;;

@@ -121,18 +121,23 @@ def quantize_model(model, config: QuantConfig | None = None, *,
                    stats: Mapping[str, np.ndarray] | None = None,
                    include: Sequence[str] = ("*",), exclude: Sequence[str] = DEFAULT_EXCLUDE,
                    overrides: Mapping[str, Mapping | QuantConfig] | None = None,
-                   progress: bool = True):
+                   progress: bool = True, in_place: bool = False):
     """Returns (quantized model, QuantReport).
 
     Activation statistics for any-n come from `stats` ({path: xbar [K]}, e.g. a file written
     by `any4 calibrate`), else from `tokens` ([n, t] calibration sequences, see
     `calibrate.calibration_tokens`) with `calibration` (mode, statistic, batch size). Formats
     that need none (int/nf4/fp4, any-n with sample_weighting="none") ignore both.
+
+    in_place: replace the layers of `model` itself instead of a copy, so each dense kernel is
+    freed as soon as its layer is quantized (peak memory: the model plus one layer, plus the
+    calibration activations). The CLI uses it; library callers get a new model by default.
     """
     config = config or QuantConfig()
     calibration = calibration or CalibrationConfig()
     t_start = time.perf_counter()
-    new = nnx.merge(*nnx.split(model))  # a new object sharing the (immutable) arrays
+    # a new object sharing the (immutable) arrays, unless asked to work in place
+    new = model if in_place else nnx.merge(*nnx.split(model))
     paths = select_layers(new, include, exclude)
     if not paths:
         raise ValueError(f"no Dense layer matches include={list(include)} "
