@@ -50,55 +50,82 @@ def _blocked_cumsum(v):
     return (inner + offset[:, :, None]).reshape(r_, n)
 
 
-def _draw(v, key, shape):
-    """Indices drawn with probability proportional to v [R, K] (K % 64 == 0), `shape` per row.
+def _range_sums(prefix, b):
+    """prefix [R, K+1], bounds b [R, c+1] -> per-run sums [R, c]."""
+    return jnp.take_along_axis(prefix, b[:, 1:], 1) - jnp.take_along_axis(prefix, b[:, :-1], 1)
 
-    Two-level inverse CDF: pick a 64-wide block by its total, then the element inside it, so
-    no full-length scan is needed. The first element whose cumulative weight exceeds the draw
-    is taken, so an element of zero weight is never picked (up to rounding at block edges).
+
+def _cell_potentials(xs, c, center, pw, pwx, pwx2):
+    """Weighted squared distance of each Voronoi cell to its centroid, from prefix sums.
+
+    c: [R, k] sorted centroids (duplicates allowed). Returns (bounds [R, k+1], pot [R, k]).
+    With d = c - center: sum w (x - c)^2 = S(w (x-center)^2) - 2 d S(w (x-center)) + d^2 S(w).
     """
-    r_, n = v.shape
-    vb = v.reshape(r_, n // _BLOCK, _BLOCK)  # [R, nb, B]
-    bsum = vb.sum(-1)  # [R, nb]
-    bcdf = jnp.cumsum(bsum, axis=1)  # [R, nb]
-    u = jax.vmap(lambda kk: jax.random.uniform(kk, shape))(key) * bcdf[:, -1:]  # [R, T]
-    blk = jnp.minimum(_searchsorted_rows(bcdf, u, "right"), n // _BLOCK - 1)  # [R, T]
-    rem = u - (jnp.take_along_axis(bcdf, blk, 1) - jnp.take_along_axis(bsum, blk, 1))
-    inside = jnp.cumsum(jnp.take_along_axis(vb, blk[:, :, None], 1), axis=-1)  # [R, T, B]
-    pos = jnp.minimum(jnp.sum(inside <= rem[:, :, None], axis=-1), _BLOCK - 1)
-    return blk * _BLOCK + pos  # [R, T]
+    b = _cluster_bounds(xs, c)
+    d = c - center
+    pot = _range_sums(pwx2, b) - 2.0 * d * _range_sums(pwx, b) + d * d * _range_sums(pw, b)
+    return b, jnp.maximum(pot, 0.0)
 
 
-def _kmeans_pp(xs, ws, keys, k: int):
-    """Weighted greedy k-means++ (scikit-learn's rule) on sorted rows.
+def _draw_d2(key, trials, xs, c, center, pw, pwx, pwx2):
+    """`trials` indices per row drawn with probability proportional to w * D(x)^2, where D is
+    the distance to the nearest of the centroids c [R, k] (sorted), without touching the K
+    values: pick a cell by its potential, then binary-search the cell's cumulative potential
+    (a quadratic form of the prefix sums) for the drawn mass."""
+    r_, n = xs.shape
+    b, pot = _cell_potentials(xs, c, center, pw, pwx, pwx2)
+    cum = jnp.cumsum(pot, axis=1)  # [R, k]
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, (trials,)))(key) * cum[:, -1:]  # [R, T]
+    cell = jnp.minimum(_searchsorted_rows(cum, u, "right"), c.shape[1] - 1)  # [R, T]
+    lo = jnp.take_along_axis(b[:, :-1], cell, 1)
+    hi = jnp.take_along_axis(b[:, 1:], cell, 1)
+    d = jnp.take_along_axis(c, cell, 1) - center  # [R, T]
+    rem = u - (jnp.take_along_axis(cum, cell, 1) - jnp.take_along_axis(pot, cell, 1))
 
-    xs, ws: [R, K] sorted values and their weights (K % 64 == 0); keys: [R] PRNG keys.
-    Returns [R, k] centroids.
+    def a_at(i):  # cumulative potential of the cell's centroid over x[0:i]
+        g = lambda p: jnp.take_along_axis(p, i, 1)  # noqa: E731
+        return g(pwx2) - 2.0 * d * g(pwx) + d * d * g(pw)
+
+    base = a_at(lo)
+
+    def step(_, lh):  # smallest p in [lo, hi) with a_at(p + 1) - base > rem
+        lo_, hi_ = lh
+        mid = (lo_ + hi_) // 2
+        go_right = a_at(mid + 1) - base <= rem
+        return jnp.where(go_right, mid + 1, lo_), jnp.where(go_right, hi_, mid)
+
+    steps = max(1, math.ceil(math.log2(n + 1)))
+    p, _ = lax.fori_loop(0, steps, step, (lo, jnp.maximum(hi - 1, lo)))
+    return jnp.clip(p, 0, n - 1)
+
+
+def _kmeans_pp(xs, ws, keys, k: int, center, pw, pwx, pwx2):
+    """Weighted greedy k-means++ (scikit-learn's rule) on sorted rows, from prefix sums.
+
+    xs, ws: [R, K] sorted values and their weights; keys: [R] PRNG keys; center [R, 1] and the
+    prefix sums of w, w (x - center), w (x - center)^2 ([R, K+1]). Each candidate's potential
+    and each D^2 draw cost O(k log K) instead of a pass over the row, which made seeding the
+    most expensive step on CPU. Returns [R, k] centroids.
     """
     r_, n = xs.shape
     trials = 2 + int(math.log(k))
     keys = jax.vmap(lambda kk: jax.random.split(kk, k))(keys)  # [R, k, 2]
-    rows = jnp.arange(r_)
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, (1,)))(keys[:, 0]) * pw[:, -1:]
+    first = jnp.minimum(_searchsorted_rows(pw[:, 1:], u, "right"), n - 1)  # [R, 1]
+    # Unused slots hold copies of the first centroid: a duplicate changes no potential.
+    c = jnp.broadcast_to(jnp.take_along_axis(xs, first, 1), (r_, k))
 
-    first = _draw(ws, keys[:, 0], (1,))[:, 0]  # [R]
-    c0 = xs[rows, first]
-    d2 = (xs - c0[:, None]) ** 2  # [R, K]
-    centroids = jnp.zeros((r_, k), xs.dtype).at[:, 0].set(c0)
+    def step(i, c):
+        idx = _draw_d2(keys[:, i], trials, xs, jnp.sort(c, axis=1), center, pw, pwx, pwx2)
+        cand = jnp.take_along_axis(xs, idx, 1)  # [R, T]
+        pots = jnp.stack([
+            jnp.sum(_cell_potentials(xs, jnp.sort(c.at[:, i].set(cand[:, t]), axis=1), center,
+                                     pw, pwx, pwx2)[1], axis=1)
+            for t in range(trials)], axis=1)  # [R, T]
+        best = jnp.take_along_axis(cand, jnp.argmin(pots, axis=1)[:, None], 1)[:, 0]
+        return c.at[:, i].set(best)
 
-    def step(i, carry):
-        centroids, d2 = carry
-        cand = jnp.take_along_axis(xs, _draw(ws * d2, keys[:, i], (trials,)), axis=1)  # [R, T]
-        # One fused pass per trial; a [R, T, K] intermediate would be 4x the memory traffic.
-        pot = jnp.stack(
-            [jnp.sum(ws * jnp.minimum(d2, (xs - cand[:, t : t + 1]) ** 2), axis=1)
-             for t in range(trials)],
-            axis=1,
-        )  # [R, T]
-        best = cand[rows, jnp.argmin(pot, axis=1)]  # [R]
-        return centroids.at[:, i].set(best), jnp.minimum(d2, (xs - best[:, None]) ** 2)
-
-    centroids, _ = lax.fori_loop(1, k, step, (centroids, d2))
-    return centroids
+    return lax.fori_loop(1, k, step, c)
 
 
 def _random_init(xs, ws, keys, k: int):
@@ -158,22 +185,24 @@ def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
         n += pad
     keys = _row_keys(config.seed, row_ids)
 
+    # Prefix sums of w, w * (x - center) and w * (x - center)^2: centring the values on the
+    # middle of the row's range keeps the running sums small, so differences of them (cluster
+    # sums) lose little to cancellation in float32.
+    center = 0.5 * (xs[:, :1] + xs[:, -1:])  # [R, 1]
+    zero = jnp.zeros((r_, 1), jnp.float32)
+    xc = xs - center
+    pw = jnp.concatenate([zero, _blocked_cumsum(ws)], axis=1)  # [R, K+1]
+    pwx = jnp.concatenate([zero, _blocked_cumsum(ws * xc)], axis=1)  # [R, K+1]
+
     if config.init == "kmeans++":
-        c = _kmeans_pp(xs, ws, keys, k)
+        pwx2 = jnp.concatenate([zero, _blocked_cumsum(ws * xc * xc)], axis=1)
+        c = _kmeans_pp(xs, ws, keys, k, center, pw, pwx, pwx2)
     elif config.init == "random":
         c = _random_init(xs, ws, keys, k)
     else:
         lo, hi = grid if grid is not None else (0.0, float(k - 1))
         c = grid_init(r_, k, lo, hi, config.init)
     c = jnp.sort(c, axis=1)
-
-    # Prefix sums of w and of w * (x - center): centring the values on the middle of the row's
-    # range keeps the running sums small, so differences of them (cluster sums) lose little to
-    # cancellation in float32.
-    center = 0.5 * (xs[:, :1] + xs[:, -1:])  # [R, 1]
-    zero = jnp.zeros((r_, 1), jnp.float32)
-    pw = jnp.concatenate([zero, _blocked_cumsum(ws)], axis=1)  # [R, K+1]
-    pwx = jnp.concatenate([zero, _blocked_cumsum(ws * (xs - center))], axis=1)  # [R, K+1]
 
     def body(state):
         it, c, done, iters = state
