@@ -55,10 +55,23 @@ def _pallas_can_use(x, q):
     return can_use_pallas(x, q)
 
 
-# The Pallas module (and jax.experimental.pallas) is imported on first use, not here.
+def _cuda(x, q):
+    from any4_jax.kernels.cuda_ffi import lut_matmul_cuda
+
+    return lut_matmul_cuda(x, q)
+
+
+def _cuda_can_use(x, q):
+    from any4_jax.kernels.cuda_ffi import can_use_cuda
+
+    return can_use_cuda(x, q)
+
+
+# The Pallas and CUDA modules are imported (and the CUDA library loaded) on first use.
 _REGISTRY: dict[str, Implementation] = {
     "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
     "pallas": Implementation("pallas", _pallas, _pallas_can_use),
+    "cuda": Implementation("cuda", _cuda, _cuda_can_use),
 }
 
 # Tried in this order when implementation=None; only registered ones count.

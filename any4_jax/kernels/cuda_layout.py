@@ -1,0 +1,117 @@
+"""The CUDA kernel's weight layout (`ffi_kernels/lut_gemm.cuh`), prepared once per weight.
+
+Codes go into tensor-core A-fragment order: for each 16-row tile of N and 32-wide chunk of K,
+lane L (g = L // 4, t = L % 4) holds two uint32 (k-steps 0 and 1 of the chunk), nibble i of
+which is the code of
+    row = 16 * tile + g + 8 * ((i >> 1) & 1),
+    col = 32 * chunk + 16 * step + 2 * t + (i & 1) + 8 * (i >> 2).
+Tables, scales and zeros become float32 (exact from bf16/f16). `emulate` replays the kernel's
+data flow in numpy from the prepared arrays, so the layout is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from any4_jax.quant.qweight import QuantizedWeight, unpack_codes
+
+TILE_N, CHUNK_K = 16, 32
+
+
+def _fragment_index():
+    """rows, cols [32 lanes, 2 steps, 8 nibbles] within a 16 x 32 tile."""
+    lane = np.arange(32)[:, None, None]
+    step = np.arange(2)[None, :, None]
+    i = np.arange(8)[None, None, :]
+    g, t = lane // 4, lane % 4
+    rows = g + 8 * ((i >> 1) & 1) + 0 * step
+    cols = 16 * step + 2 * t + (i & 1) + 8 * (i >> 2)
+    return rows, cols
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CudaWeight:
+    """A QuantizedWeight in the CUDA kernel's layout (a pytree; metadata static)."""
+
+    codes: jax.Array  # [N/16, K/32, 32, 2] uint32
+    lut: jax.Array  # [N, 16] float32
+    scales: jax.Array  # [N, K/g] float32
+    zeros: jax.Array  # [N, K/g] float32
+    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+    int_offset: int = dataclasses.field(metadata=dict(static=True))  # -1: use the table
+
+
+def int_offset_of(qw: QuantizedWeight) -> int:
+    """The integer-grid fast path: asymmetric int-n tables are exactly code - 2^(n-1)."""
+    return 2 ** (qw.n_bit - 1) if qw.format.startswith("int") and not qw.symmetric else -1
+
+
+def layout_reasons(n: int, k: int, g: int) -> list[str]:
+    reasons = []
+    if n % TILE_N:
+        reasons.append(f"N={n} is not a multiple of {TILE_N}")
+    if k % CHUNK_K:
+        reasons.append(f"K={k} is not a multiple of {CHUNK_K}")
+    if g % CHUNK_K:
+        reasons.append(f"group_size={g} is not a multiple of {CHUNK_K}")
+    return reasons
+
+
+@functools.partial(jax.jit, static_argnames=("n", "k"))
+def _prepare_codes(packed, *, n, k):
+    codes = unpack_codes(packed).astype(jnp.uint32)  # [N, K]
+    tiles = codes.reshape(n // TILE_N, TILE_N, k // CHUNK_K, CHUNK_K)  # [nt, 16, kc, 32]
+    rows, cols = _fragment_index()
+    frag = tiles[:, rows, :, cols]  # [32, 2, 8, nt, kc]
+    frag = jnp.moveaxis(frag, (3, 4), (0, 1))  # [nt, kc, 32, 2, 8]
+    shifts = (4 * jnp.arange(8, dtype=jnp.uint32))
+    return jnp.sum(frag << shifts, axis=-1, dtype=jnp.uint32)  # [nt, kc, 32, 2]
+
+
+def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
+    """Converts a canonical QuantizedWeight ([N, K] codes etc.) into the kernel's layout."""
+    n, k = qw.shape
+    reasons = layout_reasons(n, k, qw.group_size)
+    if reasons:
+        raise ValueError("prepare_cuda: " + "; ".join(reasons))
+    if qw.codes.ndim != 2:
+        raise ValueError("prepare_cuda: one [N, K] weight at a time (vmap over a stack)")
+    return CudaWeight(codes=_prepare_codes(qw.codes, n=n, k=k),
+                      lut=qw.lut.astype(jnp.float32), scales=qw.scales.astype(jnp.float32),
+                      zeros=qw.zeros.astype(jnp.float32), shape=(n, k),
+                      group_size=qw.group_size, int_offset=int_offset_of(qw))
+
+
+def unprepare_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Inverse of the code layout: [N/16, K/32, 32, 2] uint32 -> [N, K] codes (uint8)."""
+    codes = np.asarray(codes)
+    nib = (codes[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF  # [nt, kc, 32, 2, 8]
+    rows, cols = _fragment_index()
+    out = np.zeros((n // TILE_N, TILE_N, k // CHUNK_K, CHUNK_K), np.uint8)
+    out[:, rows, :, cols] = np.moveaxis(nib, (0, 1), (3, 4))
+    return out.reshape(n, k)
+
+
+def emulate(x: np.ndarray, cw: CudaWeight) -> np.ndarray:
+    """What the kernel computes, replayed from the prepared arrays (float32 result [M, N]):
+    decode each lane's nibbles by the fragment formula, look up / offset, apply the group's
+    scale and zero with one multiply-add, round to x's dtype, accumulate in float64."""
+    n, k = cw.shape
+    codes = unprepare_codes(cw.codes, n, k).astype(np.int64)
+    if cw.int_offset >= 0:
+        vals = codes.astype(np.float32) - np.float32(cw.int_offset)
+    else:
+        vals = np.take_along_axis(np.asarray(cw.lut, np.float32), codes, axis=1)
+    g = cw.group_size
+    s = np.repeat(np.asarray(cw.scales, np.float32), g, axis=1)
+    z = np.repeat(np.asarray(cw.zeros, np.float32), g, axis=1)
+    w = (vals.astype(np.float64) * s + z).astype(np.float32)  # fmaf: one rounding
+    w = np.asarray(jnp.asarray(w).astype(x.dtype).astype(jnp.float32), np.float64)
+    return (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) @ w.T).astype(np.float32)

@@ -1,0 +1,154 @@
+// The LUT-dequantizing GEMM for small batches: y[M, N] = x[M, K] @ w[N, K]^T, with
+//   w[n, k] = lut[n, code[n, k]] * scale[n, k / g] + zero[n, k / g]
+// computed as y^T = w x^T on the tensor cores (mma m16n8k16): the weights are the 16-row A
+// operand, the activations the 8-wide B operand, so a batch of 1 fills 1/8 of an MMA instead
+// of 1/16.
+//
+// Weight layout ("prepared" once, see any4_jax/kernels/cuda_layout.py): the 4-bit codes are
+// stored in A-fragment order. For each 16-row tile of N and each 32-wide chunk of K, lane L of
+// a warp reads one uint2 (8 bytes): .x holds its 8 codes for k in [0, 16) of the chunk, .y for
+// [16, 32), nibble i (bits 4i..4i+3) = fragment element a_i, whose position is
+//   row = g + 8 * ((i >> 1) & 1),  col = 2t + (i & 1) + 8 * (i >> 2)   (g = L / 4, t = L % 4).
+// A warp's 32 lanes read 256 contiguous bytes per chunk: coalesced, no shared memory staging.
+//
+// Tables: the 16 rows' tables of a tile go to shared memory as float (1 KB per block), read
+// by code; integer grids skip them (value = code - offset). Scales and zeros are float32 [N,
+// K/g]. A block of 4 warps owns one 16-row tile and splits K across its warps (chunk c goes to
+// warp c % 4), then reduces the partial sums in shared memory: for small M this gives N/16
+// blocks x 4 warps of parallelism, enough to keep the memory system busy.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "mma_bf16.cuh"
+
+namespace any4 {
+
+constexpr int kWarps = 4;
+constexpr int kTileN = 16;
+constexpr int kChunkK = 32;
+
+// MT: n8 tiles of the batch per block (1: M <= 8 rows per block-row, 2: 16).
+template <typename T, bool kIntGrid, int MT>
+__global__ void __launch_bounds__(kWarps * 32)
+lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
+                const float* __restrict__ lut, const float* __restrict__ scales,
+                const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
+                int group_size, float int_offset) {
+  __shared__ float lut_s[kTileN][16];
+  __shared__ float red_s[kWarps][32][MT * 4];
+
+  const int tile = blockIdx.x;
+  const int m_base = blockIdx.y * (8 * MT);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int n0 = tile * kTileN + g;  // this lane's two weight rows: n0 and n0 + 8
+  const int groups = K / group_size;
+  const int chunks = K / kChunkK;
+
+  if (!kIntGrid) {
+    for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
+      lut_s[i / 16][i % 16] = lut[(tile * kTileN + i / 16) * 16 + i % 16];
+    }
+    __syncthreads();
+  }
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
+  }
+
+  for (int c = warp; c < chunks; c += kWarps) {
+    const uint2 packed = codes[(static_cast<int64_t>(tile) * chunks + c) * 32 + lane];
+    const int grp = (c * kChunkK) / group_size;
+    const float s_lo = scales[static_cast<int64_t>(n0) * groups + grp];
+    const float z_lo = zeros[static_cast<int64_t>(n0) * groups + grp];
+    const float s_hi = scales[static_cast<int64_t>(n0 + 8) * groups + grp];
+    const float z_hi = zeros[static_cast<int64_t>(n0 + 8) * groups + grp];
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+      const uint32_t q = step == 0 ? packed.x : packed.y;
+      float w[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int code = (q >> (4 * i)) & 0xF;
+        const bool hi_row = (i >> 1) & 1;
+        const float v = kIntGrid ? static_cast<float>(code) - int_offset
+                                 : lut_s[g + (hi_row ? 8 : 0)][code];
+        w[i] = fmaf(v, hi_row ? s_hi : s_lo, hi_row ? z_hi : z_lo);
+      }
+      const uint32_t a[4] = {pack2<T>(w[0], w[1]), pack2<T>(w[2], w[3]),
+                             pack2<T>(w[4], w[5]), pack2<T>(w[6], w[7])};
+      const int k0 = c * kChunkK + step * 16 + 2 * t;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int m = m_base + mt * 8 + g;
+        uint32_t b[2] = {0u, 0u};
+        if (m < M) {
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m) * K);
+          b[0] = __ldg(row + k0 / 2);
+          b[1] = __ldg(row + (k0 + 8) / 2);
+        }
+        mma_16816<T>(acc[mt], a, b);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red_s[warp][lane][mt * 4 + j] = acc[mt][j];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red_s[w][lane][mt * 4 + j];
+        const int m = m_base + mt * 8 + 2 * t + (j & 1);  // D column -> batch row
+        const int n = n0 + (j >= 2 ? 8 : 0);             // D row -> output feature
+        if (m < M) y[static_cast<int64_t>(m) * N + n] = static_cast<T>(sum);
+      }
+    }
+  }
+}
+
+// Launch for any M: block rows of 8 (M <= 8) or 16 batch rows.
+template <typename T>
+cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
+                            const float* lut, const float* scales, const float* zeros, T* y,
+                            int M, int N, int K, int group_size, int int_offset) {
+  const dim3 block(kWarps * 32);
+  const bool int_grid = int_offset >= 0;
+  const float off = static_cast<float>(int_offset);
+  if (M <= 8) {
+    const dim3 grid(N / kTileN, 1);
+    if (int_grid) {
+      lut_gemm_kernel<T, true, 1><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
+                                                              M, N, K, group_size, off);
+    } else {
+      lut_gemm_kernel<T, false, 1><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
+                                                               M, N, K, group_size, off);
+    }
+  } else {
+    const dim3 grid(N / kTileN, (M + 15) / 16);
+    if (int_grid) {
+      lut_gemm_kernel<T, true, 2><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
+                                                              M, N, K, group_size, off);
+    } else {
+      lut_gemm_kernel<T, false, 2><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
+                                                               M, N, K, group_size, off);
+    }
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace any4

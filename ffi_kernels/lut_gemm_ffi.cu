@@ -1,0 +1,82 @@
+// XLA FFI binding of the LUT GEMM: the handler symbol `Any4LutGemm`, registered from Python
+// (any4_jax/kernels/cuda_ffi.py) as the custom-call target "any4_lut_gemm" on CUDA.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "lut_gemm.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+std::string dims_str(ffi::AnyBuffer::Dimensions d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
+                   ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::F32> scales,
+                   ffi::Buffer<ffi::F32> zeros, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t group_size, int64_t int_offset) {
+  // Shapes were checked in Python; these checks guard against a mismatched caller.
+  auto xd = x.dimensions();
+  auto cd = codes.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || cd[2] != 32 || cd[3] != 2) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm: x must be [M, K] and codes [N/16, K/32, "
+                                       "32, 2]; got x " + dims_str(xd) + ", codes " +
+                                       dims_str(cd));
+  }
+  const int64_t M = xd[0], K = xd[1], N = cd[0] * 16;
+  if (cd[1] * 32 != K || group_size <= 0 || group_size % 32 || K % group_size) {
+    return ffi::Error::InvalidArgument(
+        "any4_lut_gemm: K=" + std::to_string(K) + " does not match codes " + dims_str(cd) +
+        " or group_size=" + std::to_string(group_size) + " is not a multiple of 32 dividing K");
+  }
+  if (x.element_type() != y->element_type()) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm: y must have x's dtype");
+  }
+  if (M == 0) return ffi::Error::Success();
+  const auto* c = reinterpret_cast<const uint2*>(codes.typed_data());
+  cudaError_t err;
+  switch (x.element_type()) {
+    case ffi::DataType::BF16:
+      err = any4::launch_lut_gemm<__nv_bfloat16>(
+          stream, reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()), c,
+          lut.typed_data(), scales.typed_data(), zeros.typed_data(),
+          reinterpret_cast<__nv_bfloat16*>(y->untyped_data()), static_cast<int>(M),
+          static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size),
+          static_cast<int>(int_offset));
+      break;
+    case ffi::DataType::F16:
+      err = any4::launch_lut_gemm<__half>(
+          stream, reinterpret_cast<const __half*>(x.untyped_data()), c, lut.typed_data(),
+          scales.typed_data(), zeros.typed_data(), reinterpret_cast<__half*>(y->untyped_data()),
+          static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+          static_cast<int>(group_size), static_cast<int>(int_offset));
+      break;
+    default:
+      return ffi::Error::InvalidArgument("any4_lut_gemm: x must be bfloat16 or float16");
+  }
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("any4_lut_gemm launch failed: ") +
+                                cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemm, LutGemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()           // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::U32>>()    // codes [N/16, K/32, 32, 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // lut [N, 16]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // scales [N, K/g]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // zeros [N, K/g]
+                                  .Ret<ffi::AnyBuffer>()           // y [M, N]
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("int_offset"));

@@ -1,0 +1,98 @@
+"""The CUDA LUT GEMM: its weight layout and data flow on CPU (emulated from the prepared
+arrays), the compile check, and the GPU runs (marker `gpu`)."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax.kernels import can_use, lut_matmul
+from any4_jax.kernels.cuda_layout import (
+    emulate,
+    layout_reasons,
+    prepare_cuda,
+    unprepare_codes,
+)
+from any4_jax.kernels.reference import lut_matmul_reference
+from any4_jax.quant.qweight import unpack_codes
+from any4_jax.shapes import LLAMA_SHAPES
+from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
+
+
+@pytest.mark.parametrize("n, k, g", [(16, 32, 32), (48, 128, 64), (64, 512, 256)])
+def test_layout_round_trip_and_fragment_positions(rng, n, k, g):
+    qw = _qweight(rng, n, k, g=g)
+    cw = prepare_cuda(qw)
+    assert cw.codes.shape == (n // 16, k // 32, 32, 2) and cw.codes.dtype == jnp.uint32
+    codes = np.asarray(unpack_codes(qw.codes))
+    np.testing.assert_array_equal(unprepare_codes(cw.codes, n, k), codes)
+    # spot-check the documented formula: tile 0, chunk 0, lane 5 (g=1, t=1), step 1, nibble 6
+    word = int(np.asarray(cw.codes)[0, 0, 5, 1])
+    assert (word >> 24) & 0xF == codes[1 + 8, 16 + 2 + 0 + 8]
+
+
+@pytest.mark.parametrize("fmt", ["any4", "int4", "nf4", "int3"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_emulated_kernel_matches_reference(rng, fmt, dtype):
+    qw = _qweight(rng, 64, 256, fmt=fmt, g=64, dtype=dtype)
+    cw = prepare_cuda(qw)
+    assert (cw.int_offset >= 0) == fmt.startswith("int")
+    x = jnp.asarray(rng.standard_normal((5, 256)), dtype)
+    ref = np.asarray(lut_matmul_reference(x, qw).astype(jnp.float32))
+    got = emulate(x, cw)
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < TOLERANCE[dtype]
+    # identity activations: the dequantized weight exactly (after rounding to x's dtype)
+    eye = jnp.eye(256, dtype=dtype)
+    w = np.asarray(qw.dequantize(dtype).astype(jnp.float32))
+    np.testing.assert_array_equal(emulate(eye, cw), w.T)
+
+
+def test_layout_errors_and_declines(rng):
+    assert layout_reasons(40, 64, 32) == ["N=40 is not a multiple of 16"]
+    assert "group_size=16" in " ".join(layout_reasons(32, 64, 16))
+    qw = _qweight(rng, 32, 128, g=32)
+    reasons = can_use("cuda", jnp.ones((2, 128), jnp.float32), qw)
+    assert any("bfloat16 or float16" in r for r in reasons)
+    if jax.default_backend() != "gpu":
+        assert any("needs a CUDA GPU" in r for r in reasons)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.slow
+def test_cuda_sources_compile_for_sm80_and_sm90a():
+    from any4_jax.kernels.build_cuda import main
+
+    assert main(["--check"]) == 0
+
+
+@pytest.mark.gpu
+class TestCudaGpu(LutMatmulBase):
+    implementation = "cuda"
+
+    def run(self, x, qw):
+        if x.dtype == jnp.float32:  # the kernel takes 16-bit activations
+            pytest.skip("float32 activations are not a CUDA kernel input")
+        return lut_matmul(x, qw, implementation="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LLAMA_SHAPES))
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16, 33])
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_llama_shapes(rng, name, m, g, dtype):
+    from any4_jax.kernels.cuda_ffi import TARGET, lut_matmul_cuda
+
+    n, k = LLAMA_SHAPES[name]
+    qw = _qweight(rng, n, k, g=g, dtype=dtype)
+    cw = prepare_cuda(qw)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    f = jax.jit(lut_matmul_cuda)
+    assert TARGET in f.lower(x, cw).as_text()  # the FFI kernel ran, not a fallback
+    y = f(x, cw).astype(jnp.float32)
+    ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+    err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+    assert err < TOLERANCE[dtype]
