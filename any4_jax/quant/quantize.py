@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from any4_jax.quant import scaling
 from any4_jax.quant.config import KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FormatSpec, int_grid_table
-from any4_jax.quant.kmeans import assign_sorted_codes, kmeans_rows
+from any4_jax.quant.kmeans import assign_sorted_codes, grid_init, kmeans_rows
 from any4_jax.quant.qweight import QuantizedWeight, pack_codes
 from any4_jax.quant.rowsort import sort_rows_auto
 
@@ -143,15 +143,46 @@ def _encode_any_rows(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
     return pack_codes(q), lut, iters
 
 
+def _encode_any_rows_cpu(ws, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
+                         kmeans: KMeansConfig):
+    """Learned tables with the compiled CPU k-means (it sorts the rows itself)."""
+    from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu
+
+    k = spec.n_levels
+    plusplus = kmeans.init == "kmeans++"
+    if plusplus:
+        init = jnp.zeros((ws.shape[0], k), jnp.float32)
+    else:
+        lo, hi = _grid_range(spec, symmetric, kmeans.init)
+        init = grid_init(ws.shape[0], k, lo, hi, kmeans.init)
+    c, iters = kmeans_rows_cpu(ws, sws, row_ids, init, k=k, max_iter=kmeans.max_iter,
+                               tol=kmeans.tol, seed=kmeans.seed, plusplus=plusplus)
+    q = assign_sorted_codes(ws, c)
+    table = c if symmetric else c - 2 ** (spec.n_bit - 1)
+    lut = jnp.pad(table, ((0, 0), (0, 16 - spec.n_levels)))
+    return pack_codes(q), lut, iters
+
+
+def _use_cpu_kmeans(kmeans: KMeansConfig) -> bool:
+    if jax.default_backend() != "cpu" or kmeans.init == "random":
+        return False
+    from any4_jax.quant import kmeans_cpu
+
+    return kmeans_cpu.available()
+
+
 @functools.lru_cache(maxsize=64)
-def _encode_any_fn(spec: FormatSpec, symmetric: bool, kmeans: KMeansConfig, mesh: Mesh | None):
+def _encode_any_fn(spec: FormatSpec, symmetric: bool, kmeans: KMeansConfig, mesh: Mesh | None,
+                   cpu: bool = False):
     """The jitted k-means + encode step; with a mesh, each device runs the very program of the
     unsharded case on its own rows (shard_map), which keeps the results bit-identical (letting
     the SPMD partitioner rewrite the loop changes how XLA fuses and rounds)."""
-    fn = functools.partial(_encode_any_rows, spec=spec, symmetric=symmetric, kmeans=kmeans)
+    fn = functools.partial(_encode_any_rows_cpu if cpu else _encode_any_rows, spec=spec,
+                           symmetric=symmetric, kmeans=kmeans)
     if mesh is not None:
         rows = PartitionSpec(mesh.axis_names[0])
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * 4, out_specs=(rows,) * 3,
+        n_in = 3 if cpu else 4
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * n_in, out_specs=(rows,) * 3,
                            check_vma=False)
     return jax.jit(fn)
 
@@ -165,6 +196,10 @@ def _quantize_chunk(w, xbar, row_ids, *, config: QuantConfig, g: int, mesh: Mesh
     if spec.family != "any":
         codes, lut = _encode_fixed(ws, spec=spec, symmetric=config.symmetric)
         return codes, lut, scale, zero, jnp.zeros(w.shape[:1], jnp.int32)
+    if _use_cpu_kmeans(config.kmeans):
+        encode = _encode_any_fn(spec, config.symmetric, config.kmeans, mesh, cpu=True)
+        codes, lut, iters = encode(ws, sw, put(row_ids))
+        return codes, lut, scale, zero, iters
     xs, sws = sort_rows_auto(ws, sw)
     encode = _encode_any_fn(spec, config.symmetric, config.kmeans, mesh)
     codes, lut, iters = encode(ws, put(xs), put(sws), put(row_ids))

@@ -20,7 +20,29 @@ def _rows(rng, kind, r=48, k=512):
     return x.astype(np.float32), w.astype(np.float32)
 
 
-def _ours(x, w, config, k=16):
+@pytest.fixture(params=["xla", "cpu"])
+def impl(request):
+    """Both implementations of the row k-means: XLA, and the compiled CPU kernel."""
+    if request.param == "cpu":
+        from any4_jax.quant import kmeans_cpu
+
+        if not kmeans_cpu.available():
+            pytest.skip("the CPU k-means library could not be built (no C++ compiler?)")
+    return request.param
+
+
+def _ours(x, w, config, k=16, impl="xla"):
+    if impl == "cpu":
+        from any4_jax.quant.kmeans import grid_init
+        from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu
+
+        r = x.shape[0]
+        init = (jnp.zeros((r, k)) if config.init == "kmeans++"
+                else grid_init(r, k, 0.0, float(k - 1), config.init))
+        c, iters = kmeans_rows_cpu(jnp.asarray(x), jnp.asarray(w), jnp.arange(r), init, k=k,
+                                   max_iter=config.max_iter, tol=config.tol, seed=config.seed,
+                                   plusplus=config.init == "kmeans++")
+        return np.asarray(c), np.asarray(iters)
     xs, ws = sort_rows(jnp.asarray(x), jnp.asarray(w))
     c, iters = kmeans_rows(xs, ws, jnp.arange(x.shape[0]), k=k, config=config)
     return np.asarray(c), np.asarray(iters)
@@ -31,11 +53,11 @@ def _sse(x, w, c):
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
-def test_within_one_percent_of_scikit_learn(rng, kind):
+def test_within_one_percent_of_scikit_learn(rng, kind, impl):
     # Both sides are one randomised k-means++ run per row; per-row ratios spread by +-10%, so
     # it takes a few hundred rows for the median to settle within the 1% we assert.
     x, w = _rows(rng, kind, r=240)
-    c, _ = _ours(x, w, KMeansConfig())
+    c, _ = _ours(x, w, KMeansConfig(), impl=impl)
     ref = np.stack([
         sklearn_cluster.KMeans(n_clusters=16, init="k-means++", n_init=1, random_state=i,
                                max_iter=300, tol=1e-4)
@@ -47,39 +69,41 @@ def test_within_one_percent_of_scikit_learn(rng, kind):
     assert np.percentile(ratio, 90) < 1.25  # no systematic tail of bad rows
 
 
-def test_never_worse_than_the_int_init(rng):
+def test_never_worse_than_the_int_init(rng, impl):
     x, w = _rows(rng, "heavy")
-    pp = _sse(x, w, _ours(x, w, KMeansConfig())[0])
-    grid = _sse(x, w, _ours(x, w, KMeansConfig(init="int"))[0])
+    pp = _sse(x, w, _ours(x, w, KMeansConfig(), impl=impl)[0])
+    grid = _sse(x, w, _ours(x, w, KMeansConfig(init="int"), impl=impl)[0])
     assert pp.mean() <= grid.mean()
     assert np.median(pp / grid) <= 1.0
 
 
 @pytest.mark.parametrize("init", ["kmeans++", "random", "int", "nf4"])
-def test_lloyd_improves_on_its_init(rng, init):
+def test_lloyd_improves_on_its_init(rng, init, impl):
+    if impl == "cpu" and init == "random":
+        pytest.skip("init='random' always runs on the XLA path")
     x, w = _rows(rng, "normal", r=16)
-    start = _sse(x, w, _ours(x, w, KMeansConfig(init=init, max_iter=0))[0])
-    c, iters = _ours(x, w, KMeansConfig(init=init))
+    start = _sse(x, w, _ours(x, w, KMeansConfig(init=init, max_iter=0), impl=impl)[0])
+    c, iters = _ours(x, w, KMeansConfig(init=init), impl=impl)
     end = _sse(x, w, c)
     assert np.all(end <= start * (1 + 1e-6))
     assert np.all(np.diff(c, axis=1) >= 0), "centroids come back sorted"
     assert np.all((iters >= 1) & (iters <= 300))
 
 
-def test_convergence_respects_max_iter(rng):
+def test_convergence_respects_max_iter(rng, impl):
     x, w = _rows(rng, "heavy", r=16)
-    _, iters = _ours(x, w, KMeansConfig(max_iter=2))
+    _, iters = _ours(x, w, KMeansConfig(max_iter=2), impl=impl)
     assert iters.max() <= 2
 
 
-def test_empty_clusters_and_degenerate_rows():
+def test_empty_clusters_and_degenerate_rows(impl):
     x = np.zeros((4, 64), np.float32)
     x[0, :] = np.tile([1.0, 5.0, 9.0], 22)[:64]  # 3 distinct values for 16 centroids
     x[1, :] = 7.0  # constant row
     x[2, :] = np.linspace(0, 15, 64)
     w = np.ones_like(x)
     w[3, :] = 0.0  # zero-weight row
-    c, _ = _ours(x, w, KMeansConfig())
+    c, _ = _ours(x, w, KMeansConfig(), impl=impl)
     assert np.isfinite(c).all()
     np.testing.assert_allclose(_sse(x[:2], w[:2], c[:2]), 0.0, atol=1e-6)
 
