@@ -33,6 +33,18 @@ def _cache_lib_dir() -> str:
     return os.path.join(cache_dir(), "lib")
 
 
+def _cpu_signature() -> bytes:
+    import platform
+
+    sig = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            sig += next((ln for ln in fh if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return sig.encode()
+
+
 @functools.cache
 def _library() -> str | None:
     """Path of the compiled library (building it if needed), or None with a warning."""
@@ -45,7 +57,9 @@ def _library() -> str | None:
         return None
     with open(SOURCE, "rb") as fh:
         src = fh.read()
-    tag = hashlib.sha256(src + jax.__version__.encode() + cxx.encode()).hexdigest()[:16]
+    # -march=native: the library is specific to this CPU, so its flags are part of the key
+    tag = hashlib.sha256(src + jax.__version__.encode() + cxx.encode()
+                         + _cpu_signature()).hexdigest()[:16]
     out = os.path.join(_cache_lib_dir(), f"kmeans_cpu-{tag}.so")
     if os.path.isfile(out):
         return out
