@@ -20,7 +20,7 @@ from pathlib import Path
 # (key, label, quantize kwargs); kwargs: format, group, calib ("prompt"|"none"|
 # "sensesensibility"), mode, stat, weighting, init
 BASE = dict(format="any4", group=64, calib="prompt", mode="sequential", stat="abs_of_mean",
-            weighting="activations_x_scales", init="kmeans++")
+            weighting="activations_x_scales", init="kmeans++", seed=0)
 
 
 def row(**kw):
@@ -67,6 +67,12 @@ TABLES = {
              ["bits", "int", "any"],
              [(str(b), {"int": row(format=f"int{b}"), "any": row(format=f"any{b}")})
               for b in (4, 3, 2)]),
+    "seeds": ("Spread over k-means seeds (any4)",
+              ["setting", "seed 0", "seed 1", "seed 2"],
+              [(label, {f"seed {s}": row(seed=s, **kw) for s in (0, 1, 2)}) for label, kw in [
+                  ("g64, calibrated (default)", dict()),
+                  ("g192, no calibration", dict(group=192, calib="none", weighting="none")),
+              ]]),
 }
 
 
@@ -74,7 +80,7 @@ def key_of(r: dict) -> str:
     fmt = r["format"]
     if not fmt.startswith("any"):  # calibration settings do not apply
         return f"{fmt}|g{r['group']}"
-    return "|".join(f"{k}={r[k]}" for k in sorted(r))
+    return "|".join(f"{k}={r[k]}" for k in sorted(r) if not (k == "seed" and r[k] == 0))
 
 
 def command_of(r: dict, windows: int) -> str:
@@ -90,6 +96,8 @@ def command_of(r: dict, windows: int) -> str:
                 parts.append(f"--sample-weighting {r['weighting']}")
         if r["init"] != "kmeans++":
             parts.append(f"--init {r['init']}")
+        if r["seed"]:
+            parts.append(f"--seed {r['seed']}")
     parts.append(f"--eval --max-windows {windows}")
     return " ".join(parts)
 
@@ -102,7 +110,8 @@ def run_row(lm, ids, r: dict, windows: int) -> dict:
     from any4_jax.quant.model_quant import quantize_model
 
     qcfg = QuantConfig(format=r["format"], group_size=None if r["group"] == "row" else r["group"],
-                       sample_weighting=r["weighting"], kmeans=KMeansConfig(init=r["init"]))
+                       sample_weighting=r["weighting"],
+                       kmeans=KMeansConfig(init=r["init"], seed=r["seed"]))
     calib = CalibrationConfig(source="prompt" if r["calib"] in ("prompt", "none") else "text",
                               statistic=r["stat"], mode=r["mode"])
     tokens = None
