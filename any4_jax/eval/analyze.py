@@ -79,7 +79,7 @@ def plot_errors(results: list[LayerError], formats: list[str], path: str) -> str
     for f in formats:
         err = {r.path: r.output_rel_error for r in results if r.format == f}
         ax.plot(range(len(layers)), [err[p] for p in layers], marker=".", lw=1, label=f)
-    ax.set_xlabel("layer (in model order)")
+    ax.set_xlabel("layer (block by block)")
     ax.set_ylabel("relative output error")
     ax.set_yscale("log")
     ax.set_title("Output error on calibration activations, per layer")
