@@ -211,21 +211,27 @@ def embed_batches(model, tokens: np.ndarray, batch_size: int):
             for i in range(0, len(tokens), batch_size)]
 
 
-def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: int = 16,
-                    progress: bool = False) -> tuple[dict, int]:
-    """One forward of `model` (unchanged): ({path: (sum x, sum |x|)}, token count)."""
+def group_by_block(paths: list[str], what: str) -> dict[int, list[str]]:
+    """'layers.3.mlp.up_proj' -> {3: ['mlp.up_proj']}; a layer outside the decoder blocks is an
+    error naming `what` (calibration only runs through the blocks)."""
     by_block: dict[int, list[str]] = {}
     rest = []
     for p in paths:
-        head, _, tail = p.partition(".")
-        if head == "layers" and tail.split(".")[0].isdigit():
-            i, rel = tail.split(".", 1)
-            by_block.setdefault(int(i), []).append(rel)
+        parts = p.split(".", 2)
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+            by_block.setdefault(int(parts[1]), []).append(parts[2])
         else:
             rest.append(p)
     if rest:
-        raise ValueError(f"offline calibration covers the decoder blocks only; {rest} lie "
-                         "outside them (exclude them or quantize without activations)")
+        raise ValueError(f"{what} covers the decoder blocks only; {rest} lie outside them "
+                         "(exclude them, or quantize them without activations)")
+    return by_block
+
+
+def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: int = 16,
+                    progress: bool = False) -> tuple[dict, int]:
+    """One forward of `model` (unchanged): ({path: (sum x, sum |x|)}, token count)."""
+    by_block = group_by_block(paths, "offline calibration")
     batches = embed_batches(model, tokens, batch_size)
     xs = [b[0] for b in batches]
     sums: dict = {}
@@ -256,10 +262,7 @@ def collect_inputs(model, tokens: np.ndarray, paths: list[str], *,
                    batch_size: int = 16) -> dict[str, np.ndarray]:
     """The actual inputs [tokens, K] (float32) of the decoder-block layers in `paths`, from
     one forward of `model`: for error analysis on calibration activations."""
-    by_block: dict[int, list[str]] = {}
-    for p in paths:
-        _, i, rel = p.split(".", 2)
-        by_block.setdefault(int(i), []).append(rel)
+    by_block = group_by_block(paths, "error analysis")
     out: dict[str, list] = {}
     batches = embed_batches(model, tokens, batch_size)
     xs = [b[0] for b in batches]

@@ -26,6 +26,7 @@ from any4_jax.quant.calibrate import (
     embed_batches,
     finalize,
     get_layer,
+    group_by_block,
     run_block,
     set_layer,
 )
@@ -201,13 +202,7 @@ def quantize_model(model, config: QuantConfig | None = None, *,
 def _sequential(model, tokens, paths, calibration, do, xbar_for) -> float:
     """Block by block: each group of layers (sharing an input) is calibrated on the model in
     which every earlier layer is already quantized, then quantized. Returns calibration s."""
-    by_block: dict[int, list[str]] = {}
-    for p in paths:
-        parts = p.split(".")
-        if parts[0] != "layers" or not parts[1].isdigit():
-            raise ValueError(f"sequential calibration covers the decoder blocks only; {p} lies "
-                             "outside them (exclude it, or use mode='offline' with stats)")
-        by_block.setdefault(int(parts[1]), []).append(".".join(parts[2:]))
+    by_block = group_by_block(paths, "sequential calibration")
     calib_s = 0.0
     t0 = time.perf_counter()
     batches = embed_batches(model, tokens, calibration.batch_size)

@@ -10,7 +10,6 @@ and `lm_head/kernel` unless tied. Shards are read one at a time.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import numpy as np
 
 from any4_jax.models.llama.config import LlamaConfig
 from any4_jax.models.llama.params import abstract_model, assemble
-from any4_jax.models.llama.safetensors_io import CheckpointError
+from any4_jax.models.llama.safetensors_io import CheckpointError, indexed_shards
 
 SINGLE = "flax_model.msgpack"
 INDEX = "flax_model.msgpack.index.json"
@@ -77,17 +76,7 @@ def unflatten(flat: dict[str, object]) -> dict:
 def shard_files(path) -> list[str]:
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index) as fh:
-                wmap = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid Flax checkpoint index ({e!r})") from None
-        shards = sorted(set(wmap.values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
-            raise CheckpointError(f"{path}: the index lists shards that are not there: "
-                                  f"{missing}; download them or remove the directory")
-        return [os.path.join(path, s) for s in shards]
+        return indexed_shards(path, index, "Flax checkpoint")
     single = os.path.join(path, SINGLE)
     if os.path.isfile(single):
         return [single]

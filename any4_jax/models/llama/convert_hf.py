@@ -16,7 +16,11 @@ import numpy as np
 
 from any4_jax.models.llama.config import LlamaConfig
 from any4_jax.models.llama.params import assemble
-from any4_jax.models.llama.safetensors_io import CheckpointError, SafetensorsFile
+from any4_jax.models.llama.safetensors_io import (
+    CheckpointError,
+    SafetensorsFile,
+    indexed_shards,
+)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
 _NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
@@ -57,18 +61,7 @@ def weight_files(path: str | os.PathLike) -> list[str]:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index) as fh:
-                wmap = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-        shards = sorted(set(wmap.values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
-            raise CheckpointError(
-                f"{path}: the index lists shards that are not there: {missing}; download them "
-                "or remove the incomplete directory")
-        return [os.path.join(path, s) for s in shards]
+        return indexed_shards(path, index, "safetensors")
     if os.path.isfile(single):
         return [single]
     others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".msgpack")))

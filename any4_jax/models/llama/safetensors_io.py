@@ -26,6 +26,22 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or does not fit the model."""
 
 
+def indexed_shards(directory: str, index: str, kind: str) -> list[str]:
+    """Paths of the shards an index file (`{"weight_map": {tensor: file}}`) lists, sorted,
+    each checked to exist: a missing shard is named."""
+    try:
+        with open(index) as fh:
+            wmap = json.load(fh)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a valid {kind} index ({e!r})") from None
+    shards = sorted(set(wmap.values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+    if missing:
+        raise CheckpointError(f"{directory}: the index lists shards that are not there: "
+                              f"{missing}; download them or remove the incomplete directory")
+    return [os.path.join(directory, s) for s in shards]
+
+
 class SafetensorsFile:
     """`f = SafetensorsFile(path)`; `f.keys()`, `f.shape(name)`, `f.get(name) -> np.ndarray`.
 
