@@ -1,8 +1,8 @@
 """Build the CUDA FFI library against the installed jaxlib: `python -m any4_jax.kernels.build_cuda`.
 
-Uses CMake (the top-level CMakeLists.txt) when available, else calls nvcc directly; targets
-sm_80 and sm_90a. `--check` compiles without installing (what CI runs on CPU machines, so a
-syntax or API error fails CI). Without nvcc it says so and exits 0: CPU users lose nothing.
+Calls nvcc directly (no CMake / scikit-build-core packaging yet) for sm_80 and sm_90a.
+`--check` compiles without installing (what CI runs on CPU machines, so a syntax or API error
+fails CI). Without nvcc it says so and exits 0: CPU users lose nothing.
 """
 
 from __future__ import annotations

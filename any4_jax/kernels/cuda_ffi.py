@@ -1,7 +1,7 @@
 """The CUDA LUT GEMM through the XLA FFI: `implementation="cuda"` of `lut_matmul`.
 
 The shared library (`libany4_cuda.so`, from `ffi_kernels/`) is built against the installed
-jaxlib's FFI headers by `python -m any4_jax.kernels.build_cuda` (CMake, or nvcc directly) and
+jaxlib's FFI headers by `python -m any4_jax.kernels.build_cuda` (nvcc) and
 placed in `any4_jax/_lib/`; `$ANY4_JAX_CUDA_LIB` points elsewhere. It is loaded and its
 handler registered with XLA on first use, never at import.
 """
