@@ -12,6 +12,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+# the CUDA FFI library, against this machine's jaxlib (any4_jax/_lib/libany4_cuda.so)
+python3 -m any4_jax.kernels.build_cuda 2>&1 | tail -3 | tee "$OUT/build_cuda.txt"
 for step in $STEPS; do
   case $step in
     tests)
