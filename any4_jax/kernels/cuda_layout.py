@@ -48,11 +48,6 @@ class CudaWeight:
     int_offset: int = dataclasses.field(metadata=dict(static=True))  # -1: use the table
 
 
-def int_offset_of(qw: QuantizedWeight) -> int:
-    """The integer-grid fast path: asymmetric int-n tables are exactly code - 2^(n-1)."""
-    return 2 ** (qw.n_bit - 1) if qw.format.startswith("int") and not qw.symmetric else -1
-
-
 def layout_reasons(n: int, k: int, g: int) -> list[str]:
     reasons = []
     if n % TILE_N:
@@ -86,7 +81,7 @@ def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
     return CudaWeight(codes=_prepare_codes(qw.codes, n=n, k=k),
                       lut=qw.lut.astype(jnp.float32), scales=qw.scales.astype(jnp.float32),
                       zeros=qw.zeros.astype(jnp.float32), shape=(n, k),
-                      group_size=qw.group_size, int_offset=int_offset_of(qw))
+                      group_size=qw.group_size, int_offset=qw.int_grid_offset() or -1)
 
 
 def unprepare_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:

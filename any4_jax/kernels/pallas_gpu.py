@@ -77,10 +77,6 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _int_offset(qw: QuantizedWeight):
-    return 2 ** (qw.n_bit - 1) if qw.format.startswith("int") and not qw.symmetric else None
-
-
 @functools.partial(jax.jit, static_argnames=("g", "int_offset", "interpret", "bm", "bn", "bk",
                                              "num_warps", "num_stages"))
 def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk, num_warps,
@@ -124,7 +120,7 @@ def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *, interpret: bool
     x2 = x.reshape(-1, k)
     cfg = config or block_config(m=x2.shape[0], n=n, k=k, g=qweight.group_size)
     y = _call(x2, qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
-              g=qweight.group_size, int_offset=_int_offset(qweight), interpret=interpret,
+              g=qweight.group_size, int_offset=qweight.int_grid_offset(), interpret=interpret,
               **cfg)
     return y.reshape(*lead, n)
 

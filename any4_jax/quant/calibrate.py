@@ -151,18 +151,29 @@ def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _run(graphdef, state, x, extras, taps: tuple[str, ...]):
-    """One block forward; returns (output, {tap: (sum x, sum |x|)})."""
+def add_sums(acc: dict, key: str, s) -> None:
+    """Accumulates a (sum x, sum |x|) pair into acc[key]."""
+    acc[key] = s if key not in acc else (acc[key][0] + s[0], acc[key][1] + s[1])
+
+
+def _tapped_forward(graphdef, state, x, extras, taps):
+    """One forward of a copy of the block with `taps` recording their inputs:
+    (output, [(tap, input [tokens, K])])."""
     block = nnx.merge(graphdef, state)
     sink: list = []
     _tapped(block, taps, sink)
     y = _out(block(x, *extras))
-    sums = {}
+    return y, [(k, v.reshape(-1, v.shape[-1])) for k, v in sink]
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _run(graphdef, state, x, extras, taps: tuple[str, ...]):
+    """One block forward; returns (output, {tap: (sum x, sum |x|)})."""
+    y, sink = _tapped_forward(graphdef, state, x, extras, taps)
+    sums: dict = {}
     for key, xin in sink:
-        x32 = xin.astype(jnp.float32).reshape(-1, xin.shape[-1])
-        s = (x32.sum(0), jnp.abs(x32).sum(0))
-        sums[key] = s if key not in sums else (sums[key][0] + s[0], sums[key][1] + s[1])
+        x32 = xin.astype(jnp.float32)
+        add_sums(sums, key, (x32.sum(0), jnp.abs(x32).sum(0)))
     return y, sums
 
 
@@ -244,18 +255,14 @@ def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: 
             y, s = run_block(block, x, extras, taps)
             xs[j] = y
             for k, v in s.items():
-                key = f"layers.{i}.{k}"
-                sums[key] = v if key not in sums else (sums[key][0] + v[0], sums[key][1] + v[1])
+                add_sums(sums, f"layers.{i}.{k}", v)
     return sums, int(tokens.size)
 
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _run_inputs(graphdef, state, x, extras, taps: tuple[str, ...]):
-    block = nnx.merge(graphdef, state)
-    sink: list = []
-    _tapped(block, taps, sink)
-    y = _out(block(x, *extras))
-    return y, {k: v.reshape(-1, v.shape[-1]) for k, v in sink}
+    y, sink = _tapped_forward(graphdef, state, x, extras, taps)
+    return y, dict(sink)
 
 
 def collect_inputs(model, tokens: np.ndarray, paths: list[str], *,

@@ -20,6 +20,7 @@ from flax import nnx
 
 from any4_jax.quant.calibrate import (
     CalibrationConfig,
+    add_sums,
     call_groups,
     collect_offline,
     dense_layers,
@@ -219,7 +220,7 @@ def _sequential(model, tokens, paths, calibration, do, xbar_for) -> float:
             for x, ex in zip(xs, extras, strict=True):
                 _, s = run_block(block, x, ex, grp)
                 for k, v in s.items():
-                    sums[k] = v if k not in sums else (sums[k][0] + v[0], sums[k][1] + v[1])
+                    add_sums(sums, k, v)
             table = {f"layers.{i}.{k}": v
                      for k, v in finalize(sums, count, calibration.statistic).items()}
             calib_s += time.perf_counter() - t0

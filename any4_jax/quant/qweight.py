@@ -100,6 +100,13 @@ class QuantizedWeight:
         return sum(int(np.prod(getattr(self, f).shape)) * getattr(self, f).dtype.itemsize
                    for f in self._DATA)
 
+    def int_grid_offset(self) -> int | None:
+        """For asymmetric int-n the table is exactly `code - 2^(n-1)`, so kernels can skip the
+        lookup; None for every table that has to be read."""
+        if self.format.startswith("int") and not self.symmetric:
+            return 2 ** (self.n_bit - 1)
+        return None
+
     def bits_per_weight(self) -> float:
         n, k = self.shape
         lead = int(np.prod(self.codes.shape[:-2]))

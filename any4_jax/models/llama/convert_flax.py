@@ -43,14 +43,6 @@ def flax_name_to_path(name: str) -> tuple | None:
             "lm_head/kernel": ("lm_head", "kernel")}.get(name)
 
 
-def path_to_flax_name(path: tuple) -> str:
-    if path[0] == "layers":
-        return "model/" + "/".join(str(p) for p in path)
-    return {("embed_tokens", "embedding"): "model/embed_tokens/embedding",
-            ("norm", "weight"): "model/norm/weight",
-            ("lm_head", "kernel"): "lm_head/kernel"}[tuple(path)]
-
-
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in tree.items():

@@ -26,12 +26,6 @@ def abstract_model(config: LlamaConfig, param_dtype=jnp.float32) -> Llama:
     return nnx.eval_shape(lambda: Llama(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
-def param_shapes(config: LlamaConfig) -> dict[Path, tuple[int, ...]]:
-    """Every parameter path of the model and its shape."""
-    _, state = nnx.split(abstract_model(config))
-    return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
-
-
 def path_str(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
