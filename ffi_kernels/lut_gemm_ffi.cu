@@ -9,6 +9,21 @@
 
 namespace ffi = xla::ffi;
 
+// The build's identity (set by CMakeLists.txt / any4_jax/kernels/build_cuda.py as bare tokens):
+// the sha256 of the kernel sources and the jaxlib whose FFI headers it was built against.
+#ifndef ANY4_SOURCES_SHA256
+#define ANY4_SOURCES_SHA256 unknown
+#endif
+#ifndef ANY4_JAXLIB_VERSION
+#define ANY4_JAXLIB_VERSION unknown
+#endif
+#define ANY4_STR2(x) #x
+#define ANY4_STR(x) ANY4_STR2(x)
+
+extern "C" __attribute__((visibility("default"))) const char* Any4CudaBuildInfo() {
+  return "sources=" ANY4_STR(ANY4_SOURCES_SHA256) ";jaxlib=" ANY4_STR(ANY4_JAXLIB_VERSION);
+}
+
 namespace {
 
 std::string dims_str(ffi::AnyBuffer::Dimensions d) {

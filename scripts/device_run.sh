@@ -10,10 +10,15 @@ STEPS=${STEPS:-"tests tune bench model quantize"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
+# builds the CUDA FFI library through CMake against this machine's jaxlib
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" \
+  | tail -5 | tee "$OUT/install.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-# the CUDA FFI library, against this machine's jaxlib (any4_jax/_lib/libany4_cuda.so)
-python3 -m any4_jax.kernels.build_cuda 2>&1 | tail -3 | tee "$OUT/build_cuda.txt"
+if ! python3 -c "from any4_jax.kernels.cuda_ffi import _load; lib, why = _load(); print(why or \
+    'CUDA library ok'); raise SystemExit(lib is None)" 2>&1 | tee "$OUT/build_cuda.txt"; then
+  # fallback: nvcc directly (any4_jax/_lib/libany4_cuda.so in the source tree)
+  python3 -m any4_jax.kernels.build_cuda 2>&1 | tail -3 | tee -a "$OUT/build_cuda.txt"
+fi
 for step in $STEPS; do
   case $step in
     tests)

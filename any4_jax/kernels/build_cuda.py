@@ -1,13 +1,16 @@
 """Build the CUDA FFI library against the installed jaxlib: `python -m any4_jax.kernels.build_cuda`.
 
-Calls nvcc directly (no CMake / scikit-build-core packaging yet) for sm_80 and sm_90a.
-`--check` compiles without installing (what CI runs on CPU machines, so a syntax or API error
-fails CI). Without nvcc it says so and exits 0: CPU users lose nothing.
+`pip install .` builds the same library through CMake (CMakeLists.txt, scikit-build-core); this
+module calls nvcc directly, for a quick rebuild in a source checkout (it writes
+`any4_jax/_lib/libany4_cuda.so`, which the loader finds) and for CI: `--check` compiles for
+sm_80 and sm_90a without installing, so a syntax or API error fails CI on CPU machines.
+Without nvcc it says so and exits 0: CPU users lose nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,12 +19,29 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCES = ["ffi_kernels/lut_gemm_ffi.cu"]
+HEADERS = ["ffi_kernels/lut_gemm.cuh", "ffi_kernels/mma_bf16.cuh"]
 ARCHS = ["80", "90a"]
 
 
+def source_hash(root: str = ROOT) -> str | None:
+    """sha256 of the kernel sources' sha256s (one hex line each, in name order): the rule of
+    CMakeLists.txt. None when the sources are not there (an installed wheel)."""
+    lines = []
+    for f in sorted(SOURCES + HEADERS):
+        path = os.path.join(root, f)
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as fh:
+            lines.append(hashlib.sha256(fh.read()).hexdigest() + "\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def nvcc_command(out: str, include: str) -> list[str]:
+    import jaxlib
+
     cmd = ["nvcc", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared", "-I", include,
-           "-I", os.path.join(ROOT, "ffi_kernels")]
+           "-I", os.path.join(ROOT, "ffi_kernels"),
+           f"-DANY4_SOURCES_SHA256={source_hash()}", f"-DANY4_JAXLIB_VERSION={jaxlib.__version__}"]
     for a in ARCHS:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     return cmd + [os.path.join(ROOT, s) for s in SOURCES] + ["-o", out]

@@ -1,9 +1,12 @@
 """The CUDA LUT GEMM through the XLA FFI: `implementation="cuda"` of `lut_matmul`.
 
 The shared library (`libany4_cuda.so`, from `ffi_kernels/`) is built against the installed
-jaxlib's FFI headers by `python -m any4_jax.kernels.build_cuda` (nvcc) and
-placed in `any4_jax/_lib/`; `$ANY4_JAX_CUDA_LIB` points elsewhere. It is loaded and its
-handler registered with XLA on first use, never at import.
+jaxlib's FFI headers, by `pip install .` (CMake through scikit-build-core, when nvcc is
+present) or by `python -m any4_jax.kernels.build_cuda` in a source checkout; both put it in
+`any4_jax/_lib/`, and `$ANY4_JAX_CUDA_LIB` points elsewhere. It is loaded and its handler
+registered with XLA on first use, never at import. A library whose recorded source hash differs
+from the kernel sources of this checkout is refused (it would run other code than the tests
+check), with the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -11,34 +14,79 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from any4_jax.kernels.build_cuda import source_hash
 from any4_jax.kernels.cuda_layout import CudaWeight, layout_reasons, prepare_cuda
 from any4_jax.quant.qweight import QuantizedWeight
 
 TARGET = "any4_lut_gemm"
 LIB_NAME = "libany4_cuda.so"
+REBUILD = ("`pip install --no-build-isolation -e .` or `python -m any4_jax.kernels.build_cuda` "
+           "on a machine with nvcc")
 
 
-def library_path() -> str:
-    return os.environ.get("ANY4_JAX_CUDA_LIB") or os.path.join(
-        os.path.dirname(os.path.dirname(__file__)), "_lib", LIB_NAME)
+def library_candidates() -> list[str]:
+    """Where the library may be: $ANY4_JAX_CUDA_LIB, else `_lib/` of every directory of the
+    package (an editable install has the source tree and the CMake install tree)."""
+    env = os.environ.get("ANY4_JAX_CUDA_LIB")
+    if env:
+        return [env]
+    import any4_jax
+
+    return [os.path.join(d, "_lib", LIB_NAME) for d in any4_jax.__path__]
+
+
+def build_info(lib: ctypes.CDLL) -> dict[str, str]:
+    """{"sources": sha256, "jaxlib": version} recorded in the library at build time."""
+    try:
+        fn = lib.Any4CudaBuildInfo
+    except AttributeError:
+        return {}
+    fn.restype = ctypes.c_char_p
+    return dict(kv.split("=", 1) for kv in fn().decode().split(";") if "=" in kv)
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """The library to use, or a reason why there is none."""
+    found = [p for p in library_candidates() if os.path.isfile(p)]
+    if not found:
+        return None, (f"the CUDA library is not built ({' or '.join(library_candidates())} "
+                      f"missing): run {REBUILD}")
+    expected = source_hash()
+    problems = []
+    for path in found:
+        try:
+            lib = ctypes.cdll.LoadLibrary(path)
+        except OSError as e:
+            problems.append(f"{path} does not load: {e}")
+            continue
+        info = build_info(lib)
+        if expected is not None and info.get("sources") != expected:
+            problems.append(f"{path} was built from other kernel sources than this checkout's "
+                            f"ffi_kernels/ (a stale build)")
+            continue
+        import jaxlib
+
+        built = info.get("jaxlib", "unknown")
+        if built.split(".")[:2] != jaxlib.__version__.split(".")[:2]:
+            warnings.warn(f"{path} was built against jaxlib {built}, this is jaxlib "
+                          f"{jaxlib.__version__}; if the FFI call fails, rebuild: {REBUILD}",
+                          stacklevel=3)
+        return lib, None
+    return None, "the CUDA library cannot be used: " + "; ".join(problems) + f"; rebuild: {REBUILD}"
 
 
 @functools.cache
 def _register() -> str | None:
     """Loads the library and registers the FFI target; returns a reason on failure."""
-    path = library_path()
-    if not os.path.isfile(path):
-        return (f"the CUDA library is not built ({path} missing): run "
-                "`python -m any4_jax.kernels.build_cuda` on a machine with nvcc")
-    try:
-        lib = ctypes.cdll.LoadLibrary(path)
-    except OSError as e:
-        return f"the CUDA library {path} does not load: {e}"
+    lib, why = _load()
+    if lib is None:
+        return why
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Any4LutGemm), platform="CUDA")
     return None
 

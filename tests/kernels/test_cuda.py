@@ -1,7 +1,9 @@
 """The CUDA LUT GEMM: its weight layout and data flow on CPU (emulated from the prepared
 arrays), the compile check, and the GPU runs (marker `gpu`)."""
 
+import os
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,72 @@ def test_cuda_sources_compile_for_sm80_and_sm90a():
     from any4_jax.kernels.build_cuda import main
 
     assert main(["--check"]) == 0
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fake_library(tmp_path, info: str) -> str:
+    """A shared library that records `info` as its build identity (and holds no kernel)."""
+    src = tmp_path / "fake.cc"
+    body = 'extern "C" const char* Any4CudaBuildInfo() { return "INFO"; }\n'
+    src.write_text(body.replace("INFO", info))
+    out = str(tmp_path / "libfake.so")
+    subprocess.run(["g++", "-shared", "-fPIC", str(src), "-o", out], check=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_loader_refuses_a_stale_library_and_warns_on_another_jaxlib(tmp_path, monkeypatch):
+    import jaxlib
+
+    from any4_jax.kernels import cuda_ffi
+    from any4_jax.kernels.build_cuda import source_hash
+
+    monkeypatch.setenv("ANY4_JAX_CUDA_LIB", _fake_library(tmp_path, "sources=0123;jaxlib=0.1.0"))
+    lib, why = cuda_ffi._load()
+    assert lib is None and "stale" in why and "build_cuda" in why
+    (tmp_path / "b").mkdir()
+    monkeypatch.setenv("ANY4_JAX_CUDA_LIB",
+                       _fake_library(tmp_path / "b", f"sources={source_hash()};jaxlib=0.1.0"))
+    with pytest.warns(UserWarning, match=f"jaxlib 0.1.0, this is jaxlib {jaxlib.__version__}"):
+        lib, why = cuda_ffi._load()
+    assert lib is not None and why is None
+    monkeypatch.setenv("ANY4_JAX_CUDA_LIB", str(tmp_path / "missing.so"))
+    lib, why = cuda_ffi._load()
+    assert lib is None and "not built" in why and "pip install" in why
+
+
+def test_built_library_matches_the_sources():
+    """A library that `pip install` (CMake) or build_cuda left behind is the one of these
+    sources; in CI (nvcc present) the install has built it."""
+    from any4_jax.kernels import cuda_ffi
+
+    if not any(os.path.isfile(p) for p in cuda_ffi.library_candidates()):
+        if shutil.which("nvcc") and os.environ.get("CI_EXPECT_CUDA_LIB") == "1":
+            pytest.fail("nvcc is present but `pip install` built no CUDA library")
+        pytest.skip("the CUDA library is not built here")
+    lib, why = cuda_ffi._load()
+    assert why is None, why
+    assert set(cuda_ffi.build_info(lib)) == {"sources", "jaxlib"}
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+@pytest.mark.parametrize("mode", ["OFF", "AUTO", "ON"])
+def test_cmake_without_nvcc(tmp_path, mode):
+    """CPU-only installs: AUTO and OFF configure without CUDA; ON asks for nvcc."""
+    path = [d for d in os.environ["PATH"].split(os.pathsep)
+            if not os.path.exists(os.path.join(d, "nvcc"))]
+    env = dict(os.environ, PATH=os.pathsep.join(path))
+    env.pop("CUDACXX", None)
+    r = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "b"),
+                        f"-DANY4_JAX_CUDA={mode}"],
+                       env=env, capture_output=True, text=True)
+    if mode == "ON":
+        assert r.returncode != 0 and "ANY4_JAX_CUDA=ON but no CUDA compiler" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert "CUDA kernels not built" in r.stdout
 
 
 @pytest.mark.gpu
