@@ -80,6 +80,24 @@ def quantized_layer_meta(model) -> dict[str, dict]:
     return {p: layer.meta() for p, layer in dense_layers(model) if isinstance(layer, QuantDense)}
 
 
+def _canonical_state(model) -> dict:
+    """The model's state as a pure dict, with every QuantDense in the canonical layout (a
+    layer prepared for a kernel is converted back, so checkpoints never depend on a kernel)."""
+    from any4_jax.quant.calibrate import dense_layers
+    from any4_jax.quant.qdense import QuantDense
+
+    _, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    for path, layer in dense_layers(model):
+        if isinstance(layer, QuantDense) and layer.layout != "canonical":
+            node = pure
+            for part in path.split("."):
+                node = node[int(part)] if part.isdigit() and int(part) in node else node[part]
+            qw = layer.qweight
+            node.update(codes=qw.codes, lut=qw.lut, scales=qw.scales, zeros=qw.zeros)
+    return pure
+
+
 def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = False) -> Path:
     """Write `model` (a Llama whose Dense layers may be QuantDense) to the directory `path`.
 
@@ -98,9 +116,8 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        _, state = nnx.split(model)
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "state", nnx.to_pure_dict(state))
+        ckptr.save(tmp / "state", _canonical_state(model))
         ckptr.wait_until_finished()
         tok_info = _save_tokenizer(tokenizer, tmp / "tokenizer")
         meta = {

@@ -10,12 +10,36 @@ import time
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _model_args(p):
+def _model_args(p, *, kernel: bool = True):
     p.add_argument("model", nargs="?", default=None,
                    help="a .gguf file or a Hugging Face directory (default: the embedded "
                         "SmolLM2-135M-Instruct, see `any4 fetch`)")
     p.add_argument("--dtype", choices=_DTYPES, default="auto",
                    help="parameter dtype (auto: float32 for GGUF, the checkpoint's own for HF)")
+    if kernel:
+        kernel_arg(p)
+
+
+KERNELS = ("auto", "xla", "pallas", "cuda")
+
+
+def kernel_arg(p) -> None:
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="matmul implementation of quantized layers (auto: the best verified "
+                        "one for this machine; see `lut_matmul`)")
+
+
+def use_kernel(model, kernel: str) -> None:
+    """Prepares the quantized layers of `model` for `kernel` (once) and says what runs."""
+    from collections import Counter
+
+    from any4_jax.quant.qdense import prepare_model
+
+    layouts = prepare_model(model, None if kernel == "auto" else kernel)
+    if layouts:
+        counts = ", ".join(f"{n} {k}" for k, n in Counter(layouts.values()).items())
+        print(f"quantized layers: {len(layouts)} (layout: {counts}; kernel: {kernel})",
+              file=sys.stderr)
 
 
 def _load(args):
@@ -26,6 +50,8 @@ def _load(args):
     c = lm.config
     print(f"model: {os.path.basename(lm.source)} ({lm.format}, {c.num_params() / 1e6:.1f}M "
           f"params, {lm.model.dtype}), loaded in {lm.load_seconds:.1f} s", file=sys.stderr)
+    if getattr(args, "kernel", None):
+        use_kernel(lm.model, args.kernel)
     return lm
 
 

@@ -149,9 +149,11 @@ def _run_quantize(args) -> int:
                                overwrite=args.overwrite)
         _log(f"wrote {final} ({directory_bytes(final) / 2**20:.1f} MB on disk)")
     if args.eval:
+        from any4_jax.cli_model import use_kernel
         from any4_jax.eval.data import load_text
         from any4_jax.eval.perplexity import perplexity
 
+        use_kernel(qmodel, args.kernel)
         ids = lm.tokenizer.encode(load_text(args.text)[0])
         r = perplexity(qmodel, ids, seq_len=args.seq_len, max_windows=args.max_windows)
         print(f"\nperplexity on {args.text} ({r.windows} x {r.seq_len} tokens): {r.ppl:.4f}")
@@ -281,7 +283,7 @@ def add_quant_commands(sub) -> None:
     p = sub.add_parser("calibrate", help="save activation statistics for `quantize --stats`",
                        description="One forward of the unquantized model (offline mode) over "
                        "the calibration input; both statistics saved to an npz file.")
-    _model_args(p)
+    _model_args(p, kernel=False)
     _calib_args(p)
     p.add_argument("--include", action="append")
     p.add_argument("--exclude", action="append", default=None)
@@ -293,7 +295,7 @@ def add_quant_commands(sub) -> None:
     p = sub.add_parser("analyze", help="per-layer error of several formats; table, JSON, PNGs",
                        description="Quantize each selected layer alone with each format; "
                        "report weight error and output error on calibration activations.")
-    _model_args(p)
+    _model_args(p, kernel=False)
     p.add_argument("--formats", type=_formats, default=_formats("int4,nf4,fp4,any4"))
     p.add_argument("--group-size", type=_group_size, default=64)
     _calib_args(p)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import jax
+
 from any4_jax.cli import main
 
 
@@ -95,7 +97,12 @@ def test_quantize_save_then_eval_and_generate_the_checkpoint(smollm2_path, pride
                  "--json", str(tmp_path / "e.json")]) == 0
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["format"] == "any4" and 3 < e["ppl"] < 300
-    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3",
+                 "--kernel", "xla"]) == 0
+    assert "quantized layers: 10 (layout: 10 canonical; kernel: xla)" in capsys.readouterr().err
+    if jax.default_backend() != "gpu":
+        assert main(["generate", str(out), "--prompt", "Hello", "--kernel", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
     # an existing output directory is never clobbered silently
     assert main(["quantize", smollm2_path, "--format", "int4", "--include", "layers.0.*",
                  "--out", str(out)]) == 2

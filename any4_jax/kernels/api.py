@@ -4,6 +4,11 @@ Every implementation registers a function and a `can_use(x, qweight) -> list[str
 returns, in words, each reason it declines an input (an empty list means it can run).
 `implementation=None` picks the first usable one in `PREFERENCE` for the input's platform;
 "xla" (the reference) always can, so a CPU-only user loses nothing.
+
+Kernel-specific layouts are prepared once, not per call: `prepare(qweight, "cuda")` returns a
+`CudaWeight` (what `QuantDense.prepare` / `prepare_model` store in a model), which `lut_matmul`
+takes in place of the QuantizedWeight; the other implementations read the canonical form
+(given a CudaWeight they convert it back first, which costs a pass over the codes per call).
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from any4_jax.kernels.cuda_layout import CudaWeight, prepare_cuda
 from any4_jax.kernels.reference import lut_matmul_reference
+from any4_jax.kernels.tuning import cuda_dense_threshold
 from any4_jax.quant.qweight import QuantizedWeight
+
+Weight = QuantizedWeight | CudaWeight
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -33,15 +42,16 @@ class Implementation:
 
 def _common_reasons(x, qweight) -> list[str]:
     reasons = []
-    if not isinstance(qweight, QuantizedWeight):
-        return [f"qweight must be a QuantizedWeight, got {type(qweight).__name__}"]
+    if not isinstance(qweight, QuantizedWeight | CudaWeight):
+        return [f"qweight must be a QuantizedWeight (or a prepared CudaWeight), got "
+                f"{type(qweight).__name__}"]
     n, k = qweight.shape
     if x.ndim < 1 or x.shape[-1] != k:
         reasons.append(f"x has shape {tuple(x.shape)}; its last dim must be K={k} of the "
                        f"[{n}, {k}] weight")
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _DTYPES]:
         reasons.append(f"x dtype {x.dtype} is not one of bfloat16, float16, float32")
-    if qweight.codes.ndim != 2:
+    if isinstance(qweight, QuantizedWeight) and qweight.codes.ndim != 2:
         reasons.append(f"qweight holds a stack of layers (codes {tuple(qweight.codes.shape)}); "
                        "vmap over the stack axis")
     return reasons
@@ -93,7 +103,40 @@ def available() -> list[str]:
     return [name for name in PREFERENCE if name in _REGISTRY]
 
 
-def can_use(implementation: str, x: jax.Array, qweight: QuantizedWeight) -> list[str]:
+def prepare(qweight: Weight, implementation: str | None) -> Weight:
+    """`qweight` in the layout `implementation` reads (once, at load or quantize time):
+    a CudaWeight for "cuda", the canonical QuantizedWeight for every other."""
+    if implementation == "cuda":
+        return qweight if isinstance(qweight, CudaWeight) else prepare_cuda(qweight)
+    if implementation is not None and implementation not in KNOWN:
+        raise ValueError(f"unknown implementation {implementation!r}; choose one of "
+                         f"{', '.join(KNOWN)}")
+    return qweight.canonical() if isinstance(qweight, CudaWeight) else qweight
+
+
+def pick(x: jax.Array, qweight: Weight) -> str:
+    """What `implementation=None` runs for this input: a weight prepared for "cuda" asks for
+    the CUDA kernel first; otherwise the first usable verified implementation in PREFERENCE
+    (unverified ones too with ANY4_JAX_UNVERIFIED_KERNELS=1); "xla" always can. The CUDA
+    kernel is skipped above `tuning.cuda_dense_threshold` rows of x."""
+    allow_unverified = os.environ.get("ANY4_JAX_UNVERIFIED_KERNELS") == "1"
+    order = available()
+    if isinstance(qweight, CudaWeight) and "cuda" in order:
+        order = ["cuda"] + [n for n in order if n != "cuda"]
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    for name in order:
+        if name == "cuda" and m > cuda_dense_threshold(n=qweight.shape[0], k=qweight.shape[1]):
+            continue  # many rows: dequantize-then-dense (or Pallas) is the faster path
+        verified = _REGISTRY[name].verified or allow_unverified
+        if (verified or (name == "cuda" and isinstance(qweight, CudaWeight))) and \
+                not can_use(name, x, qweight):
+            return name
+    return "xla"
+
+
+def can_use(implementation: str, x: jax.Array, qweight: Weight) -> list[str]:
     """Why `implementation` cannot run this input: [] if it can."""
     reasons = _common_reasons(x, qweight)
     if implementation not in _REGISTRY:
@@ -102,26 +145,25 @@ def can_use(implementation: str, x: jax.Array, qweight: QuantizedWeight) -> list
                               f"installation (available: {', '.join(available())})"]
         return reasons + [f"unknown implementation {implementation!r}; choose one of "
                           f"{', '.join(KNOWN)} or None for the best available"]
+    if implementation != "cuda" and isinstance(qweight, CudaWeight):
+        # the others read the canonical form (`lut_matmul` converts); judge its shapes
+        qweight = jax.eval_shape(CudaWeight.canonical, qweight)
     return reasons + _REGISTRY[implementation].can_use(x, qweight)
 
 
-def lut_matmul(x: jax.Array, qweight: QuantizedWeight, *,
+def lut_matmul(x: jax.Array, qweight: Weight, *,
                implementation: str | None = None) -> jax.Array:
     """y = x @ dequantize(qweight).T with float32 accumulation.
 
-    x: [..., K] bfloat16 / float16 / float32; qweight: a [N, K] QuantizedWeight.
-    Returns [..., N] in x's dtype. Works under jit and vmap.
+    x: [..., K] bfloat16 / float16 / float32; qweight: a [N, K] QuantizedWeight, or the
+    weight `prepare` made for an implementation. Returns [..., N] in x's dtype. Works under
+    jit and vmap. implementation: "xla", "pallas", "cuda", or None for `pick(x, qweight)`.
     """
-    if implementation is None:
-        allow_unverified = os.environ.get("ANY4_JAX_UNVERIFIED_KERNELS") == "1"
-        for name in available():
-            if not (_REGISTRY[name].verified or allow_unverified):
-                continue
-            if not can_use(name, x, qweight):
-                implementation = name
-                break
-    reasons = can_use(implementation or "xla", x, qweight)
+    name = implementation or pick(x, qweight)
+    reasons = can_use(name, x, qweight)
     if reasons:
         raise ValueError(f"lut_matmul(implementation={implementation!r}) cannot run: "
                          + "; ".join(reasons))
-    return _REGISTRY[implementation].fn(x, qweight)
+    if name != "cuda" and isinstance(qweight, CudaWeight):
+        qweight = qweight.canonical()
+    return _REGISTRY[name].fn(x, qweight)

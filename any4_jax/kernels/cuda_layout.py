@@ -5,8 +5,10 @@ lane L (g = L // 4, t = L % 4) holds two uint32 (k-steps 0 and 1 of the chunk), 
 which is the code of
     row = 16 * tile + g + 8 * ((i >> 1) & 1),
     col = 32 * chunk + 16 * step + 2 * t + (i & 1) + 8 * (i >> 2).
-Tables, scales and zeros become float32 (exact from bf16/f16). `emulate` replays the kernel's
-data flow in numpy from the prepared arrays, so the layout is tested on machines without a GPU.
+Tables, scales and zeros become float32 (exact from bf16/f16). `CudaWeight.canonical()` goes
+back (bit-exact), so a prepared model still saves, analyses and runs on other paths.
+`emulate` replays the kernel's data flow in numpy from the prepared arrays, so the layout is
+tested on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from any4_jax.quant.qweight import QuantizedWeight, unpack_codes
+from any4_jax.quant.qweight import QuantizedWeight, pack_codes, unpack_codes
 
 TILE_N, CHUNK_K = 16, 32
 
@@ -46,6 +48,26 @@ class CudaWeight:
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
     int_offset: int = dataclasses.field(metadata=dict(static=True))  # -1: use the table
+    # the canonical QuantizedWeight's metadata, for `canonical()`
+    format: str = dataclasses.field(metadata=dict(static=True))
+    n_bit: int = dataclasses.field(metadata=dict(static=True))
+    symmetric: bool = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True))
+    table_dtype: str = dataclasses.field(metadata=dict(static=True))
+
+    def canonical(self) -> QuantizedWeight:
+        """The canonical QuantizedWeight this was prepared from (bit-exact; jit-able)."""
+        n, k = self.shape
+        tdt = jnp.dtype(self.table_dtype)
+        return QuantizedWeight(
+            codes=_unprepare_codes_jnp(self.codes, n=n, k=k), lut=self.lut.astype(tdt),
+            scales=self.scales.astype(tdt), zeros=self.zeros.astype(tdt), format=self.format,
+            n_bit=self.n_bit, group_size=self.group_size, symmetric=self.symmetric,
+            shape=self.shape, dtype=self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                   for a in (self.codes, self.lut, self.scales, self.zeros))
 
 
 def layout_reasons(n: int, k: int, g: int) -> list[str]:
@@ -70,6 +92,16 @@ def _prepare_codes(packed, *, n, k):
     return jnp.sum(frag << shifts, axis=-1, dtype=jnp.uint32)  # [nt, kc, 32, 2]
 
 
+@functools.partial(jax.jit, static_argnames=("n", "k"))
+def _unprepare_codes_jnp(codes, *, n, k):
+    """[N/16, K/32, 32, 2] uint32 -> packed [N, K/2] uint8 (inverse of `_prepare_codes`)."""
+    nib = (codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # [nt,kc,32,2,8]
+    rows, cols = _fragment_index()
+    tiles = jnp.zeros((n // TILE_N, TILE_N, k // CHUNK_K, CHUNK_K), jnp.uint8)
+    tiles = tiles.at[:, rows, :, cols].set(jnp.moveaxis(nib, (0, 1), (3, 4)).astype(jnp.uint8))
+    return pack_codes(tiles.reshape(n, k))
+
+
 def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
     """Converts a canonical QuantizedWeight ([N, K] codes etc.) into the kernel's layout."""
     n, k = qw.shape
@@ -81,7 +113,9 @@ def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
     return CudaWeight(codes=_prepare_codes(qw.codes, n=n, k=k),
                       lut=qw.lut.astype(jnp.float32), scales=qw.scales.astype(jnp.float32),
                       zeros=qw.zeros.astype(jnp.float32), shape=(n, k),
-                      group_size=qw.group_size, int_offset=qw.int_grid_offset() or -1)
+                      group_size=qw.group_size, int_offset=qw.int_grid_offset() or -1,
+                      format=qw.format, n_bit=qw.n_bit, symmetric=qw.symmetric, dtype=qw.dtype,
+                      table_dtype=str(jnp.dtype(qw.lut.dtype)))
 
 
 def unprepare_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:

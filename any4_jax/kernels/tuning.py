@@ -53,3 +53,13 @@ DEFAULT_DENSE_THRESHOLD = 128
 
 def dense_threshold(*, n: int, k: int) -> int:
     return int(_table().get(f"{n}x{k}:dense_threshold", DEFAULT_DENSE_THRESHOLD))
+
+
+# The CUDA kernel is correct for any M (it re-reads the weight once per 16 rows of x), but
+# `implementation=None` sends more rows than this to the next implementation. A rule (the
+# kernel's target is M <= 16) until a GPU measures the crossover ("cuda_dense_threshold").
+DEFAULT_CUDA_DENSE_THRESHOLD = 64
+
+
+def cuda_dense_threshold(*, n: int, k: int) -> int:
+    return int(_table().get(f"{n}x{k}:cuda_dense_threshold", DEFAULT_CUDA_DENSE_THRESHOLD))

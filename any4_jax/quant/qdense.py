@@ -3,6 +3,10 @@
 It takes the place of a model's Dense layer (`x [..., K] -> [..., N]`) with no change to the
 model code. The four arrays are `QuantState` variables (not `Param`s: they are not trained),
 the format metadata static attributes.
+
+A layer holds its weight in the canonical layout (what checkpoints store) or, after
+`prepare("cuda")` / `prepare_model(model)`, in the CUDA kernel's layout, converted once at
+load time instead of on every call; `qweight` always gives the canonical form back.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from any4_jax.kernels.api import lut_matmul
+from any4_jax.kernels.cuda_layout import CudaWeight
 from any4_jax.quant.qweight import QuantizedWeight
 
 
@@ -25,29 +30,63 @@ class QuantDense(nnx.Module):
     def __init__(self, qweight: QuantizedWeight, bias=None, *, implementation: str | None = None):
         qweight.check()
         self.out_features, self.in_features = qweight.shape
-        self.codes = QuantState(qweight.codes)
-        self.lut = QuantState(qweight.lut)
-        self.scales = QuantState(qweight.scales)
-        self.zeros = QuantState(qweight.zeros)
         self.format, self.n_bit = qweight.format, qweight.n_bit
         self.group_size, self.symmetric = qweight.group_size, qweight.symmetric
         self.weight_dtype = qweight.dtype
+        self.table_dtype = str(jnp.dtype(qweight.lut.dtype))
+        self._store(qweight)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         self.implementation = implementation
 
+    def _store(self, w: QuantizedWeight | CudaWeight) -> None:
+        self.codes = QuantState(w.codes)
+        self.lut = QuantState(w.lut)
+        self.scales = QuantState(w.scales)
+        self.zeros = QuantState(w.zeros)
+        self.layout = "cuda" if isinstance(w, CudaWeight) else "canonical"
+
+    @property
+    def weight(self) -> QuantizedWeight | CudaWeight:
+        """The weight as stored: what `lut_matmul` reads."""
+        if self.layout == "canonical":
+            return QuantizedWeight(
+                codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
+                zeros=self.zeros[...], format=self.format, n_bit=self.n_bit,
+                group_size=self.group_size, symmetric=self.symmetric,
+                shape=(self.out_features, self.in_features), dtype=self.weight_dtype)
+        q = self.qweight_meta()
+        return CudaWeight(codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
+                          zeros=self.zeros[...], shape=q.shape, group_size=q.group_size,
+                          int_offset=q.int_grid_offset() or -1, format=q.format,
+                          n_bit=q.n_bit, symmetric=q.symmetric, dtype=q.dtype,
+                          table_dtype=self.table_dtype)
+
     @property
     def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
-            zeros=self.zeros[...], format=self.format, n_bit=self.n_bit,
-            group_size=self.group_size, symmetric=self.symmetric,
-            shape=(self.out_features, self.in_features), dtype=self.weight_dtype)
+        """The canonical QuantizedWeight (converted back if the layer is prepared)."""
+        w = self.weight
+        return w.canonical() if isinstance(w, CudaWeight) else w
+
+    def qweight_meta(self) -> QuantizedWeight:
+        """A QuantizedWeight with this layer's metadata and no arrays (for its rules)."""
+        return QuantizedWeight(codes=None, lut=None, scales=None, zeros=None,
+                               format=self.format, n_bit=self.n_bit,
+                               group_size=self.group_size, symmetric=self.symmetric,
+                               shape=(self.out_features, self.in_features),
+                               dtype=self.weight_dtype)
+
+    def prepare(self, implementation: str | None) -> None:
+        """Stores the weight in the layout `implementation` reads ("cuda": the CUDA kernel's;
+        anything else: canonical), converted once here rather than in every call."""
+        from any4_jax.kernels.api import prepare
+
+        self._store(prepare(self.weight, implementation))
 
     def __call__(self, x, *, out_dtype=None):
         """out_dtype: None = x's dtype; float32 for logits (x is promoted first)."""
         if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
             x = x.astype(jnp.promote_types(x.dtype, out_dtype))
-        y = lut_matmul(x, self.qweight, implementation=self.implementation)
+        y = lut_matmul(x, self.weight, implementation=self.implementation)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y if out_dtype is None else y.astype(out_dtype)
@@ -56,7 +95,7 @@ class QuantDense(nnx.Module):
         """What `placeholder` needs to rebuild this layer's shapes (for checkpoint restore)."""
         return {"format": self.format, "n_bit": self.n_bit, "group_size": self.group_size,
                 "symmetric": self.symmetric, "shape": [self.out_features, self.in_features],
-                "dtype": self.weight_dtype, "table_dtype": str(self.lut.get_value().dtype),
+                "dtype": self.weight_dtype, "table_dtype": self.table_dtype,
                 "bias": self.bias is not None}
 
     @classmethod
@@ -71,3 +110,41 @@ class QuantDense(nnx.Module):
             format=meta["format"], n_bit=int(meta["n_bit"]), group_size=int(g),
             symmetric=bool(meta["symmetric"]), shape=(int(n), int(k)), dtype=meta["dtype"])
         return cls(qw, np.zeros((n,), tdt) if meta.get("bias") else None)
+
+
+def prepare_model(model, implementation: str | None = None, *, dtype=None) -> dict[str, str]:
+    """Puts every QuantDense of `model` in the layout its kernel reads, in place, once.
+
+    implementation None: the CUDA layout for each layer `lut_matmul(implementation=None)` would
+    run with the CUDA kernel for `dtype` activations (default: the model's dtype), i.e. on a
+    GPU with the library built; canonical for the rest, which keep choosing at call time.
+    "xla" / "pallas" / "cuda": every layer that implementation takes runs it (in its layout);
+    a layer it declines keeps choosing at call time; a ValueError with the reasons if it takes
+    none. Returns {layer path: layout}.
+    """
+    import jax
+
+    from any4_jax.kernels.api import can_use, pick
+    from any4_jax.quant.calibrate import dense_layers
+
+    dtype = jnp.dtype(dtype or getattr(model, "dtype", jnp.float32))
+    layers = [(p, m) for p, m in dense_layers(model) if isinstance(m, QuantDense)]
+    plan, first_reasons = {}, None
+    for path, layer in layers:
+        probe = jax.ShapeDtypeStruct((1, layer.in_features), dtype)
+        if implementation is None:
+            plan[path] = ("cuda" if pick(probe, layer.weight) == "cuda" else "xla", None)
+        else:
+            reasons = can_use(implementation, probe, layer.weight)
+            first_reasons = first_reasons or reasons
+            plan[path] = ("xla", None) if reasons else (implementation, implementation)
+    if implementation is not None and layers and all(i is None for _, i in plan.values()):
+        raise ValueError(f"prepare_model(implementation={implementation!r}): it takes none of "
+                         "the layers: " + "; ".join(first_reasons))
+    out = {}
+    for path, layer in layers:
+        layout, impl = plan[path]
+        layer.prepare(layout)
+        layer.implementation = impl
+        out[path] = layer.layout
+    return out

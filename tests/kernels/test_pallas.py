@@ -3,10 +3,9 @@ machine (export), and the GPU runs (marker `gpu`)."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from any4_jax.kernels import can_use, lut_matmul
+from any4_jax.kernels import can_use, lut_matmul, pick
 from any4_jax.kernels.pallas_gpu import NAME, can_use_pallas, lut_matmul_pallas
 from any4_jax.kernels.reference import lut_matmul_reference
 from any4_jax.shapes import LLAMA_SHAPES
@@ -74,24 +73,23 @@ class TestPallasGpu(LutMatmulBase):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(LLAMA_SHAPES))
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 64])
-def test_gpu_llama_shapes(rng, name, m):
+def test_gpu_llama_shapes(rng, name):
+    """Every Llama shape, M in {1, 2, 4, 8, 16, 64} on the kernel and 256 on the dispatch."""
     n, k = LLAMA_SHAPES[name]
     qw = _qweight(rng, n, k, g=128)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    y = jax.jit(lambda x, q: lut_matmul(x, q, implementation="pallas"))(x, qw)
-    hlo = jax.jit(lambda x, q: lut_matmul(x, q, implementation="pallas")).lower(
-        x, qw).as_text()
-    assert NAME in hlo  # the kernel ran, not a fallback
-    ref = lut_matmul_reference(x, qw).astype(jnp.float32)
-    err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-    assert err < TOLERANCE[jnp.bfloat16]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(LLAMA_SHAPES))
-def test_gpu_m256_falls_back_to_the_reference(rng, name):
-    n, k = LLAMA_SHAPES[name]
-    qw = _qweight(rng, n, k, g=128)
+    f = jax.jit(lambda x, q: lut_matmul(x, q, implementation="pallas"))
+    for m in (1, 2, 4, 8, 16, 64):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        assert NAME in f.lower(x, qw).as_text()  # the kernel runs, not a fallback
+        y = f(x, qw).astype(jnp.float32)
+        ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+        err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+        assert err < TOLERANCE[jnp.bfloat16], (m, err)
+    # M = 256: above the dense threshold the Pallas kernel declines, in words, and the
+    # automatic choice is another implementation
     x = jnp.asarray(rng.standard_normal((256, k)), jnp.bfloat16)
-    np.testing.assert_array_equal(lut_matmul(x, qw), lut_matmul_reference(x, qw))
+    assert any("dequantize-then-dense" in r for r in can_use("pallas", x, qw))
+    assert pick(x, qw) != "pallas"
+    y = lut_matmul(x, qw).astype(jnp.float32)
+    ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+    assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < TOLERANCE[jnp.bfloat16]

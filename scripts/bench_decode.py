@@ -1,0 +1,183 @@
+"""Batch-1 decode speed, bf16 vs 4-bit weights through each `lut_matmul` implementation.
+
+    python scripts/bench_decode.py [--model llama3-8b] [--tokens 128] [--format any4]
+                                   [--group-size 128] [--kernels dense,xla,pallas,cuda]
+                                   [--quantize-lm-head] [--out benchmarks/results]
+
+A model of the preset's shapes with random weights (speed does not depend on the values; no
+assets are needed on the GPU machine): first the dense bf16 model, then every decoder Dense
+(and lm_head with --quantize-lm-head) replaced in place by a QuantDense holding random codes,
+tables, scales and zeros of the format's shapes. Each kernel runs the jitted greedy decode loop
+of `generate_ids` (batch 1, the KV cache of the model issue) after a short prompt, with the
+layers prepared once for it (`prepare_model`: the CUDA kernel reads its own layout); tokens/s
+excludes the first, compiling, step and is the median of --runs runs. The floor: bytes read per
+token (every weight but the embedding table, plus the KV cache) over the device's copy
+bandwidth measured here. Writes JSON named after the device and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_timing import copy_bandwidth  # noqa: E402
+
+
+def random_qweight(key, n: int, k: int, fmt: str, g: int, dtype):
+    """A QuantizedWeight of random contents with the shapes and rules of `fmt`."""
+    from any4_jax.quant.formats import int_grid_table
+    from any4_jax.quant.qweight import QuantizedWeight
+
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    codes = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    if fmt == "any4":
+        lut = jnp.sort(jax.random.normal(k2, (n, 16), jnp.float32), axis=-1)
+    elif fmt == "int4":
+        lut = jnp.broadcast_to(jnp.asarray(int_grid_table(4)), (n, 16))
+    else:
+        raise ValueError(f"--format {fmt}: this benchmark builds any4 or int4 weights")
+    scales = 0.002 + 0.01 * jax.random.uniform(k3, (n, k // g), jnp.float32)
+    zeros = 0.001 * jax.random.normal(k4, (n, k // g), jnp.float32)
+    return QuantizedWeight(codes=codes, lut=lut.astype(dtype), scales=scales.astype(dtype),
+                           zeros=zeros.astype(dtype), format=fmt, n_bit=4, group_size=g,
+                           symmetric=False, shape=(n, k), dtype=jnp.dtype(dtype).name).check()
+
+
+def quantize_randomly(model, fmt: str, g: int, *, lm_head: bool, seed: int = 0) -> int:
+    """Replaces the decoder Dense layers (and lm_head) in place; returns how many."""
+    from any4_jax.quant.calibrate import get_layer, set_layer
+    from any4_jax.quant.model_quant import DEFAULT_EXCLUDE, select_layers
+    from any4_jax.quant.qdense import QuantDense
+
+    paths = select_layers(model, exclude=() if lm_head else DEFAULT_EXCLUDE)
+    key = jax.random.key(seed)
+    for i, path in enumerate(paths):
+        layer = get_layer(model, path)
+        n, k = layer.out_features, layer.in_features
+        dtype = layer.kernel[...].dtype
+        set_layer(model, path, QuantDense(random_qweight(jax.random.fold_in(key, i), n, k, fmt,
+                                                         g, dtype)))
+    return len(paths)
+
+
+def bytes_per_token(model, position: int) -> int:
+    """Every array of the model except the embedding table (one row of it is read), plus the
+    KV cache up to `position`."""
+    from flax import nnx
+
+    state = nnx.state(model)
+    total = sum(a.nbytes for a in jax.tree.leaves(state))
+    c = model.config
+    emb = model.embed_tokens.embedding[...]
+    if not c.tie_word_embeddings:  # a tied table is read whole by the output head
+        total -= emb.nbytes - emb.nbytes // emb.shape[0]
+    kv = 2 * c.num_layers * position * c.num_kv_heads * c.head_dim * emb.dtype.itemsize
+    return total + kv
+
+
+def decode_speed(model, prompt, tokens: int, runs: int) -> float:
+    from any4_jax.models.llama.generate import generate_ids
+
+    speeds = []
+    for _ in range(runs):
+        out, _, _, decode_s, _ = generate_ids(model, prompt, max_new_tokens=tokens)
+        speeds.append((len(out) - 2) / decode_s)  # first token: prefill; second: compile
+    return statistics.median(speeds)
+
+
+def main():
+    from any4_jax.models.llama.config import PRESETS
+    from any4_jax.models.llama.params import random_model
+    from any4_jax.quant.qdense import prepare_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b",
+                    help="a preset (case and dashes do not matter): " + ", ".join(PRESETS))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--format", default="any4", choices=("any4", "int4"))
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--kernels", default="dense,xla,pallas,cuda")
+    ap.add_argument("--quantize-lm-head", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    norm = lambda s: s.lower().replace("-", "").replace(".", "")
+    found = [c for name, c in PRESETS.items() if norm(name) == norm(args.model)]
+    if not found:
+        ap.error(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
+    kernels = args.kernels.split(",")
+    unknown = set(kernels) - {"dense", "xla", "pallas", "cuda"}
+    if unknown:
+        ap.error(f"--kernels: unknown {', '.join(sorted(unknown))}")
+
+    dev = jax.devices()[0]
+    bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
+    print(f"device: {dev.device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
+    config = found[0]
+    model = random_model(config, param_dtype=jnp.dtype(args.dtype))
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size,
+                                                                args.prompt_len)]
+    mid = args.prompt_len + args.tokens // 2
+    rows = []
+
+    def record(kernel, tok_s, note=None):
+        b = bytes_per_token(model, mid)
+        floor = bw / b
+        row = {"kernel": kernel, "tokens_per_s": tok_s, "bytes_per_token": b,
+               "floor_tokens_per_s": floor, "fraction_of_floor": tok_s / floor if tok_s else None}
+        if note:
+            row["declined"] = note
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    if "dense" in kernels:
+        record("dense", decode_speed(model, prompt, args.tokens, args.runs))
+    n = quantize_randomly(model, args.format, args.group_size, lm_head=args.quantize_lm_head)
+    print(f"{n} layers -> {args.format} g{args.group_size} (random contents)", file=sys.stderr)
+    for kernel in (k for k in kernels if k != "dense"):
+        try:
+            prepare_model(model, kernel)
+        except ValueError as e:
+            record(kernel, None, str(e))
+            continue
+        record(kernel, decode_speed(model, prompt, args.tokens, args.runs))
+
+    dense = next((r["tokens_per_s"] for r in rows if r["kernel"] == "dense"), None)
+    rec = {"model": args.model, "device": dev.device_kind, "platform": dev.platform,
+           "jax": jax.__version__, "dtype": args.dtype, "format": args.format,
+           "group_size": args.group_size, "quantized_layers": n,
+           "lm_head_quantized": args.quantize_lm_head, "prompt_tokens": args.prompt_len,
+           "new_tokens": args.tokens, "copy_bandwidth_bytes_per_s": bw, "rows": rows,
+           "command": "python scripts/bench_decode.py " + " ".join(sys.argv[1:])}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    name = "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "_")
+    path = Path(args.out) / f"decode_{args.model}_{name}.json"
+    path.write_text(json.dumps(rec, indent=2))
+    print(f"| model | device | weights | kernel | GB read / token | tokens/s | floor tokens/s "
+          f"| % of floor | vs {args.dtype} |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["tokens_per_s"]
+        w = args.dtype if r["kernel"] == "dense" else f"{args.format} g{args.group_size}"
+        cells = ["-", "-", "-"] if t is None else [
+            f"{t:.1f}", f"{100 * r['fraction_of_floor']:.0f}%",
+            "-" if not dense else f"{t / dense:.2f}x"]
+        print(f"| {args.model} | {dev.device_kind} | {w} | {r['kernel']} | "
+              f"{r['bytes_per_token'] / 1e9:.2f} | {cells[0]} | {r['floor_tokens_per_s']:.0f} | "
+              f"{cells[1]} | {cells[2]} |")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Kernel layouts prepared once: `prepare`, `QuantDense.prepare`, `prepare_model`, and that a
+prepared model still runs everywhere, converts back bit-exactly and saves canonical checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from any4_jax import checkpoint as ck
+from any4_jax.kernels import CudaWeight, lut_matmul, pick, prepare
+from any4_jax.models.load import load_model
+from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens, dense_layers
+from any4_jax.quant.config import QuantConfig
+from any4_jax.quant.model_quant import quantize_model
+from any4_jax.quant.qdense import QuantDense, prepare_model
+from tests.kernels.test_lut_matmul import _qweight
+from tests.tiny_lm import byte_tokenizer, tiny_model
+
+FIELDS = ("codes", "lut", "scales", "zeros")
+
+
+def _same(a, b):
+    for f in FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and x.shape == y.shape, f
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    tok = byte_tokenizer()
+    toks = calibration_tokens(tok.encode, CalibrationConfig())
+    qm, _ = quantize_model(tiny_model(), QuantConfig(format="any4", group_size=32),
+                           tokens=toks, overrides={"down_proj": {"format": "int4"}},
+                           progress=False)
+    return qm, tok
+
+
+@pytest.mark.parametrize("fmt", ["any4", "int4"])
+def test_prepare_and_lut_matmul_on_a_prepared_weight(rng, fmt):
+    qw = _qweight(rng, 32, 128, fmt=fmt, g=32, dtype=jnp.bfloat16)
+    cw = prepare(qw, "cuda")
+    assert isinstance(cw, CudaWeight) and prepare(cw, "cuda") is cw
+    _same(prepare(cw, "xla"), qw)
+    assert prepare(qw, "pallas") is qw
+    with pytest.raises(ValueError, match="unknown implementation 'tpu'"):
+        prepare(qw, "tpu")
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    want = np.asarray(lut_matmul(x, qw, implementation="xla"), np.float32)
+    if jax.default_backend() != "gpu":
+        assert pick(x, cw) == "xla"  # no GPU: the prepared weight runs on the reference
+    got = jax.jit(lambda x, w: lut_matmul(x, w, implementation="xla"))(x, cw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_prepared_model_runs_converts_back_and_saves_canonical(quantized, tmp_path):
+    qm, tok = quantized
+    model = nnx.clone(qm)
+    ids = jnp.asarray([tok.encode("It is a truth universally acknowledged")], jnp.int32)
+    want = np.asarray(model(ids)[0])
+    quant = lambda m: [(p, x) for p, x in dense_layers(m) if isinstance(x, QuantDense)]
+    before = {p: m.qweight for p, m in quant(model)}
+    assert len(before) == 14
+    for _, layer in quant(model):
+        layer.prepare("cuda")  # the layout only; runs on CPU through the reference
+    layers = [m for _, m in quant(model)]
+    assert all(m.layout == "cuda" for m in layers)
+    assert layers[0].codes[...].dtype == jnp.uint32 and layers[0].lut[...].dtype == jnp.float32
+    for p, m in quant(model):
+        _same(m.qweight, before[p])
+    np.testing.assert_array_equal(np.asarray(model(ids)[0]), want)
+    assert ck.quantized_layer_meta(model) == ck.quantized_layer_meta(qm)
+    path = ck.save_quantized(tmp_path / "ck", model, tokenizer=tok, metadata={})
+    lm = load_model(path)
+    for p, m in quant(lm.model):
+        assert m.layout == "canonical"
+        _same(m.qweight, before[p])
+    for _, layer in quant(model):
+        layer.prepare("xla")
+    assert all(m.layout == "canonical" for _, m in quant(model))
+
+
+def test_prepare_model_choices(quantized):
+    qm, _ = quantized
+    model = nnx.clone(qm)
+    n = sum(isinstance(m, QuantDense) for _, m in dense_layers(model))
+    if jax.default_backend() != "gpu":
+        assert set(prepare_model(model).values()) == {"canonical"}
+        with pytest.raises(ValueError, match="takes none of the layers: .*needs a CUDA GPU"):
+            prepare_model(model, "cuda", dtype=jnp.bfloat16)
+        with pytest.raises(ValueError, match="takes none of the layers: .*needs a CUDA GPU"):
+            prepare_model(model, "pallas", dtype=jnp.bfloat16)
+    layouts = prepare_model(model, "xla")
+    assert len(layouts) == n and set(layouts.values()) == {"canonical"}
+    assert {m.implementation for _, m in dense_layers(model) if isinstance(m, QuantDense)} \
+        == {"xla"}
