@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no network): install the project, run the GPU tests, tune
-# and benchmark the kernels, then the quantization benchmark; results land in $OUT
-# (or ./device_out). Budget: well under the 10-minute per-command limit.
-#   bash scripts/device_run.sh            # everything
-#   STEPS="tests bench" bash scripts/device_run.sh
+# On a lent GPU machine (no network): install the project (building the CUDA library), then
+# the steps; results land in $OUT (or ./device_out). One command may run 10 minutes, so a
+# session runs it in about three calls, most important first:
+#   STEPS="tests sanitize" bash scripts/device_run.sh   # correctness (GPU tests, memcheck)
+#   STEPS="bench decode" bash scripts/device_run.sh     # kernel table, end-to-end decode
+#   STEPS="tune model quantize" bash scripts/device_run.sh
 set -uo pipefail
 OUT=${OUT:-device_out}
-STEPS=${STEPS:-"tests tune bench model quantize"}
+STEPS=${STEPS:-"tests sanitize bench decode tune model quantize"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # builds the CUDA FFI library through CMake against this machine's jaxlib
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" \
   | tail -5 | tee "$OUT/install.txt"
+# an install that failed (e.g. an older scikit-build-core there) must not stop the checks
+python3 -c "import any4_jax" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 if ! python3 -c "from any4_jax.kernels.cuda_ffi import _load; lib, why = _load(); print(why or \
     'CUDA library ok'); raise SystemExit(lib is None)" 2>&1 | tee "$OUT/build_cuda.txt"; then
@@ -24,6 +27,15 @@ for step in $STEPS; do
     tests)
       python3 -m pytest -q -x tests/quant tests/kernels -k "not sharded" -m "not slow" \
         -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest.txt" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool \
+          --kernel-name kns=lut_gemm --error-exitcode 1 python3 scripts/sanitize_cuda.py 2>&1 \
+          | tail -15 | tee "$OUT/sanitize_$tool.txt"
+      done ;;
+    decode)
+      python3 scripts/bench_decode.py --model llama3-8b --out "$OUT" 2>&1 \
+        | tee "$OUT/bench_decode.txt" ;;
     tune)
       python3 scripts/tune_pallas.py --write --reps 5 2>&1 | tail -40 | tee "$OUT/tune.txt"
       cp any4_jax/kernels/tuning.json "$OUT/" 2>/dev/null ;;
