@@ -13,9 +13,10 @@
 //
 // Tables: the 16 rows' tables of a tile go to shared memory as float (1 KB per block), read
 // by code; integer grids skip them (value = code - offset). Scales and zeros are float32 [N,
-// K/g]. A block of 4 warps owns one 16-row tile and splits K across its warps (chunk c goes to
-// warp c % 4), then reduces the partial sums in shared memory: for small M this gives N/16
-// blocks x 4 warps of parallelism, enough to keep the memory system busy.
+// K/g]. A block of 8 warps owns one 16-row tile and splits K across its warps (chunk c goes to
+// warp c % 8), each warp loading 8 chunks ahead, then reduces the partial sums in shared
+// memory: for small M this gives N/16 blocks x 8 warps with about 2 KB in flight per warp,
+// which is what it takes to cover the memory latency at full bandwidth.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -25,9 +26,10 @@
 
 namespace any4 {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;   // split K of one 16-row tile
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
+constexpr int kUnroll = 8;  // chunks a warp loads ahead
 
 // MT: n8 tiles of the batch per block (1: M <= 8 rows per block-row, 2: 16).
 template <typename T, bool kIntGrid, int MT>
@@ -63,38 +65,57 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
   }
 
-  for (int c = warp; c < chunks; c += kWarps) {
-    const uint2 packed = codes[(static_cast<int64_t>(tile) * chunks + c) * 32 + lane];
-    const int grp = (c * kChunkK) / group_size;
-    const float s_lo = scales[static_cast<int64_t>(n0) * groups + grp];
-    const float z_lo = zeros[static_cast<int64_t>(n0) * groups + grp];
-    const float s_hi = scales[static_cast<int64_t>(n0 + 8) * groups + grp];
-    const float z_hi = zeros[static_cast<int64_t>(n0 + 8) * groups + grp];
+  // Warp w takes chunks w, w + kWarps, ...; it issues the loads of kUnroll of them (codes,
+  // scales, zeros) before it uses the first, so enough bytes are in flight to cover the
+  // memory latency (about 2 KB per warp) instead of one dependent 256-byte load at a time.
+  for (int c0 = warp; c0 < chunks; c0 += kWarps * kUnroll) {
+    uint2 packed[kUnroll];
+    float s_lo[kUnroll], z_lo[kUnroll], s_hi[kUnroll], z_hi[kUnroll];
 #pragma unroll
-    for (int step = 0; step < 2; ++step) {
-      const uint32_t q = step == 0 ? packed.x : packed.y;
-      float w[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int code = (q >> (4 * i)) & 0xF;
-        const bool hi_row = (i >> 1) & 1;
-        const float v = kIntGrid ? static_cast<float>(code) - int_offset
-                                 : lut_s[g + (hi_row ? 8 : 0)][code];
-        w[i] = fmaf(v, hi_row ? s_hi : s_lo, hi_row ? z_hi : z_lo);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kWarps;
+      packed[u] = make_uint2(0u, 0u);
+      s_lo[u] = z_lo[u] = s_hi[u] = z_hi[u] = 0.f;
+      if (c < chunks) {
+        packed[u] = codes[(static_cast<int64_t>(tile) * chunks + c) * 32 + lane];
+        const int grp = (c * kChunkK) / group_size;
+        s_lo[u] = scales[static_cast<int64_t>(n0) * groups + grp];
+        z_lo[u] = zeros[static_cast<int64_t>(n0) * groups + grp];
+        s_hi[u] = scales[static_cast<int64_t>(n0 + 8) * groups + grp];
+        z_hi[u] = zeros[static_cast<int64_t>(n0 + 8) * groups + grp];
       }
-      const uint32_t a[4] = {pack2<T>(w[0], w[1]), pack2<T>(w[2], w[3]),
-                             pack2<T>(w[4], w[5]), pack2<T>(w[6], w[7])};
-      const int k0 = c * kChunkK + step * 16 + 2 * t;
+    }
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int m = m_base + mt * 8 + g;
-        uint32_t b[2] = {0u, 0u};
-        if (m < M) {
-          const uint32_t* row = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m) * K);
-          b[0] = __ldg(row + k0 / 2);
-          b[1] = __ldg(row + (k0 + 8) / 2);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kWarps;
+      if (c >= chunks) break;
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+        const uint32_t q = step == 0 ? packed[u].x : packed[u].y;
+        float w[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int code = (q >> (4 * i)) & 0xF;
+          const bool hi_row = (i >> 1) & 1;
+          const float v = kIntGrid ? static_cast<float>(code) - int_offset
+                                   : lut_s[g + (hi_row ? 8 : 0)][code];
+          w[i] = fmaf(v, hi_row ? s_hi[u] : s_lo[u], hi_row ? z_hi[u] : z_lo[u]);
         }
-        mma_16816<T>(acc[mt], a, b);
+        const uint32_t a[4] = {pack2<T>(w[0], w[1]), pack2<T>(w[2], w[3]),
+                               pack2<T>(w[4], w[5]), pack2<T>(w[6], w[7])};
+        const int k0 = c * kChunkK + step * 16 + 2 * t;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int m = m_base + mt * 8 + g;
+          uint32_t b[2] = {0u, 0u};
+          if (m < M) {
+            const uint32_t* row =
+                reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m) * K);
+            b[0] = __ldg(row + k0 / 2);
+            b[1] = __ldg(row + (k0 + 8) / 2);
+          }
+          mma_16816<T>(acc[mt], a, b);
+        }
       }
     }
   }
