@@ -12,8 +12,10 @@
 // A warp's 32 lanes read 256 contiguous bytes per chunk: coalesced, no shared memory staging.
 //
 // Tables: the 16 rows' tables of a tile go to shared memory as float (1 KB per block), read
-// by code; integer grids skip them (value = code - offset). Scales and zeros are float32 [N,
-// K/g]. A block of 8 warps owns one 16-row tile and splits K across its warps (chunk c goes to
+// by code; integer grids skip them (value = code - offset). Tables, scales and zeros [N, K/g]
+// keep the canonical weight's dtype (bf16, f16 or f32: `table_kind`, uniform across a launch,
+// so the branch costs nothing) and are widened to float exactly on load: 16-bit scales and
+// zeros move half the bytes of float ones (5% of the weight bytes at g128, 16% at g32). A block of 8 warps owns one 16-row tile and splits K across its warps (chunk c goes to
 // warp c % 8), each warp loading 8 chunks ahead, then reduces the partial sums in shared
 // memory: for small M this gives N/16 blocks x 8 warps with about 2 KB in flight per warp,
 // which is what it takes to cover the memory latency at full bandwidth.
@@ -26,6 +28,14 @@
 
 namespace any4 {
 
+enum TableKind : int { kTableF32 = 0, kTableBF16 = 1, kTableF16 = 2 };
+
+__device__ __forceinline__ float load_table(const void* p, int64_t i, int kind) {
+  if (kind == kTableBF16) return __bfloat162float(__ldg(static_cast<const __nv_bfloat16*>(p) + i));
+  if (kind == kTableF16) return __half2float(__ldg(static_cast<const __half*>(p) + i));
+  return __ldg(static_cast<const float*>(p) + i);
+}
+
 constexpr int kWarps = 8;   // split K of one 16-row tile
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
@@ -35,9 +45,9 @@ constexpr int kUnroll = 8;  // chunks a warp loads ahead
 template <typename T, bool kIntGrid, int MT>
 __global__ void __launch_bounds__(kWarps * 32)
 lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
-                const float* __restrict__ lut, const float* __restrict__ scales,
-                const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
-                int group_size, float int_offset) {
+                const void* __restrict__ lut, const void* __restrict__ scales,
+                const void* __restrict__ zeros, int table_kind, T* __restrict__ y, int M,
+                int N, int K, int group_size, float int_offset) {
   __shared__ float lut_s[kTileN][16];
   __shared__ float red_s[kWarps][32][MT * 4];
 
@@ -53,7 +63,8 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 
   if (!kIntGrid) {
     for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
-      lut_s[i / 16][i % 16] = lut[(tile * kTileN + i / 16) * 16 + i % 16];
+      lut_s[i / 16][i % 16] =
+          load_table(lut, static_cast<int64_t>(tile * kTileN + i / 16) * 16 + i % 16, table_kind);
     }
     __syncthreads();
   }
@@ -79,10 +90,12 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
       if (c < chunks) {
         packed[u] = codes[(static_cast<int64_t>(tile) * chunks + c) * 32 + lane];
         const int grp = (c * kChunkK) / group_size;
-        s_lo[u] = scales[static_cast<int64_t>(n0) * groups + grp];
-        z_lo[u] = zeros[static_cast<int64_t>(n0) * groups + grp];
-        s_hi[u] = scales[static_cast<int64_t>(n0 + 8) * groups + grp];
-        z_hi[u] = zeros[static_cast<int64_t>(n0 + 8) * groups + grp];
+        const int64_t lo = static_cast<int64_t>(n0) * groups + grp;
+        const int64_t hi = lo + 8 * static_cast<int64_t>(groups);
+        s_lo[u] = load_table(scales, lo, table_kind);
+        z_lo[u] = load_table(zeros, lo, table_kind);
+        s_hi[u] = load_table(scales, hi, table_kind);
+        z_hi[u] = load_table(zeros, hi, table_kind);
       }
     }
 #pragma unroll
@@ -145,30 +158,22 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 // Launch for any M: block rows of 8 (M <= 8) or 16 batch rows.
 template <typename T>
 cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
-                            const float* lut, const float* scales, const float* zeros, T* y,
-                            int M, int N, int K, int group_size, int int_offset) {
+                            const void* lut, const void* scales, const void* zeros,
+                            int table_kind, T* y, int M, int N, int K, int group_size,
+                            int int_offset) {
   const dim3 block(kWarps * 32);
   const bool int_grid = int_offset >= 0;
   const float off = static_cast<float>(int_offset);
+  const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);
+#define ANY4_LAUNCH(INT_GRID, MT)                                                          \
+  lut_gemm_kernel<T, INT_GRID, MT><<<grid, block, 0, stream>>>(                            \
+      x, codes, lut, scales, zeros, table_kind, y, M, N, K, group_size, off)
   if (M <= 8) {
-    const dim3 grid(N / kTileN, 1);
-    if (int_grid) {
-      lut_gemm_kernel<T, true, 1><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
-                                                              M, N, K, group_size, off);
-    } else {
-      lut_gemm_kernel<T, false, 1><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
-                                                               M, N, K, group_size, off);
-    }
+    if (int_grid) ANY4_LAUNCH(true, 1); else ANY4_LAUNCH(false, 1);
   } else {
-    const dim3 grid(N / kTileN, (M + 15) / 16);
-    if (int_grid) {
-      lut_gemm_kernel<T, true, 2><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
-                                                              M, N, K, group_size, off);
-    } else {
-      lut_gemm_kernel<T, false, 2><<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y,
-                                                               M, N, K, group_size, off);
-    }
+    if (int_grid) ANY4_LAUNCH(true, 2); else ANY4_LAUNCH(false, 2);
   }
+#undef ANY4_LAUNCH
   return cudaGetLastError();
 }
 

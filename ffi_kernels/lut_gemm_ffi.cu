@@ -33,9 +33,8 @@ std::string dims_str(ffi::AnyBuffer::Dimensions d) {
 }
 
 ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
-                   ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::F32> scales,
-                   ffi::Buffer<ffi::F32> zeros, ffi::Result<ffi::AnyBuffer> y,
-                   int64_t group_size, int64_t int_offset) {
+                   ffi::AnyBuffer lut, ffi::AnyBuffer scales, ffi::AnyBuffer zeros,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t group_size, int64_t int_offset) {
   // Shapes were checked in Python; these checks guard against a mismatched caller.
   auto xd = x.dimensions();
   auto cd = codes.dimensions();
@@ -53,6 +52,28 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("any4_lut_gemm: y must have x's dtype");
   }
+  const auto ld = lut.dimensions(), sd = scales.dimensions(), zd = zeros.dimensions();
+  const int64_t groups = K / group_size;
+  if (ld.size() != 2 || ld[0] != N || ld[1] != 16 || sd.size() != 2 || sd[0] != N ||
+      sd[1] != groups || zd.size() != 2 || zd[0] != N || zd[1] != groups) {
+    return ffi::Error::InvalidArgument(
+        "any4_lut_gemm: expected lut [" + std::to_string(N) + ", 16] and scales/zeros [" +
+        std::to_string(N) + ", " + std::to_string(groups) + "]; got lut " + dims_str(ld) +
+        ", scales " + dims_str(sd) + ", zeros " + dims_str(zd));
+  }
+  const auto tdt = lut.element_type();
+  if (scales.element_type() != tdt || zeros.element_type() != tdt) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm: lut, scales and zeros must share a dtype");
+  }
+  int table_kind;
+  switch (tdt) {
+    case ffi::DataType::F32: table_kind = any4::kTableF32; break;
+    case ffi::DataType::BF16: table_kind = any4::kTableBF16; break;
+    case ffi::DataType::F16: table_kind = any4::kTableF16; break;
+    default:
+      return ffi::Error::InvalidArgument("any4_lut_gemm: tables must be float32, bfloat16 or "
+                                         "float16");
+  }
   if (M == 0) return ffi::Error::Success();
   const auto* c = reinterpret_cast<const uint2*>(codes.typed_data());
   cudaError_t err;
@@ -60,16 +81,17 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
     case ffi::DataType::BF16:
       err = any4::launch_lut_gemm<__nv_bfloat16>(
           stream, reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()), c,
-          lut.typed_data(), scales.typed_data(), zeros.typed_data(),
+          lut.untyped_data(), scales.untyped_data(), zeros.untyped_data(), table_kind,
           reinterpret_cast<__nv_bfloat16*>(y->untyped_data()), static_cast<int>(M),
           static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size),
           static_cast<int>(int_offset));
       break;
     case ffi::DataType::F16:
       err = any4::launch_lut_gemm<__half>(
-          stream, reinterpret_cast<const __half*>(x.untyped_data()), c, lut.typed_data(),
-          scales.typed_data(), zeros.typed_data(), reinterpret_cast<__half*>(y->untyped_data()),
-          static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+          stream, reinterpret_cast<const __half*>(x.untyped_data()), c, lut.untyped_data(),
+          scales.untyped_data(), zeros.untyped_data(), table_kind,
+          reinterpret_cast<__half*>(y->untyped_data()), static_cast<int>(M), static_cast<int>(N),
+          static_cast<int>(K),
           static_cast<int>(group_size), static_cast<int>(int_offset));
       break;
     default:
@@ -89,9 +111,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemm, LutGemm,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()           // x [M, K]
                                   .Arg<ffi::Buffer<ffi::U32>>()    // codes [N/16, K/32, 32, 2]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // lut [N, 16]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // scales [N, K/g]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // zeros [N, K/g]
+                                  .Arg<ffi::AnyBuffer>()           // lut [N, 16]
+                                  .Arg<ffi::AnyBuffer>()           // scales [N, K/g]
+                                  .Arg<ffi::AnyBuffer>()           // zeros [N, K/g]
                                   .Ret<ffi::AnyBuffer>()           // y [M, N]
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("int_offset"));

@@ -6,8 +6,9 @@
 (`scripts/device_run.sh` step "sanitize" runs memcheck and racecheck.) The platform allocator
 gives every buffer its own allocation, so a read or write past the end of x, the codes, the
 tables or y is an error the tool reports, not a silent access into a pooled neighbour. Cases:
-table and integer-grid paths, bf16 and f16, ragged M on both batch-block widths, several
-16-row tiles, groups of 32 to 256 with K of one to several chunks per warp.
+table and integer-grid paths, bf16 and f16 activations with 16-bit or float32 tables, ragged
+M on both batch-block widths, several 16-row tiles, groups of 32 to 256 with K of one to
+several chunks per warp.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def main():
     worst = 0.0
     for n, k, g in ((16, 32, 32), (48, 192, 64), (32, 512, 256), (80, 384, 128)):
         for fmt in ("any4", "int4"):
-            for dtype in (jnp.bfloat16, jnp.float16):
+            # activations bf16 / f16, tables in the activation dtype or float32
+            for dtype, wdt in ((jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16),
+                               (jnp.bfloat16, jnp.float32)):
                 w = rng.standard_t(4, size=(n, k)) * 0.02
-                qw = quantize_weight(jnp.asarray(w, dtype), QuantConfig(format=fmt, group_size=g))
+                qw = quantize_weight(jnp.asarray(w, wdt), QuantConfig(format=fmt, group_size=g))
                 cw = prepare_cuda(qw)
                 for m in (1, 3, 8, 9, 17, 33):
                     x = jnp.asarray(rng.standard_normal((m, k)), dtype)

@@ -5,7 +5,9 @@ lane L (g = L // 4, t = L % 4) holds two uint32 (k-steps 0 and 1 of the chunk), 
 which is the code of
     row = 16 * tile + g + 8 * ((i >> 1) & 1),
     col = 32 * chunk + 16 * step + 2 * t + (i & 1) + 8 * (i >> 2).
-Tables, scales and zeros become float32 (exact from bf16/f16). `CudaWeight.canonical()` goes
+Tables, scales and zeros keep the canonical dtype when it is bfloat16 or float16 (the kernel
+widens them exactly on load; half the bytes of float32) and are float32 otherwise.
+`CudaWeight.canonical()` goes
 back (bit-exact), so a prepared model still saves, analyses and runs on other paths.
 `emulate` replays the kernel's data flow in numpy from the prepared arrays, so the layout is
 tested on machines without a GPU.
@@ -42,9 +44,9 @@ class CudaWeight:
     """A QuantizedWeight in the CUDA kernel's layout (a pytree; metadata static)."""
 
     codes: jax.Array  # [N/16, K/32, 32, 2] uint32
-    lut: jax.Array  # [N, 16] float32
-    scales: jax.Array  # [N, K/g] float32
-    zeros: jax.Array  # [N, K/g] float32
+    lut: jax.Array  # [N, 16] bfloat16, float16 or float32 (one dtype for the three)
+    scales: jax.Array  # [N, K/g]
+    zeros: jax.Array  # [N, K/g]
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
     int_offset: int = dataclasses.field(metadata=dict(static=True))  # -1: use the table
@@ -110,9 +112,12 @@ def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
         raise ValueError("prepare_cuda: " + "; ".join(reasons))
     if qw.codes.ndim != 2:
         raise ValueError("prepare_cuda: one [N, K] weight at a time (vmap over a stack)")
+    tdt = jnp.dtype(qw.lut.dtype)
+    if tdt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        tdt = jnp.dtype(jnp.float32)
     return CudaWeight(codes=_prepare_codes(qw.codes, n=n, k=k),
-                      lut=qw.lut.astype(jnp.float32), scales=qw.scales.astype(jnp.float32),
-                      zeros=qw.zeros.astype(jnp.float32), shape=(n, k),
+                      lut=qw.lut.astype(tdt), scales=qw.scales.astype(tdt),
+                      zeros=qw.zeros.astype(tdt), shape=(n, k),
                       group_size=qw.group_size, int_offset=qw.int_grid_offset() or -1,
                       format=qw.format, n_bit=qw.n_bit, symmetric=qw.symmetric, dtype=qw.dtype,
                       table_dtype=str(jnp.dtype(qw.lut.dtype)))

@@ -52,6 +52,19 @@ def test_emulated_kernel_matches_reference(rng, fmt, dtype):
     np.testing.assert_array_equal(emulate(eye, cw), w.T)
 
 
+@pytest.mark.parametrize("wdt, tdt", [(jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16),
+                                      (jnp.float32, jnp.float32)])
+def test_prepared_tables_keep_16bit_dtypes_and_emulate_with_bf16_activations(rng, wdt, tdt):
+    qw = _qweight(rng, 32, 128, g=32, dtype=wdt)
+    cw = prepare_cuda(qw)
+    assert cw.lut.dtype == cw.scales.dtype == cw.zeros.dtype == tdt
+    assert cw.nbytes() == qw.nbytes() if wdt != jnp.float32 else cw.nbytes() > 0
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    ref = np.asarray(lut_matmul_reference(x, qw).astype(jnp.float32))
+    got = emulate(x, cw)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOLERANCE[jnp.bfloat16]
+
+
 def test_layout_errors_and_declines(rng):
     assert layout_reasons(40, 64, 32) == ["N=40 is not a multiple of 16"]
     assert "group_size=16" in " ".join(layout_reasons(32, 64, 16))
@@ -144,6 +157,21 @@ class TestCudaGpu(LutMatmulBase):
         if x.dtype == jnp.float32:  # the kernel takes 16-bit activations
             pytest.skip("float32 activations are not a CUDA kernel input")
         return lut_matmul(x, qw, implementation="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_float32_tables_with_16bit_activations(rng):
+    """A float32 model's tables stay float32 in the layout (the kernel's table_kind path)."""
+    from any4_jax.kernels.cuda_ffi import lut_matmul_cuda
+
+    qw = _qweight(rng, 64, 512, g=64, dtype=jnp.float32)
+    cw = prepare_cuda(qw)
+    assert cw.scales.dtype == jnp.float32
+    for dtype in (jnp.bfloat16, jnp.float16):
+        x = jnp.asarray(rng.standard_normal((5, 512)), dtype)
+        y = np.asarray(lut_matmul_cuda(x, cw).astype(jnp.float32))
+        np.testing.assert_allclose(y, emulate(x, cw), rtol=0, atol=TOLERANCE[dtype] *
+                                   float(np.abs(emulate(x, cw)).max()))
 
 
 GPU_CASES = ([(name, "any4", g, dt) for name in LLAMA_SHAPES for g in (32, 64, 128, 256)
