@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (no network): install the project (building the CUDA library), then
 # the steps; results land in $OUT (or ./device_out). One command may run 10 minutes, so a
-# session runs it in about three calls, most important first:
+# session runs it in four calls, most important first:
 #   STEPS="tests sanitize" bash scripts/device_run.sh   # correctness (GPU tests, memcheck)
 #   STEPS="bench decode" bash scripts/device_run.sh     # kernel table, end-to-end decode
-#   STEPS="tune model quantize" bash scripts/device_run.sh
+#   STEPS="tune" bash scripts/device_run.sh             # then copy $OUT/tuning.json into
+#                                                       # any4_jax/kernels/ and commit it
+#   STEPS="model quantize" bash scripts/device_run.sh   # quantization speed
 set -uo pipefail
 OUT=${OUT:-device_out}
 STEPS=${STEPS:-"tests sanitize bench decode tune model quantize"}
@@ -37,7 +39,8 @@ for step in $STEPS; do
       python3 scripts/bench_decode.py --model llama3-8b --out "$OUT" 2>&1 \
         | tee "$OUT/bench_decode.txt" ;;
     tune)
-      python3 scripts/tune_pallas.py --write --reps 5 2>&1 | tail -40 | tee "$OUT/tune.txt"
+      python3 scripts/tune_pallas.py --write --reps 5 --budget-s 360 2>&1 | tail -40 \
+        | tee "$OUT/tune.txt"
       cp any4_jax/kernels/tuning.json "$OUT/" 2>/dev/null ;;
     bench)
       python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.txt" ;;

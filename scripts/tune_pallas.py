@@ -1,13 +1,18 @@
 """Tune the Pallas kernel's block sizes per Llama shape and M bucket (run on a GPU).
 
-    python scripts/tune_pallas.py [--group-size 128] [--shapes ...] [--write]
+    python scripts/tune_pallas.py [--group-size 128] [--shapes ...] [--buckets 16,64]
+                                  [--budget-s 420] [--write]
 
-For each shape and M in the buckets {16, 32, 64, 128, 256} (M=1 uses the 16 bucket), times every
-candidate (bn, bk, num_warps, num_stages) with rotated weight copies (kernel_timing.py), keeps
-the fastest, and records `dense_threshold`: the smallest M at which the reference path
-(dequantize, then dense GEMM) beats the best kernel config. `--write` stores the result in
+For each shape and M bucket (M=1..16 use the 16 bucket; buckets not tuned fall back to the
+rule in kernels/tuning.py), times every candidate (bn, bk, num_warps, num_stages) with rotated
+weight copies (kernel_timing.py) and keeps the fastest. Then the crossovers: `dense_threshold`,
+the largest M in {32, 64, 128, 256} below which the best Pallas config still beats the
+reference path (dequantize, then dense GEMM), and, when the CUDA kernel is built,
+`cuda_dense_threshold`, the same for the CUDA kernel (what `implementation=None` uses).
+Every Triton compile costs about a second, so the search stops at --budget-s seconds and keeps
+what it has (a GPU command may run 10 minutes). `--write` merges the result into
 any4_jax/kernels/tuning.json (with the GPU name, jax version and this command), which
-`kernels.tuning.block_config` reads.
+`kernels.tuning` reads.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -27,7 +33,26 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import _qweights  # noqa: E402
 from kernel_timing import copies_for, time_per_call  # noqa: E402
 
-BUCKETS = (16, 32, 64, 128, 256)
+CROSSOVER_MS = (32, 64, 128, 256)
+CANDIDATES = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4)))
+
+
+def _cuda(x, q):
+    from any4_jax.kernels import lut_matmul
+
+    return lut_matmul(x, q, implementation="cuda")
+
+
+def crossover(time_kernel, time_reference, k) -> int:
+    """The largest M in CROSSOVER_MS up to which the kernel beats the reference (the last M
+    before the reference first wins)."""
+    last = 16
+    for m in CROSSOVER_MS:
+        x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
+        if time_reference(x) < time_kernel(x):
+            return last
+        last = m
+    return last
 
 
 def main():
@@ -41,25 +66,36 @@ def main():
     ap.add_argument("--format", default="any4")
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--buckets", default="16,64", help="M buckets to tune (16 covers M=1..16)")
+    ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit("tune_pallas.py needs a GPU: the timings are the point")
+    from any4_jax.kernels import can_use, prepare
+
     g = args.group_size
     entries = {}
+    t_start = time.perf_counter()
+    over = lambda: time.perf_counter() - t_start > args.budget_s
     for name in args.shapes.split(","):
+        if over():
+            print(f"budget of {args.budget_s:.0f} s spent: stopping before {name}",
+                  file=sys.stderr)
+            break
         n, k = LLAMA_SHAPES[name]
         one, _ = _qweights(n, k, args.format, g, 1)
         qws, _ = _qweights(n, k, args.format, g, copies_for(one[0].nbytes()))
-        threshold = None
-        for m in BUCKETS:
+        ref_t = lambda x, qws=qws: time_per_call(lut_matmul_reference, x, qws, reps=args.reps)
+        for m in (int(b) for b in args.buckets.split(",")):
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
             best = None
-            for bn, bk, warps, stages in itertools.product(
-                    (32, 64, 128), (64, 128, 256), (2, 4, 8), (2, 3, 4)):
+            for bn, bk, warps, stages in CANDIDATES:
                 if n % bn or g % bk or bk > g:
                     continue
-                cfg = {"bm": min(m, 64), "bn": bn, "bk": bk, "num_warps": warps,
+                if over() and best is not None:
+                    break
+                cfg = {"bm": min(max(m, 16), 64), "bn": bn, "bk": bk, "num_warps": warps,
                        "num_stages": stages}
                 try:
                     t = time_per_call(lambda x, q, c=cfg: lut_matmul_pallas(x, q, config=c),
@@ -69,14 +105,25 @@ def main():
                     continue
                 if best is None or t < best[0]:
                     best = (t, cfg)
-            ref = time_per_call(lut_matmul_reference, x, qws, reps=args.reps)
+            if best is None:
+                continue
+            ref = ref_t(x)
             entries[f"{n}x{k}:g{g}:m{m_bucket(m)}"] = {**best[1], "us": best[0] * 1e6,
                                                        "reference_us": ref * 1e6}
             print(f"{name} M={m}: {best[0] * 1e6:.1f} us {best[1]} (reference "
                   f"{ref * 1e6:.1f} us)", file=sys.stderr)
-            if threshold is None and ref < best[0]:
-                threshold = m - 1
-        entries[f"{n}x{k}:dense_threshold"] = threshold or BUCKETS[-1]
+        if not over():
+            entries[f"{n}x{k}:dense_threshold"] = crossover(
+                lambda x, qws=qws: time_per_call(lut_matmul_pallas, x, qws, reps=args.reps,
+                                                 warmup=1), ref_t, k)
+        if not over() and not can_use("cuda", jnp.zeros((1, k), jnp.bfloat16), qws[0]):
+            cws = [prepare(q, "cuda") for q in qws]
+            entries[f"{n}x{k}:cuda_dense_threshold"] = crossover(
+                lambda x, cws=cws: time_per_call(_cuda, x, cws, reps=args.reps, warmup=1),
+                ref_t, k)
+        print(f"{name}: " + json.dumps({e: v for e, v in entries.items()
+                                        if e.startswith(f"{n}x{k}:") and "threshold" in e}),
+              file=sys.stderr)
     rec = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "command": "python scripts/tune_pallas.py " + " ".join(sys.argv[1:]),
            "entries": entries}
