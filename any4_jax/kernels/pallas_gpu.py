@@ -14,8 +14,9 @@ blocks of BK (BK divides g, so one scale and one zero per row and block). Per bl
   3. dequantize in float32 with one multiply-add per weight (as the reference does, so an
      identity activation returns the dequantized weight bit for bit), cast to x's dtype;
   4. two MMAs (even and odd halves) into a float32 accumulator.
-The table, scales and zeros are transposed to [16 | K/g, N] once per call in XLA so that the
-kernel's per-block loads of them are contiguous rows.
+The table, scales and zeros are read in their canonical [N, 16 | K/g] layout: a program loads
+its BN rows' 16 table entries once (one [BN, 1] column per entry) and one [BN, 1] column of
+scales and zeros per K block, so no per-call transpose or re-layout runs in XLA.
 
 Compiler parameters are passed explicitly (`plgpu.CompilerParams`): jax 0.10 and 0.11 differ
 in their default GPU backend for Pallas.
@@ -49,12 +50,12 @@ def _lookup(codes, lut_rows, *, int_offset):
 
 def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
             bk: int, g: int, int_offset, precision):
-    # xe/xo: [BM, K/2]; codes: [BN, K/2]; lut: [16, BN]; scales/zeros: [K/g, BN]
+    # xe/xo: [BM, K/2]; codes: [BN, K/2]; lut: [BN, 16]; scales/zeros: [BN, K/g]
     bk2 = bk // 2
     n_blocks = xe_ref.shape[1] // bk2
     bm, bn = o_ref.shape
     if int_offset is None:
-        lut_rows = [lut_ref[i, :].astype(jnp.float32)[:, None] for i in range(16)]
+        lut_rows = [lut_ref[:, pl.ds(i, 1)].astype(jnp.float32) for i in range(16)]
     else:
         lut_rows = None
     blocks_per_group = g // bk
@@ -63,8 +64,8 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
         sl = pl.ds(kb * bk2, bk2)
         packed = codes_ref[:, sl].astype(jnp.int32)  # [BN, BK2]
         grp = kb // blocks_per_group
-        s = scales_ref[grp, :].astype(jnp.float32)[:, None]  # [BN, 1]
-        z = zeros_ref[grp, :].astype(jnp.float32)[:, None]
+        s = scales_ref[:, pl.ds(grp, 1)].astype(jnp.float32)  # [BN, 1]
+        z = zeros_ref[:, pl.ds(grp, 1)].astype(jnp.float32)
         xe = xe_ref[:, sl]
         xo = xo_ref[:, sl]
         for half, x in ((packed & 0xF, xe), (packed >> 4, xo)):
@@ -98,16 +99,16 @@ def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk
             pl.BlockSpec((bm, k // 2), lambda i, j: (j, 0)),
             pl.BlockSpec((bm, k // 2), lambda i, j: (j, 0)),
             pl.BlockSpec((bn, k // 2), lambda i, j: (i, 0)),
-            pl.BlockSpec((16, bn), lambda i, j: (0, i)),
-            pl.BlockSpec((k // g, bn), lambda i, j: (0, i)),
-            pl.BlockSpec((k // g, bn), lambda i, j: (0, i)),
+            pl.BlockSpec((bn, 16), lambda i, j: (i, 0)),
+            pl.BlockSpec((bn, k // g), lambda i, j: (i, 0)),
+            pl.BlockSpec((bn, k // g), lambda i, j: (i, 0)),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
         out_shape=jax.ShapeDtypeStruct((mp, n), x2.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=NAME,
-    )(xe, xo, codes, lut.T, scales.T, zeros.T)
+    )(xe, xo, codes, lut, scales, zeros)
     return out[:m]
 
 
