@@ -1,7 +1,7 @@
 """Batch-1 decode speed, bf16 vs 4-bit weights through each `lut_matmul` implementation.
 
     python scripts/bench_decode.py [--model llama3-8b] [--tokens 128] [--format any4]
-                                   [--group-size 128] [--kernels dense,xla,pallas,cuda]
+                                   [--group-size 128] [--kernels dense,xla,pallas,cuda,cpu]
                                    [--quantize-lm-head] [--out benchmarks/results]
 
 A model of the preset's shapes with random weights (speed does not depend on the values; no
@@ -107,7 +107,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--format", default="any4", choices=("any4", "int4"))
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--kernels", default="dense,xla,pallas,cuda")
+    ap.add_argument("--kernels", default=None,
+                    help="default: dense,xla,pallas,cuda on a GPU, dense,xla,cpu on a CPU")
     ap.add_argument("--quantize-lm-head", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--out", default="benchmarks/results")
@@ -116,8 +117,9 @@ def main():
     found = [c for name, c in PRESETS.items() if norm(name) == norm(args.model)]
     if not found:
         ap.error(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
-    kernels = args.kernels.split(",")
-    unknown = set(kernels) - {"dense", "xla", "pallas", "cuda"}
+    kernels = (args.kernels or ("dense,xla,pallas,cuda" if jax.default_backend() == "gpu"
+                                else "dense,xla,cpu")).split(",")
+    unknown = set(kernels) - {"dense", "xla", "pallas", "cuda", "cpu"}
     if unknown:
         ap.error(f"--kernels: unknown {', '.join(sorted(unknown))}")
 

@@ -10,7 +10,8 @@ activations and output) against the device's copy bandwidth measured here. Each
 implementation gets its weight layout prepared once, outside the timed call (as QuantDense
 does), e.g. the CUDA kernel's fragment-ordered codes. Weight copies are rotated so the
 L2 cache is not what gets measured (see kernel_timing.py). Writes JSON named after the GPU and
-prints a markdown table. On a CPU it runs the reference and dense paths only (a smoke test).
+prints a markdown table. On a CPU it times the reference, the CPU kernel and a float32 dense
+GEMM (`--dtype`); the GPU kernels decline there.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_timing import copies_for, copy_bandwidth, time_per_call  # noqa: E402
 
-IMPLS = ("xla", "pallas", "cuda")
+IMPLS = ("xla", "pallas", "cuda", "cpu")
+NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel"}
 
 
-def _qweights(n, k, fmt, g, copies, seed=0):
+def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
     from any4_jax import QuantConfig, quantize_weight
 
     rng = np.random.default_rng(seed)
-    w = jnp.asarray(rng.standard_t(4, size=(n, k)) * 0.02, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_t(4, size=(n, k)) * 0.02, dtype)
     qw = quantize_weight(w, QuantConfig(format=fmt, group_size=g, sample_weighting="none"))
     # copies: same values, distinct buffers
     return [jax.tree.map(lambda a: a + 0 if a.dtype != jnp.uint8 else a ^ 0, qw)
@@ -52,8 +54,12 @@ def main():
     ap.add_argument("--format", default="any4")
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="activations and dense weights (default: bfloat16 on a GPU, float32 "
+                         "on a CPU)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    dt = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
 
     dev = jax.devices()[0]
     bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
@@ -61,20 +67,20 @@ def main():
     rows = []
     for name in args.shapes.split(","):
         n, k = LLAMA_SHAPES[name]
-        one, _ = _qweights(n, k, args.format, args.group_size, 1)
+        one, _ = _qweights(n, k, args.format, args.group_size, 1, dtype=dt)
         qbytes = one[0].nbytes()
         copies = copies_for(qbytes)
-        qws, w = _qweights(n, k, args.format, args.group_size, copies)
-        dense = [w + 0 for _ in range(copies_for(n * k * 2))]
+        qws, w = _qweights(n, k, args.format, args.group_size, copies, dtype=dt)
+        dense = [w + 0 for _ in range(copies_for(n * k * dt.itemsize))]
         # each implementation reads its own layout, prepared once (as QuantDense does)
         prepared = {impl: [prepare(q, impl) for q in qws] for impl in IMPLS
-                    if not can_use(impl, jnp.zeros((1, k), jnp.bfloat16), qws[0])}
+                    if not can_use(impl, jnp.zeros((1, k), dt), qws[0])}
         for m in (int(s) for s in args.ms.split(",")):
-            x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
-            act = x.size * 2 + m * n * 2
+            x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), dt)
+            act = (x.size + m * n) * dt.itemsize
             row = {"shape": name, "n": n, "k": k, "m": m, "bytes": qbytes + act,
-                   "dense_bytes": n * k * 2 + act}
-            row["dense_bf16_s"] = time_per_call(lambda x, w: x @ w.T, x, dense, reps=args.reps)
+                   "dense_bytes": n * k * dt.itemsize + act}
+            row["dense_s"] = time_per_call(lambda x, w: x @ w.T, x, dense, reps=args.reps)
             for impl in IMPLS:
                 reasons = can_use(impl, x, qws[0])
                 if reasons or impl not in prepared:
@@ -92,6 +98,7 @@ def main():
             print(json.dumps({k2: v for k2, v in row.items() if not k2.endswith("declined")}),
                   file=sys.stderr)
     rec = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+           "dtype": dt.name,
            "copy_bandwidth_bytes_per_s": bw, "format": args.format,
            "group_size": args.group_size, "rows": rows,
            "command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])}
@@ -102,21 +109,26 @@ def main():
     def us(t):
         return "-" if t is None else f"{t * 1e6:.1f}"
 
-    print("| shape (N x K) | M | dense bf16 (us) | reference (us) | Pallas (us) | CUDA (us) | "
-          "Pallas vs dense | CUDA vs dense | Pallas % of copy BW | CUDA % of copy BW |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    ran = [i for i in IMPLS if any(r.get(f"{i}_s") is not None for r in rows)]
+    fast = [i for i in ran if i != "xla"]
+    head = (["shape (N x K)", "M", f"dense {dt.name} (us)"] + [f"{NAMES[i]} (us)" for i in ran]
+            + [f"{NAMES[i]} vs dense" for i in fast]
+            + [f"{NAMES[i]} % of copy BW" for i in fast])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in rows:
         def ratio(impl, r=r):
             t = r.get(f"{impl}_s")
-            return "-" if t is None else f"{r['dense_bf16_s'] / t:.2f}x"
+            return "-" if t is None else f"{r['dense_s'] / t:.2f}x"
 
         def frac(impl, r=r):
             f = r.get(f"{impl}_bw_fraction")
             return "-" if f is None else f"{100 * f:.0f}%"
 
-        print(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['m']} | {us(r['dense_bf16_s'])} | "
-              f"{us(r['xla_s'])} | {us(r.get('pallas_s'))} | {us(r.get('cuda_s'))} | "
-              f"{ratio('pallas')} | {ratio('cuda')} | {frac('pallas')} | {frac('cuda')} |")
+        cells = ([f"{r['shape']} ({r['n']}x{r['k']})", str(r["m"]), us(r["dense_s"])]
+                 + [us(r.get(f"{i}_s")) for i in ran] + [ratio(i) for i in fast]
+                 + [frac(i) for i in fast])
+        print("| " + " | ".join(cells) + " |")
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -81,12 +81,25 @@ def _cuda_can_use(x, q):
     return can_use_cuda(x, q)
 
 
-# The Pallas and CUDA modules are imported (and the CUDA library loaded) on first use.
+def _cpu(x, q):
+    from any4_jax.kernels.cpu import lut_matmul_cpu
+
+    return lut_matmul_cpu(x, q)
+
+
+def _cpu_can_use(x, q):
+    from any4_jax.kernels.cpu import can_use_cpu
+
+    return can_use_cpu(x, q)
+
+
+# The kernel modules are imported (and their libraries built / loaded) on first use.
 _REGISTRY: dict[str, Implementation] = {
     "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
     # Not yet run on a GPU (no GPU in the sessions that wrote them): see README.
     "pallas": Implementation("pallas", _pallas, _pallas_can_use, verified=False),
     "cuda": Implementation("cuda", _cuda, _cuda_can_use, verified=False),
+    "cpu": Implementation("cpu", _cpu, _cpu_can_use),
 }
 
 # Tried in this order when implementation=None; only registered ones count.

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,54 +23,14 @@ TARGET = "any4_kmeans_rows"
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "kmeans_cpu.cc")
 
 
-def _cache_lib_dir() -> str:
-    from any4_jax.assets import cache_dir
-
-    return os.path.join(cache_dir(), "lib")
-
-
-def _cpu_signature() -> bytes:
-    import platform
-
-    sig = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            sig += next((ln for ln in fh if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return sig.encode()
-
-
 @functools.cache
 def _library() -> str | None:
     """Path of the compiled library (building it if needed), or None with a warning."""
     if os.environ.get("ANY4_JAX_CPU_KMEANS", "1") == "0":
         return None
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        warnings.warn("no C++ compiler found: any-n k-means runs on the (slower) XLA path",
-                      stacklevel=3)
-        return None
-    with open(SOURCE, "rb") as fh:
-        src = fh.read()
-    # -march=native: the library is specific to this CPU, so its flags are part of the key
-    tag = hashlib.sha256(src + jax.__version__.encode() + cxx.encode()
-                         + _cpu_signature()).hexdigest()[:16]
-    out = os.path.join(_cache_lib_dir(), f"kmeans_cpu-{tag}.so")
-    if os.path.isfile(out):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.{os.getpid()}.tmp"
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
-           "-Wno-return-type", "-Wno-attributes", "-I", jax.ffi.include_dir(), SOURCE,
-           "-o", tmp]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        warnings.warn(f"building the CPU k-means failed ({' '.join(cmd)}):\n"
-                      f"{r.stderr[-2000:]}\nfalling back to the XLA path", stacklevel=3)
-        return None
-    os.replace(tmp, out)
-    return out
+    from any4_jax.cpu_build import build_library
+
+    return build_library("kmeans_cpu", SOURCE, what="any-n k-means")
 
 
 @functools.cache

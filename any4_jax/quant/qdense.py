@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from any4_jax.kernels.api import lut_matmul
+from any4_jax.kernels.api import can_use, lut_matmul
 from any4_jax.kernels.cuda_layout import CudaWeight
 from any4_jax.quant.qweight import QuantizedWeight
 
@@ -25,7 +25,11 @@ class QuantState(nnx.Variable):
 
 
 class QuantDense(nnx.Module):
-    """y = lut_matmul(x, qweight) (+ bias): float32 accumulation, y in x's dtype."""
+    """y = lut_matmul(x, qweight) (+ bias): float32 accumulation, y in x's dtype.
+
+    `implementation` is the layer's preference: it runs wherever it takes the input, and an
+    input it declines (a prefill above a kernel's row threshold, say) gets the automatic choice.
+    """
 
     def __init__(self, qweight: QuantizedWeight, bias=None, *, implementation: str | None = None):
         qweight.check()
@@ -86,7 +90,11 @@ class QuantDense(nnx.Module):
         """out_dtype: None = x's dtype; float32 for logits (x is promoted first)."""
         if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
             x = x.astype(jnp.promote_types(x.dtype, out_dtype))
-        y = lut_matmul(x, self.weight, implementation=self.implementation)
+        w = self.weight
+        impl = self.implementation
+        if impl is not None and can_use(impl, x, w):
+            impl = None  # declined for this input (e.g. too many rows): the automatic choice
+        y = lut_matmul(x, w, implementation=impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y if out_dtype is None else y.astype(out_dtype)

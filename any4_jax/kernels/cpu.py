@@ -1,0 +1,109 @@
+"""The LUT GEMM on the CPU (XLA FFI, C++): `implementation="cpu"` of `lut_matmul`.
+
+For the small M of decoding, where the reference path dequantizes the whole weight to float32
+on every call and then reads it again: this kernel reads the packed 4-bit codes once per four
+rows of x and dequantizes in registers (AVX-512: one permute looks up 16 table entries; AVX2
+and a scalar loop otherwise), rows of the weight spread over XLA's intra-op threads
+(`csrc/lut_gemm_cpu.cc`). Above `MAX_ROWS` rows of x the reference's dense GEMM is faster
+and this kernel declines. The library is compiled on first use into the cache
+(`any4_jax/cpu_build.py`); `ANY4_JAX_CPU_KERNEL=0` turns it off.
+
+Numerics follow the reference: the weight is `fma(lut[c], scale, zero)` in float32 rounded to
+x's dtype (bit for bit `dequantize(x.dtype)`, so identity activations give the dequantized
+weight exactly), products and sums in float32 (only the order of the sum differs), y rounded
+to x's dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from any4_jax.quant.qweight import QuantizedWeight
+
+TARGET = "any4_lut_gemm_cpu"
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "lut_gemm_cpu.cc")
+# Rows of x above which the reference (dequantize once, XLA's GEMM) wins on the CPU: measured
+# with scripts/bench_kernels.py on the 2-core development machine (see README).
+MAX_ROWS = 32
+
+
+@functools.cache
+def _library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    from any4_jax.cpu_build import build_library
+
+    path = build_library("lut_gemm_cpu", SOURCE, what="the CPU LUT GEMM",
+                         extra_flags=extra_flags)
+    return None if path is None else ctypes.cdll.LoadLibrary(path)
+
+
+@functools.cache
+def _registered() -> bool:
+    lib = _library()
+    if lib is None:
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Any4LutGemmCpu), platform="cpu")
+    return True
+
+
+def _register() -> str | None:
+    """Builds, loads and registers the handler (once); a reason when it cannot run."""
+    if os.environ.get("ANY4_JAX_CPU_KERNEL", "1") == "0":
+        return "the CPU kernel is turned off (ANY4_JAX_CPU_KERNEL=0)"
+    if not _registered():
+        return "the CPU kernel could not be built (no C++ compiler, or the build failed)"
+    return None
+
+
+def vector_width() -> int:
+    """Floats per vector in the built library: 16 (AVX-512), 8 (AVX2) or 0 (scalar)."""
+    lib = _library()
+    return 0 if lib is None else int(lib.Any4LutGemmCpuVectorWidth())
+
+
+def can_use_cpu(x, qweight) -> list[str]:
+    reasons = []
+    if jax.default_backend() != "cpu":
+        reasons.append(f"the CPU kernel runs on the CPU backend (jax's backend is "
+                       f"{jax.default_backend()!r})")
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    if m > MAX_ROWS:
+        reasons.append(f"M={m} rows exceed {MAX_ROWS}, above which dequantize-then-dense "
+                       "(XLA's GEMM) is the faster path on the CPU")
+    if not reasons:
+        why = _register()
+        if why:
+            reasons.append(why)
+    return reasons
+
+
+_ROUND = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
+
+
+def _call(x2, codes, lut, scales, zeros, *, group_size: int, target: str = TARGET):
+    m = x2.shape[0]
+    n = codes.shape[0]
+    f32 = jnp.float32
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), f32),
+                            vmap_method="sequential")(
+        x2.astype(f32), codes, lut.astype(f32), scales.astype(f32), zeros.astype(f32),
+        group_size=np.int64(group_size), round=np.int64(_ROUND[jnp.dtype(x2.dtype)]))
+
+
+def lut_matmul_cpu(x: jax.Array, qweight: QuantizedWeight) -> jax.Array:
+    """x: [..., K] -> [..., N] in x's dtype."""
+    why = _register()
+    if why:
+        raise RuntimeError(why)
+    n, k = qweight.shape
+    lead = x.shape[:-1]
+    y = _call(x.reshape(-1, k), qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
+              group_size=qweight.group_size)
+    return y.astype(x.dtype).reshape(*lead, n)

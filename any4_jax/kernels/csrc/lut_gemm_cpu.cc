@@ -1,0 +1,259 @@
+// The LUT GEMM for small batches on the CPU, as an XLA FFI handler: `implementation="cpu"`
+// of lut_matmul (any4_jax/kernels/cpu.py compiles it on first use with -march=native).
+//
+//   y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = fma(lut[n, c[n, k]], s[n, k / g], z[n, k / g])
+//
+// x, tables, scales and zeros float32; codes the canonical packed [N, K/2] uint8 (element 2j
+// in the low nibble of byte j). Decode is memory-bound: this reads 4-bit codes once per
+// 4 rows of x instead of a dequantized float32 matrix. Per 16 codes (AVX-512): split the 8
+// bytes into nibbles, widen to 16 int32 indices, look the row's 16-entry table up with one
+// permute (vpermps), one FMA applies the group's scale and zero, then one FMA per row of x.
+// AVX2 does 8 at a time (two 8-entry permutes and a blend); other CPUs take the scalar loop.
+// The weight is the reference's, bit for bit: one rounding (as fmaf), then, for bf16 / f16
+// activations, rounding to that dtype (round to nearest even), as `dequantize(x.dtype)`
+// does; x is exact in float32 and the sums are float32. Rows of w are split over XLA's
+// intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMB = 4;  // rows of x per pass over a weight row
+
+// What the weight is rounded to before the products (x's dtype).
+enum Round : int { kNone = 0, kBF16 = 1, kF16 = 2 };
+
+inline float round_scalar(float w, int round) {
+  if (round == kBF16) {
+    uint32_t u;
+    __builtin_memcpy(&u, &w, 4);
+    if ((u & 0x7F800000u) != 0x7F800000u) u += 0x7FFFu + ((u >> 16) & 1u);  // finite: RNE
+    u &= 0xFFFF0000u;
+    __builtin_memcpy(&w, &u, 4);
+    return w;
+  }
+  if (round == kF16) return static_cast<float>(static_cast<_Float16>(w));
+  return w;
+}
+
+#if defined(__AVX512F__)
+constexpr int kVec = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+struct Table {
+  __m512 t;
+  explicit Table(const float* lut) : t(_mm512_loadu_ps(lut)) {}
+};
+template <int R>
+inline Vec vround(Vec w) {
+  if constexpr (R == kBF16) {  // round to nearest even on the top 16 bits (finite weights)
+    const __m512i u = _mm512_castps_si512(w);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xFFFF0000u)));
+  } else if constexpr (R == kF16) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return w;
+  }
+}
+// 16 codes from 8 bytes -> w = fma(lut[c], s, z)
+inline Vec dequant(const uint8_t* p, const Table& lut, Vec s, Vec z) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, mask),
+                                      _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+  return _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), lut.t), s, z);
+}
+#elif defined(__AVX2__)
+constexpr int kVec = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float v) { return _mm256_set1_ps(v); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+struct Table {
+  __m256 lo, hi;
+  explicit Table(const float* lut) : lo(_mm256_loadu_ps(lut)), hi(_mm256_loadu_ps(lut + 8)) {}
+};
+template <int R>
+inline Vec vround(Vec w) {
+  if constexpr (R == kBF16) {
+    const __m256i u = _mm256_castps_si256(w);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else if constexpr (R == kF16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return w;
+  }
+}
+// 8 codes from 4 bytes -> w = fma(lut[c], s, z)
+inline Vec dequant(const uint8_t* p, const Table& lut, Vec s, Vec z) {
+  int32_t word;
+  __builtin_memcpy(&word, p, 4);
+  const __m128i b = _mm_cvtsi32_si128(word);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, mask),
+                                      _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+  const __m256i idx = _mm256_cvtepu8_epi32(c);
+  const __m256 v_lo = _mm256_permutevar8x32_ps(lut.lo, idx);  // uses the low 3 bits
+  const __m256 v_hi = _mm256_permutevar8x32_ps(lut.hi, idx);
+  const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+  return _mm256_fmadd_ps(_mm256_blendv_ps(v_lo, v_hi, hi), s, z);
+}
+#else
+constexpr int kVec = 0;
+#endif
+
+struct Problem {
+  const float* x;
+  const uint8_t* codes;
+  const float* lut;
+  const float* scales;
+  const float* zeros;
+  float* y;
+  int64_t M, N, K, g;
+  int round;
+};
+
+// Weight rows [n0, n1), every row of x; the scalar loop (any K and group size).
+void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t groups = p.K / p.g;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    const float* lut = p.lut + n * 16;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* xm = p.x + m * p.K;
+      float acc = 0.f;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const float s = p.scales[n * groups + grp], z = p.zeros[n * groups + grp];
+        for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += 2) {
+          const uint8_t b = c[k / 2];
+          acc += xm[k] * round_scalar(std::fmaf(lut[b & 0xF], s, z), p.round);
+          acc += xm[k + 1] * round_scalar(std::fmaf(lut[b >> 4], s, z), p.round);
+        }
+      }
+      p.y[m * p.N + n] = acc;
+    }
+  }
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Weight rows [n0, n1) with vectors (K and g multiples of kVec).
+template <int R>
+void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t groups = p.K / p.g;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    const Table lut(p.lut + n * 16);
+    for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
+      const int mb = static_cast<int>(std::min<int64_t>(kMB, p.M - m0));
+      const float* xm = p.x + m0 * p.K;
+      Vec acc[kMB];
+      for (int i = 0; i < kMB; ++i) acc[i] = vzero();
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const Vec s = vset1(p.scales[n * groups + grp]);
+        const Vec z = vset1(p.zeros[n * groups + grp]);
+        for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec) {
+          const Vec w = vround<R>(dequant(c + k / 2, lut, s, z));
+          if (mb == kMB) {
+            for (int i = 0; i < kMB; ++i) acc[i] = vfma(w, vload(xm + i * p.K + k), acc[i]);
+          } else {
+            for (int i = 0; i < mb; ++i) acc[i] = vfma(w, vload(xm + i * p.K + k), acc[i]);
+          }
+        }
+      }
+      for (int i = 0; i < mb; ++i) p.y[(m0 + i) * p.N + n] = vsum(acc[i]);
+    }
+  }
+}
+#endif
+
+void rows(const Problem& p, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (p.g % kVec == 0) {
+    if (p.round == kBF16) return rows_vector<kBF16>(p, n0, n1);
+    if (p.round == kF16) return rows_vector<kF16>(p, n0, n1);
+    return rows_vector<kNone>(p, n0, n1);
+  }
+#endif
+  rows_scalar(p, n0, n1);
+}
+
+ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                      ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::F32> scales,
+                      ffi::Buffer<ffi::F32> zeros, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t group_size, int64_t round) {
+  const auto xd = x.dimensions(), cd = codes.dimensions();
+  if (xd.size() != 2 || cd.size() != 2) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: x must be [M, K], codes [N, K/2]");
+  }
+  Problem p{x.typed_data(), codes.typed_data(), lut.typed_data(), scales.typed_data(),
+            zeros.typed_data(), y->typed_data(), xd[0], cd[0], xd[1], group_size,
+            static_cast<int>(round)};
+  const int64_t groups = p.g > 0 ? p.K / p.g : 0;
+  if (p.K != 2 * cd[1] || p.g <= 0 || p.K % p.g || lut.dimensions()[0] != p.N ||
+      lut.dimensions()[1] != 16 || scales.dimensions()[0] != p.N ||
+      scales.dimensions()[1] != groups || zeros.dimensions()[0] != p.N ||
+      zeros.dimensions()[1] != groups) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: inconsistent shapes");
+  }
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  // Enough rows per task that scheduling costs little; at most one task per pool thread
+  // (plus this thread).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  const int64_t tasks = std::max<int64_t>(
+      1, std::min<int64_t>(threads, (p.N * p.K * std::max<int64_t>(p.M, 1)) / (1 << 18)));
+  const int64_t per = (p.N + tasks - 1) / tasks;
+  std::atomic<int64_t> pending(tasks - 1);
+  for (int64_t t = 1; t < tasks; ++t) {
+    const int64_t n0 = t * per, n1 = std::min(p.N, n0 + per);
+    pool.Schedule([&p, &pending, n0, n1] {
+      if (n0 < n1) rows(p, n0, n1);
+      pending.fetch_sub(1, std::memory_order_release);
+    });
+  }
+  rows(p, 0, std::min(p.N, per));
+  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int Any4LutGemmCpuVectorWidth() { return kVec; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemmCpu, LutGemmCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // codes [N, K/2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lut [N, 16]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales [N, K/g]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // zeros [N, K/g]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("round"));

@@ -1,0 +1,83 @@
+"""The CPU LUT GEMM (`implementation="cpu"`): the shared battery against the reference, each
+instruction set it has a path for (built here with the wider ones turned off), dispatch."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax.kernels import can_use, lut_matmul, pick
+from any4_jax.kernels import cpu as cpu_kernel
+from any4_jax.kernels.reference import lut_matmul_reference
+from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
+
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernel runs on the CPU"),
+    pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                       reason="no C++ compiler to build the CPU kernel"),
+]
+
+
+class TestCpu(LutMatmulBase):
+    implementation = "cpu"
+
+    def run(self, x, qw):
+        return cpu_kernel.lut_matmul_cpu(x, qw)  # any M (lut_matmul declines above MAX_ROWS)
+
+
+# The same source built with the wider instruction sets switched off: the AVX2 and scalar
+# paths run here too, whatever this CPU has.
+VARIANTS = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2")}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request):
+    lib = cpu_kernel._library(VARIANTS[request.param])
+    assert lib is not None
+    target = f"{cpu_kernel.TARGET}_{request.param}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.Any4LutGemmCpu), platform="cpu")
+    assert lib.Any4LutGemmCpuVectorWidth() == {"avx2": 8, "scalar": 0}[request.param]
+    return target
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("g, k", [(32, 256), (64, 192), (24, 96)])  # 24: not a vector multiple
+def test_instruction_set_variants(rng, variant, dtype, g, k):
+    qw = _qweight(rng, 40, k, fmt="any4", g=g, dtype=dtype)
+    for m in (1, 5):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        y = cpu_kernel._call(x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=g,
+                             target=variant).astype(dtype)
+        ref = lut_matmul_reference(x, qw)
+        err = float(jnp.linalg.norm((y - ref).astype(jnp.float32))
+                    / jnp.linalg.norm(ref.astype(jnp.float32)))
+        assert err < TOLERANCE[dtype], (m, err)
+    eye = jnp.eye(k, dtype=dtype)[:7]
+    y = cpu_kernel._call(eye, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=g,
+                         target=variant)
+    np.testing.assert_array_equal(np.asarray(y.astype(dtype).astype(jnp.float32)),
+                                  np.asarray(qw.dequantize(dtype).astype(jnp.float32))[:, :7].T)
+
+
+def test_dispatch_small_m_to_the_kernel_and_large_m_to_the_reference(rng):
+    qw = _qweight(rng, 64, 256, g=64, dtype=jnp.float32)
+    small = jnp.ones((2, 3, 256), jnp.float32)  # M = 6
+    assert pick(small, qw) == "cpu"
+    big = jnp.ones((cpu_kernel.MAX_ROWS + 1, 256), jnp.float32)
+    reasons = can_use("cpu", big, qw)
+    assert any("dequantize-then-dense" in r for r in reasons)
+    assert pick(big, qw) == "xla"
+    # the automatic choice agrees with the reference within the dtype's tolerance
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    np.testing.assert_allclose(lut_matmul(x, qw), lut_matmul_reference(x, qw), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_turned_off_by_environment(rng, monkeypatch):
+    monkeypatch.setenv("ANY4_JAX_CPU_KERNEL", "0")
+    qw = _qweight(rng, 32, 128, g=32, dtype=jnp.float32)
+    x = jnp.ones((1, 128), jnp.float32)
+    assert any("ANY4_JAX_CPU_KERNEL=0" in r for r in can_use("cpu", x, qw))
+    assert pick(x, qw) == "xla"
