@@ -1,7 +1,11 @@
 """The CPU LUT GEMM (`implementation="cpu"`): the shared battery against the reference, each
 instruction set it has a path for (built here with the wider ones turned off), dispatch."""
 
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +85,32 @@ def test_turned_off_by_environment(rng, monkeypatch):
     x = jnp.ones((1, 128), jnp.float32)
     assert any("ANY4_JAX_CPU_KERNEL=0" in r for r in can_use("cpu", x, qw))
     assert pick(x, qw) == "xla"
+
+
+def test_many_independent_calls_in_one_jit_finish():
+    """XLA:CPU runs independent custom calls at once on its intra-op threads; each call hands
+    rows to the same pool. A call waits only for rows another thread has claimed, never for a
+    queued task, so this finishes in about a second (waiting on queued tasks livelocked this
+    very case). In a subprocess with a timeout, so a regression fails instead of hanging CI."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from tests.kernels.test_lut_matmul import _qweight
+        from any4_jax.kernels.cpu import lut_matmul_cpu
+        rng = np.random.default_rng(0)
+        qw = _qweight(rng, 2048, 2048, g=128, dtype=jnp.float32)
+        qws = [jax.tree.map(lambda a: a + 0 if a.dtype != jnp.uint8 else a ^ 0, qw)
+               for _ in range(64)]  # 64 copies: one call each, all independent
+        x = jnp.asarray(rng.standard_normal((1, 2048)), jnp.float32)
+        f = jax.jit(lambda x, ws: sum(lut_matmul_cpu(x, w).sum() for w in ws))
+        for _ in range(3):
+            total = float(f(x, qws))
+        want = 64 * float(lut_matmul_cpu(x, qw).sum())
+        assert abs(total - want) <= 1e-4 * (1 + abs(want)), (total, want)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one host device, as users run it (conftest asks for 8)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=root, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

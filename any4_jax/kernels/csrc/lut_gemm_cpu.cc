@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <thread>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -223,22 +224,39 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: inconsistent shapes");
   }
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  // Enough rows per task that scheduling costs little; at most one task per pool thread
-  // (plus this thread).
+  // Rows of w in chunks claimed from a shared counter by this thread and by tasks on XLA's
+  // intra-op pool. The caller works too and then waits only for chunks other threads have
+  // claimed (they are running), never for a task still queued: two such calls running on
+  // the pool's threads at once cannot wait on each other. The state is shared with the tasks,
+  // so one that starts after the call has returned finds no chunk left and touches nothing
+  // else.
+  struct State {
+    Problem p;
+    int64_t chunks, per;
+    std::atomic<int64_t> next{0}, done{0};
+  };
   const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
-  const int64_t tasks = std::max<int64_t>(
-      1, std::min<int64_t>(threads, (p.N * p.K * std::max<int64_t>(p.M, 1)) / (1 << 18)));
-  const int64_t per = (p.N + tasks - 1) / tasks;
-  std::atomic<int64_t> pending(tasks - 1);
-  for (int64_t t = 1; t < tasks; ++t) {
-    const int64_t n0 = t * per, n1 = std::min(p.N, n0 + per);
-    pool.Schedule([&p, &pending, n0, n1] {
-      if (n0 < n1) rows(p, n0, n1);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
+  // at least ~256K weight-rows per chunk, so that scheduling costs little
+  const int64_t work = p.N * p.K * p.M;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 18));
+  auto st = std::make_shared<State>();
+  st->p = p;
+  st->per = (p.N + chunks - 1) / chunks;
+  st->chunks = (p.N + st->per - 1) / st->per;
+  auto run = [](State& s) {
+    for (;;) {
+      const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= s.chunks) return;
+      rows(s.p, c * s.per, std::min(s.p.N, (c + 1) * s.per));
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(threads, st->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([st, run] { run(*st); });
   }
-  rows(p, 0, std::min(p.N, per));
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  run(*st);
+  while (st->done.load(std::memory_order_acquire) < st->chunks) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
