@@ -16,9 +16,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <thread>
+#include <mutex>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -234,8 +235,12 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     Problem p;
     int64_t chunks, per;
     std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
   };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  // This thread and pool.num_threads() - 1 helpers: one runner per pool thread (the pool is
+  // sized to the cores), so the runners do not crowd each other off the cores.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // at least ~256K weight-rows per chunk, so that scheduling costs little
   const int64_t work = p.N * p.K * p.M;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 18));
@@ -248,7 +253,10 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
       if (c >= s.chunks) return;
       rows(s.p, c * s.per, std::min(s.p.N, (c + 1) * s.per));
-      s.done.fetch_add(1, std::memory_order_release);
+      if (s.done.fetch_add(1, std::memory_order_acq_rel) + 1 == s.chunks) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
     }
   };
   const int64_t helpers = std::min<int64_t>(threads, st->chunks) - 1;
@@ -256,7 +264,11 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     pool.Schedule([st, run] { run(*st); });
   }
   run(*st);
-  while (st->done.load(std::memory_order_acquire) < st->chunks) std::this_thread::yield();
+  // the chunks still out are being run by other threads: sleep until the last one is done
+  if (st->done.load(std::memory_order_acquire) < st->chunks) {
+    std::unique_lock<std::mutex> lock(st->mu);
+    st->cv.wait(lock, [&] { return st->done.load(std::memory_order_acquire) == st->chunks; });
+  }
   return ffi::Error::Success();
 }
 
