@@ -27,8 +27,10 @@ fi
 for step in $STEPS; do
   case $step in
     tests)
-      python3 -m pytest -q -x tests/quant tests/kernels -k "not sharded" -m "not slow" \
-        -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest.txt" ;;
+      # the kernel tests first; at most 10 failures (a broken kernel fails every case)
+      python3 -m pytest -q -rfE --maxfail=10 tests/kernels tests/quant -k "not sharded" \
+        -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_full.txt" | tail -40 \
+        | tee "$OUT/pytest.txt" ;;
     sanitize)
       for tool in memcheck racecheck; do
         XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool \
