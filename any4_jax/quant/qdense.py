@@ -48,6 +48,7 @@ class QuantDense(nnx.Module):
         self.scales = QuantState(w.scales)
         self.zeros = QuantState(w.zeros)
         self.layout = "cuda" if isinstance(w, CudaWeight) else "canonical"
+        self.int_offset = w.int_offset if isinstance(w, CudaWeight) else -1
 
     @property
     def weight(self) -> QuantizedWeight | CudaWeight:
@@ -58,26 +59,17 @@ class QuantDense(nnx.Module):
                 zeros=self.zeros[...], format=self.format, n_bit=self.n_bit,
                 group_size=self.group_size, symmetric=self.symmetric,
                 shape=(self.out_features, self.in_features), dtype=self.weight_dtype)
-        q = self.qweight_meta()
         return CudaWeight(codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
-                          zeros=self.zeros[...], shape=q.shape, group_size=q.group_size,
-                          int_offset=q.int_grid_offset() or -1, format=q.format,
-                          n_bit=q.n_bit, symmetric=q.symmetric, dtype=q.dtype,
-                          table_dtype=self.table_dtype)
+                          zeros=self.zeros[...], shape=(self.out_features, self.in_features),
+                          group_size=self.group_size, int_offset=self.int_offset,
+                          format=self.format, n_bit=self.n_bit, symmetric=self.symmetric,
+                          dtype=self.weight_dtype, table_dtype=self.table_dtype)
 
     @property
     def qweight(self) -> QuantizedWeight:
         """The canonical QuantizedWeight (converted back if the layer is prepared)."""
         w = self.weight
         return w.canonical() if isinstance(w, CudaWeight) else w
-
-    def qweight_meta(self) -> QuantizedWeight:
-        """A QuantizedWeight with this layer's metadata and no arrays (for its rules)."""
-        return QuantizedWeight(codes=None, lut=None, scales=None, zeros=None,
-                               format=self.format, n_bit=self.n_bit,
-                               group_size=self.group_size, symmetric=self.symmetric,
-                               shape=(self.out_features, self.in_features),
-                               dtype=self.weight_dtype)
 
     def prepare(self, implementation: str | None) -> None:
         """Stores the weight in the layout `implementation` reads ("cuda": the CUDA kernel's;
