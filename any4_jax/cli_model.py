@@ -38,6 +38,15 @@ def use_kernel(model, kernel: str) -> None:
     layouts = prepare_model(model, None if kernel == "auto" else kernel)
     if layouts:
         counts = ", ".join(f"{n} {k}" for k, n in Counter(layouts.values()).items())
+        if kernel == "auto":
+            import jax
+
+            from any4_jax.kernels import pick
+            from any4_jax.quant.calibrate import get_layer
+
+            layer = get_layer(model, next(iter(layouts)))
+            probe = jax.ShapeDtypeStruct((1, layer.in_features), model.dtype)
+            kernel = f"auto, {pick(probe, layer.weight)} when decoding"
         print(f"quantized layers: {len(layouts)} (layout: {counts}; kernel: {kernel})",
               file=sys.stderr)
 
