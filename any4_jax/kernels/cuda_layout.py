@@ -83,13 +83,18 @@ def layout_reasons(n: int, k: int, g: int) -> list[str]:
     return reasons
 
 
+# The fragment order is a pure permutation of index bits: lane = 4g + t and nibble
+# i = 4 i2 + 2 i1 + i0 sit at row = 8 i1 + g, col = 16 step + 8 i2 + 2t + i0 of the tile, so
+# both directions are a reshape and a transpose (no gather or scatter over the codes).
+_TILE_AXES = (0, 3, 2, 6, 4, 5, 1, 7)  # [nt, i1, g, kc, step, i2, t, i0] -> fragment order
+_FRAG_AXES = (0, 6, 2, 1, 4, 5, 3, 7)  # [nt, kc, g, t, step, i2, i1, i0] -> tile order
+
+
 @functools.partial(jax.jit, static_argnames=("n", "k"))
 def _prepare_codes(packed, *, n, k):
     codes = unpack_codes(packed).astype(jnp.uint32)  # [N, K]
-    tiles = codes.reshape(n // TILE_N, TILE_N, k // CHUNK_K, CHUNK_K)  # [nt, 16, kc, 32]
-    rows, cols = _fragment_index()
-    frag = tiles[:, rows, :, cols]  # [32, 2, 8, nt, kc]
-    frag = jnp.moveaxis(frag, (3, 4), (0, 1))  # [nt, kc, 32, 2, 8]
+    bits = codes.reshape(n // TILE_N, 2, 8, k // CHUNK_K, 2, 2, 4, 2)
+    frag = bits.transpose(_TILE_AXES).reshape(n // TILE_N, k // CHUNK_K, 32, 2, 8)
     shifts = (4 * jnp.arange(8, dtype=jnp.uint32))
     return jnp.sum(frag << shifts, axis=-1, dtype=jnp.uint32)  # [nt, kc, 32, 2]
 
@@ -98,10 +103,8 @@ def _prepare_codes(packed, *, n, k):
 def _unprepare_codes_jnp(codes, *, n, k):
     """[N/16, K/32, 32, 2] uint32 -> packed [N, K/2] uint8 (inverse of `_prepare_codes`)."""
     nib = (codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # [nt,kc,32,2,8]
-    rows, cols = _fragment_index()
-    tiles = jnp.zeros((n // TILE_N, TILE_N, k // CHUNK_K, CHUNK_K), jnp.uint8)
-    tiles = tiles.at[:, rows, :, cols].set(jnp.moveaxis(nib, (0, 1), (3, 4)).astype(jnp.uint8))
-    return pack_codes(tiles.reshape(n, k))
+    bits = nib.astype(jnp.uint8).reshape(n // TILE_N, k // CHUNK_K, 8, 4, 2, 2, 2, 2)
+    return pack_codes(bits.transpose(_FRAG_AXES).reshape(n, k))
 
 
 def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
