@@ -107,19 +107,32 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     t0 = time.perf_counter()
     first_s = 0.0
     pos = p
-    while reason != "eos" and len(out) < max_new_tokens:
-        key, sub = jax.random.split(key)
-        tok, cache = _decode(graphdef, state, tok, cache, jnp.int32(pos), float(temperature),
-                             float(top_p), sub)
-        out.append(int(tok[0]))
-        if pos == p:
-            first_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        pos += 1
-        if on_token:
-            on_token(out[-1])
-        if out[-1] in eos:
-            reason = "eos"
+    # Step i + 1 is dispatched before token i is read back, so the host's work (reading the
+    # token, the callback, dispatching) overlaps the device's. The first decode step runs alone
+    # (it compiles, and is timed apart). An EOS is seen one step late: that step's result is
+    # dropped.
+    dev_tok = tok
+    inflight = None  # a dispatched step's token, not yet read
+    while reason != "eos":
+        wanted = len(out) + (inflight is not None) < max_new_tokens
+        if wanted:
+            key, sub = jax.random.split(key)
+            dev_tok, cache = _decode(graphdef, state, dev_tok, cache, jnp.int32(pos),
+                                     float(temperature), float(top_p), sub)
+            pos += 1
+            if pos == p + 1:  # the compiling first step: wait for it, time it apart
+                dev_tok.block_until_ready()
+                first_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+        if inflight is not None:
+            out.append(int(inflight[0]))
+            if on_token:
+                on_token(out[-1])
+            if out[-1] in eos:
+                reason = "eos"
+        if not wanted:
+            break
+        inflight = dev_tok
     decode_s = time.perf_counter() - t0 if pos > p else 0.0
     return out, prefill_s, first_s, decode_s, reason
 
