@@ -1,7 +1,7 @@
 """LUT-GEMM kernels vs the reference and dense bf16 on real Llama shapes (run on a GPU).
 
     python scripts/bench_kernels.py [--ms 1,4,16,64] [--group-size 128] [--format any4]
-                                    [--shapes llama3-8b/gate_up,...] [--out benchmarks/results]
+                                    [--shapes llama3-8b/gate_up,...|NxK] [--out benchmarks/results]
 
 For each shape and M: median time of the reference path (`implementation="xla"`: dequantize,
 then a dense GEMM), the Pallas kernel, the CUDA kernel when built, and a dense bf16 `x @ W.T`;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -66,7 +67,12 @@ def main():
     print(f"device: {dev.device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
     rows = []
     for name in args.shapes.split(","):
-        n, k = LLAMA_SHAPES[name]
+        if name in LLAMA_SHAPES:
+            n, k = LLAMA_SHAPES[name]
+        elif re.fullmatch(r"\d+x\d+", name):
+            n, k = map(int, name.split("x"))  # N x K, e.g. for a quick check
+        else:
+            ap.error(f"--shapes: unknown {name!r}; give one of {', '.join(LLAMA_SHAPES)} or NxK")
         one, _ = _qweights(n, k, args.format, args.group_size, 1, dtype=dt)
         qbytes = one[0].nbytes()
         copies = copies_for(qbytes)
