@@ -209,3 +209,28 @@ def test_gpu_llama_shapes(rng, name, fmt, g, dtype):
     eye = jnp.eye(64, k, dtype=dtype)
     np.testing.assert_array_equal(np.asarray(f(eye, cw).astype(jnp.float32)),
                                   np.asarray(w[:, :64].T))
+
+
+@pytest.mark.parametrize("fmt, wdt", [("any4", jnp.bfloat16), ("int4", jnp.float16),
+                                      ("any4", jnp.float32)])
+def test_ffi_call_exports_for_cuda_from_this_machine(rng, fmt, wdt):
+    """The Python side of the FFI call (operands, dtypes, attributes, batch reshapes) lowered
+    for the CUDA platform without a GPU: the custom call, its operand types and attributes."""
+    from jax import export
+
+    from any4_jax.kernels.cuda_ffi import TARGET, _register, lut_matmul_cuda
+
+    why = _register()
+    if why:
+        pytest.skip(why)
+    qw = _qweight(rng, 48, 256, fmt=fmt, g=64, dtype=wdt)
+    cw = prepare_cuda(qw)
+    x = jnp.ones((2, 3, 256), jnp.bfloat16)
+    exp = export.export(jax.jit(lut_matmul_cuda), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TARGET)])(x, cw)
+    text = exp.mlir_module()
+    assert f"@{TARGET}" in text or f'"{TARGET}"' in text
+    assert "group_size = 64" in text and f"int_offset = {cw.int_offset}" in text
+    tdt = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[wdt]
+    assert f"tensor<48x16x{tdt}>" in text and "tensor<3x8x32x2xui32>" in text
+    assert exp.out_avals[0].shape == (2, 3, 48) and exp.out_avals[0].dtype == jnp.bfloat16
