@@ -153,7 +153,10 @@ def main():
         except ValueError as e:
             record(kernel, None, str(e))
             continue
-        record(kernel, decode_speed(model, prompt, args.tokens, args.runs))
+        try:
+            record(kernel, decode_speed(model, prompt, args.tokens, args.runs))
+        except Exception as e:  # noqa: BLE001 - one failing kernel must not cost the others
+            record(kernel, None, f"failed: {type(e).__name__}: {str(e)[:500]}")
 
     dense = next((r["tokens_per_s"] for r in rows if r["kernel"] == "dense"), None)
     rec = {"model": args.model, "device": dev.device_kind, "platform": dev.platform,

@@ -95,8 +95,15 @@ def main():
                     continue
                 ws = prepared[impl]
                 io = ws[0].nbytes() + act
-                t = time_per_call(lambda x, q, impl=impl: lut_matmul(x, q, implementation=impl),
-                                  x, ws, reps=args.reps)
+                try:
+                    t = time_per_call(
+                        lambda x, q, impl=impl: lut_matmul(x, q, implementation=impl), x, ws,
+                        reps=args.reps)
+                except Exception as e:  # noqa: BLE001 - one failing kernel must not stop all
+                    row[f"{impl}_s"] = None
+                    row[f"{impl}_declined"] = [f"failed: {type(e).__name__}: {str(e)[:500]}"]
+                    print(f"{name} M={m} {impl}: {row[f'{impl}_declined'][0]}", file=sys.stderr)
+                    continue
                 row[f"{impl}_s"] = t
                 row[f"{impl}_bytes"] = io
                 row[f"{impl}_bw_fraction"] = io / t / bw
