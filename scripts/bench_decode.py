@@ -132,6 +132,19 @@ def main():
                                                                 args.prompt_len)]
     mid = args.prompt_len + args.tokens // 2
     rows = []
+    n = 0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    name = "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "_")
+    path = Path(args.out) / f"decode_{args.model}_{name}.json"
+
+    def save():  # after every row: a run cut short by a time limit keeps what it measured
+        rec = {"model": args.model, "device": dev.device_kind, "platform": dev.platform,
+               "jax": jax.__version__, "dtype": args.dtype, "format": args.format,
+               "group_size": args.group_size, "quantized_layers": n,
+               "lm_head_quantized": args.quantize_lm_head, "prompt_tokens": args.prompt_len,
+               "new_tokens": args.tokens, "copy_bandwidth_bytes_per_s": bw, "rows": rows,
+               "command": "python scripts/bench_decode.py " + " ".join(sys.argv[1:])}
+        path.write_text(json.dumps(rec, indent=2))
 
     def record(kernel, tok_s, note=None):
         b = bytes_per_token(model, mid)
@@ -141,6 +154,7 @@ def main():
         if note:
             row["declined"] = note
         rows.append(row)
+        save()
         print(json.dumps(row), file=sys.stderr)
 
     if "dense" in kernels:
@@ -159,16 +173,6 @@ def main():
             record(kernel, None, f"failed: {type(e).__name__}: {str(e)[:500]}")
 
     dense = next((r["tokens_per_s"] for r in rows if r["kernel"] == "dense"), None)
-    rec = {"model": args.model, "device": dev.device_kind, "platform": dev.platform,
-           "jax": jax.__version__, "dtype": args.dtype, "format": args.format,
-           "group_size": args.group_size, "quantized_layers": n,
-           "lm_head_quantized": args.quantize_lm_head, "prompt_tokens": args.prompt_len,
-           "new_tokens": args.tokens, "copy_bandwidth_bytes_per_s": bw, "rows": rows,
-           "command": "python scripts/bench_decode.py " + " ".join(sys.argv[1:])}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "_")
-    path = Path(args.out) / f"decode_{args.model}_{name}.json"
-    path.write_text(json.dumps(rec, indent=2))
     print(f"| model | device | weights | kernel | GB read / token | tokens/s | floor tokens/s "
           f"| % of floor | vs {args.dtype} |")
     print("|---|---|---|---|---|---|---|---|---|")

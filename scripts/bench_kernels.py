@@ -66,6 +66,16 @@ def main():
     bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
     print(f"device: {dev.device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
     rows = []
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"kernels_{dev.device_kind.lower().replace(' ', '_')}.json"
+
+    def save():  # after every row: a run cut short by a time limit keeps what it measured
+        rec = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+               "dtype": dt.name, "copy_bandwidth_bytes_per_s": bw, "format": args.format,
+               "group_size": args.group_size, "rows": rows,
+               "command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])}
+        path.write_text(json.dumps(rec, indent=2))
+
     for name in args.shapes.split(","):
         if name in LLAMA_SHAPES:
             n, k = LLAMA_SHAPES[name]
@@ -108,16 +118,10 @@ def main():
                 row[f"{impl}_bytes"] = io
                 row[f"{impl}_bw_fraction"] = io / t / bw
             rows.append(row)
+            save()
             print(json.dumps({k2: v for k2, v in row.items() if not k2.endswith("declined")}),
                   file=sys.stderr)
-    rec = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-           "dtype": dt.name,
-           "copy_bandwidth_bytes_per_s": bw, "format": args.format,
-           "group_size": args.group_size, "rows": rows,
-           "command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"kernels_{dev.device_kind.lower().replace(' ', '_')}.json"
-    path.write_text(json.dumps(rec, indent=2))
+    save()
 
     def us(t):
         return "-" if t is None else f"{t * 1e6:.1f}"
