@@ -27,10 +27,15 @@ fi
 for step in $STEPS; do
   case $step in
     tests)
-      # the kernel tests first; at most 10 failures (a broken kernel fails every case)
-      python3 -m pytest -q -rfE --maxfail=10 tests/kernels tests/quant -k "not sharded" \
-        -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_full.txt" | tail -40 \
-        | tee "$OUT/pytest.txt" ;;
+      # the kernel tests and the layers that call them; at most 10 failures (a broken kernel
+      # fails every case)
+      python3 -m pytest -q -rfE --maxfail=10 tests/kernels tests/quant/test_prepare.py \
+        tests/quant/test_model_quant.py -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest_full.txt" | tail -40 | tee "$OUT/pytest.txt" ;;
+    quanttests)
+      # the whole quantization suite on the GPU backend (a session with time to spare)
+      python3 -m pytest -q -rfE tests/quant -k "not sharded" -m "not slow" \
+        -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/pytest_quant.txt" ;;
     sanitize)
       for tool in memcheck racecheck; do
         XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool $tool \
