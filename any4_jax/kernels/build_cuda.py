@@ -23,9 +23,10 @@ HEADERS = ["ffi_kernels/lut_gemm.cuh", "ffi_kernels/mma_bf16.cuh"]
 ARCHS = ["80", "90a"]
 
 
-def source_hash(root: str = ROOT) -> str | None:
+def source_hash(root: str | None = None) -> str | None:
     """sha256 of the kernel sources' sha256s (one hex line each, in name order): the rule of
     CMakeLists.txt. None when the sources are not there (an installed wheel)."""
+    root = root or ROOT
     lines = []
     for f in sorted(SOURCES + HEADERS):
         path = os.path.join(root, f)
@@ -58,6 +59,12 @@ def main(argv=None) -> int:
         print("nvcc not found: the CUDA kernels are not built; lut_matmul uses the Pallas or "
               "XLA paths", file=sys.stderr)
         return 0
+    if source_hash() is None:
+        print(f"the CUDA sources ({', '.join(SOURCES + HEADERS)}) are not under {ROOT}: this "
+              "is an installed wheel, not a source checkout. Build from the source tree "
+              "instead (`pip install --no-build-isolation .` there, with nvcc present).",
+              file=sys.stderr)
+        return 2
     include = jax.ffi.include_dir()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "libany4_cuda.so")

@@ -234,3 +234,13 @@ def test_ffi_call_exports_for_cuda_from_this_machine(rng, fmt, wdt):
     tdt = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[wdt]
     assert f"tensor<48x16x{tdt}>" in text and "tensor<3x8x32x2xui32>" in text
     assert exp.out_avals[0].shape == (2, 3, 48) and exp.out_avals[0].dtype == jnp.bfloat16
+
+
+def test_build_cuda_outside_a_source_checkout_says_so(monkeypatch, capsys):
+    from any4_jax.kernels import build_cuda
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("without nvcc build_cuda stops earlier, with its own message")
+    monkeypatch.setattr(build_cuda, "ROOT", "/nonexistent")
+    assert build_cuda.main(["--check"]) == 2
+    assert "not a source checkout" in capsys.readouterr().err
