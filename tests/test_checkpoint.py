@@ -10,20 +10,12 @@ import pytest
 from any4_jax import checkpoint as ck
 from any4_jax.eval.perplexity import perplexity
 from any4_jax.models.load import load_model
-from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens
-from any4_jax.quant.config import QuantConfig
-from any4_jax.quant.model_quant import quantize_model
-from tests.tiny_lm import byte_tokenizer, tiny_model
+from tests.tiny_lm import quantized_tiny, tiny_model
 
 
 @pytest.fixture(scope="module")
 def quantized():
-    tok = byte_tokenizer()
-    toks = calibration_tokens(tok.encode, CalibrationConfig())
-    qm, _ = quantize_model(tiny_model(), QuantConfig(format="any4", group_size=32),
-                           tokens=toks, overrides={"down_proj": {"format": "nf4"}},
-                           progress=False)
-    return qm, tok
+    return quantized_tiny("nf4")
 
 
 def test_round_trip_is_bit_exact(quantized, tmp_path):

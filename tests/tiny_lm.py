@@ -24,3 +24,18 @@ def tiny_model(seed: int = 0, **changes):
 
     cfg = TINY.replace(**changes) if changes else TINY
     return random_model(cfg, seed=seed, param_dtype=jnp.float32)
+
+
+def quantized_tiny(down_proj_format: str = "nf4"):
+    """(the tiny model quantized to any4 g32, calibrated on the built-in prompt, with its
+    down_proj layers in `down_proj_format`; the byte tokenizer)."""
+    from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens
+    from any4_jax.quant.config import QuantConfig
+    from any4_jax.quant.model_quant import quantize_model
+
+    tok = byte_tokenizer()
+    toks = calibration_tokens(tok.encode, CalibrationConfig())
+    qm, _ = quantize_model(tiny_model(), QuantConfig(format="any4", group_size=32),
+                           tokens=toks, overrides={"down_proj": {"format": down_proj_format}},
+                           progress=False)
+    return qm, tok

@@ -14,6 +14,7 @@ takes in place of the QuantizedWeight; the other implementations read the canoni
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Callable
 
@@ -57,49 +58,28 @@ def _common_reasons(x, qweight) -> list[str]:
     return reasons
 
 
-def _pallas(x, q):
-    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+def _lazy(module: str, name: str) -> Callable:
+    """`module.name`, imported on the first call (a kernel module may build or load a
+    library when imported or first used; `import any4_jax` must stay cheap)."""
 
-    return lut_matmul_pallas(x, q)
+    def call(x, q):
+        return getattr(importlib.import_module(module), name)(x, q)
 
-
-def _pallas_can_use(x, q):
-    from any4_jax.kernels.pallas_gpu import can_use_pallas
-
-    return can_use_pallas(x, q)
-
-
-def _cuda(x, q):
-    from any4_jax.kernels.cuda_ffi import lut_matmul_cuda
-
-    return lut_matmul_cuda(x, q)
-
-
-def _cuda_can_use(x, q):
-    from any4_jax.kernels.cuda_ffi import can_use_cuda
-
-    return can_use_cuda(x, q)
-
-
-def _cpu(x, q):
-    from any4_jax.kernels.cpu import lut_matmul_cpu
-
-    return lut_matmul_cpu(x, q)
-
-
-def _cpu_can_use(x, q):
-    from any4_jax.kernels.cpu import can_use_cpu
-
-    return can_use_cpu(x, q)
+    call.__name__ = name
+    return call
 
 
 # The kernel modules are imported (and their libraries built / loaded) on first use.
 _REGISTRY: dict[str, Implementation] = {
     "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
     # Not yet run on a GPU (no GPU in the sessions that wrote them): see README.
-    "pallas": Implementation("pallas", _pallas, _pallas_can_use, verified=False),
-    "cuda": Implementation("cuda", _cuda, _cuda_can_use, verified=False),
-    "cpu": Implementation("cpu", _cpu, _cpu_can_use),
+    "pallas": Implementation("pallas", _lazy("any4_jax.kernels.pallas_gpu", "lut_matmul_pallas"),
+                             _lazy("any4_jax.kernels.pallas_gpu", "can_use_pallas"),
+                             verified=False),
+    "cuda": Implementation("cuda", _lazy("any4_jax.kernels.cuda_ffi", "lut_matmul_cuda"),
+                           _lazy("any4_jax.kernels.cuda_ffi", "can_use_cuda"), verified=False),
+    "cpu": Implementation("cpu", _lazy("any4_jax.kernels.cpu", "lut_matmul_cpu"),
+                          _lazy("any4_jax.kernels.cpu", "can_use_cpu")),
 }
 
 # Tried in this order when implementation=None; only registered ones count.

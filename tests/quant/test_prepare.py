@@ -10,12 +10,10 @@ from flax import nnx
 from any4_jax import checkpoint as ck
 from any4_jax.kernels import CudaWeight, lut_matmul, pick, prepare
 from any4_jax.models.load import load_model
-from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens, dense_layers
-from any4_jax.quant.config import QuantConfig
-from any4_jax.quant.model_quant import quantize_model
+from any4_jax.quant.calibrate import dense_layers
 from any4_jax.quant.qdense import QuantDense, prepare_model
 from tests.kernels.test_lut_matmul import _qweight
-from tests.tiny_lm import byte_tokenizer, tiny_model
+from tests.tiny_lm import quantized_tiny
 
 FIELDS = ("codes", "lut", "scales", "zeros")
 
@@ -29,12 +27,7 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def quantized():
-    tok = byte_tokenizer()
-    toks = calibration_tokens(tok.encode, CalibrationConfig())
-    qm, _ = quantize_model(tiny_model(), QuantConfig(format="any4", group_size=32),
-                           tokens=toks, overrides={"down_proj": {"format": "int4"}},
-                           progress=False)
-    return qm, tok
+    return quantized_tiny("int4")
 
 
 @pytest.mark.parametrize("fmt", ["any4", "int4"])
