@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 from collections.abc import Callable
 
@@ -116,9 +117,7 @@ def pick(x: jax.Array, qweight: Weight) -> str:
     order = available()
     if isinstance(qweight, CudaWeight) and "cuda" in order:
         order = ["cuda"] + [n for n in order if n != "cuda"]
-    m = 1
-    for d in x.shape[:-1]:
-        m *= d
+    m = math.prod(x.shape[:-1])  # rows of x
     for name in order:
         if name == "cuda" and m > cuda_dense_threshold(n=qweight.shape[0], k=qweight.shape[1]):
             continue  # many rows: dequantize-then-dense (or Pallas) is the faster path

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 
 import jax
@@ -71,9 +72,7 @@ def can_use_cpu(x, qweight) -> list[str]:
     if jax.default_backend() != "cpu":
         reasons.append(f"the CPU kernel runs on the CPU backend (jax's backend is "
                        f"{jax.default_backend()!r})")
-    m = 1
-    for d in x.shape[:-1]:
-        m *= d
+    m = math.prod(x.shape[:-1])  # rows of x
     if m > MAX_ROWS:
         reasons.append(f"M={m} rows exceed {MAX_ROWS}, above which dequantize-then-dense "
                        "(XLA's GEMM) is the faster path on the CPU")

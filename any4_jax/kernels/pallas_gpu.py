@@ -25,6 +25,7 @@ in their default GPU backend for Pallas.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -138,9 +139,7 @@ def can_use_pallas(x, qweight: QuantizedWeight, *, interpret: bool = False) -> l
                        "block)")
     if n % 16:
         reasons.append(f"N={n} is not a multiple of 16")
-    m = 1
-    for d in x.shape[:-1]:
-        m *= d
+    m = math.prod(x.shape[:-1])  # rows of x
     limit = dense_threshold(n=n, k=k)
     if m > limit:
         reasons.append(f"M={m} rows exceed {limit}, above which dequantize-then-dense is "
