@@ -25,18 +25,17 @@ def time_per_call(fn, x, weights, *, reps: int = 20, warmup: int = 3) -> float:
 
     @jax.jit
     def many(x, ws):
-        acc = jnp.zeros((), jnp.float32)
-        for w in ws:  # unrolled: each call reads its own copy
-            # the whole output is consumed: XLA may shrink a dense dot whose output is sliced
-            acc = acc + fn(x, w).astype(jnp.float32).sum()
-        return acc
+        # unrolled: each call reads its own copy. Every output is returned whole: XLA may
+        # shrink a dense dot whose output is sliced, and a reduction per call would add a
+        # kernel launch that is a sizeable part of a 4-bit GEMV's few microseconds.
+        return tuple(fn(x, w) for w in ws)
 
     for _ in range(warmup):
-        many(x, weights).block_until_ready()
+        jax.block_until_ready(many(x, weights))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        many(x, weights).block_until_ready()
+        jax.block_until_ready(many(x, weights))
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) / len(weights)
 
