@@ -79,6 +79,14 @@ for step in $STEPS; do
     quantize)
       run quantize python3 scripts/bench_quantize.py --sklearn-rows 1024 --jobs 16 --out "$W" \
         2>&1 | tee "$W/bench_quantize.txt" ;;
+    profile)
+      # Nsight Compute: exact device time, speed-of-light and stall reasons of each kernel
+      run profile ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        python3 scripts/profile_kernels.py ${PROFILE_ARGS:-} > "$W/ncu.txt" 2>&1
+      grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occ" \
+        "$W/ncu.txt" | head -150 ;;
     *) echo "unknown step $step" ;;
   esac
   pack

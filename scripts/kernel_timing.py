@@ -20,34 +20,49 @@ def copies_for(nbytes: int, min_total: int = 4 * L2_BYTES, max_copies: int = 64)
     return max(2, min(max_copies, -(-min_total // max(nbytes, 1))))
 
 
-def time_per_call(fn, x, weights, *, reps: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one `fn(x, w)`, rotating over the list `weights`."""
+def time_per_call(fn, x, weights, *, reps: int = 20, warmup: int = 2) -> float:
+    """Seconds of one `fn(x, w)` on the device, rotating over the list `weights`.
 
-    @jax.jit
-    def many(x, ws):
-        # unrolled: each call reads its own copy. Every output is returned whole: XLA may
-        # shrink a dense dot whose output is sliced, and a reduction per call would add a
-        # kernel launch that is a sizeable part of a 4-bit GEMV's few microseconds.
-        return tuple(fn(x, w) for w in ws)
+    One jitted program runs L calls (unrolled, call i reading weight copy i % R and its own
+    activation buffer, so XLA can merge none of them), and every output is returned whole: XLA
+    may shrink a dense dot whose output is sliced, and a reduction per call would add a kernel
+    launch of the same order as a 4-bit GEMV. The time per call is the slope between the
+    medians of L and 2L calls, which cancels the fixed cost of dispatching the program (a
+    sizeable part of one call's time for a matrix that fits only twice in the rotation).
+    """
+    r = len(weights)
+    base = max(r, 8)
 
-    for _ in range(warmup):
-        jax.block_until_ready(many(x, weights))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(x, weights))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) / len(weights)
+    def program(calls):
+        @jax.jit
+        def many(xs, ws):
+            return tuple(fn(xs[i], ws[i % r]) for i in range(calls))
+
+        return many
+
+    xs = [x + 0 for _ in range(2 * base)]  # distinct buffers, same values
+    medians = []
+    for calls in (base, 2 * base):
+        many = program(calls)
+        args = (xs[:calls], weights)
+        for _ in range(warmup):
+            jax.block_until_ready(many(*args))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(many(*args))
+            ts.append(time.perf_counter() - t0)
+        medians.append(statistics.median(ts))
+    slope = (medians[1] - medians[0]) / base
+    # noise can make the slope meaningless for tiny kernels: then the longer program's time
+    # per call (an upper bound)
+    return slope if slope > 0 else medians[1] / (2 * base)
 
 
 def copy_bandwidth(nbytes: int = 2**30, reps: int = 10) -> float:
-    """Device copy bandwidth in bytes/s: read + write of a `nbytes` buffer."""
-    a = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0 + 1.0)  # one read, one write, no fusion away
-    f(a).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(ts)
+    """Device copy bandwidth in bytes/s (read + write), from the same slope timing over four
+    buffers of `nbytes` / 4 each."""
+    copies = [jnp.full((nbytes // 16,), float(i), jnp.float32) for i in range(4)]
+    t = time_per_call(lambda x, a: a * 1.0 + 1.0, jnp.zeros((), jnp.float32), copies,
+                      reps=reps)
+    return 2 * (nbytes // 4) / t
