@@ -79,6 +79,18 @@ for step in $STEPS; do
     quantize)
       run quantize python3 scripts/bench_quantize.py --sklearn-rows 1024 --jobs 16 --out "$W" \
         2>&1 | tee "$W/bench_quantize.txt" ;;
+    cudabench)
+      # the CUDA kernel variants alone (CUDA events over graphs; no JAX), then Nsight Compute
+      # on each variant at gate_up M = 1 and 16
+      nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I ffi_kernels \
+        ffi_kernels/bench/lut_gemm_bench.cu -o /tmp/lut_gemm_bench 2>&1 | grep -i error
+      run cudabench /tmp/lut_gemm_bench 2>&1 | tee "$W/cudabench.txt"
+      run ncu ncu --clock-control none -k regex:lut_gemm --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        /tmp/lut_gemm_bench profile > "$W/ncu_cuda.txt" 2>&1
+      grep -E "lut_gemm_kernel|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|L1/TEX Hit|Mem Pipes Busy" \
+        "$W/ncu_cuda.txt" | sed -E 's/\(const .*//' | head -120 ;;
     profile)
       # Nsight Compute: exact device time, speed-of-light and stall reasons of each kernel
       run profile ncu --profile-from-start off --clock-control none --section SpeedOfLight \
