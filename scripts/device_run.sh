@@ -27,6 +27,7 @@ run() {  # run STEP CMD...: under timeout ${T_STEP:-300}
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   | tee "$W/gpu.txt"
+if [ -z "${SKIP_INSTALL:-}" ]; then  # (SKIP_INSTALL=1: steps that need no JAX, e.g. cudabench)
 # builds the CUDA FFI library through CMake against this machine's jaxlib
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" \
   | tail -5 | tee "$W/install.txt"
@@ -37,6 +38,7 @@ if ! python3 -c "from any4_jax.kernels.cuda_ffi import _load; lib, why = _load()
     'CUDA library ok'); raise SystemExit(lib is None)" 2>&1 | tee "$W/build_cuda.txt"; then
   # fallback: nvcc directly (any4_jax/_lib/libany4_cuda.so in the source tree)
   python3 -m any4_jax.kernels.build_cuda 2>&1 | tail -3 | tee -a "$W/build_cuda.txt"
+fi
 fi
 pack
 for step in $STEPS; do
