@@ -4,32 +4,37 @@
 // operand, the activations the 8-wide B operand, so a batch of 1 fills 1/8 of an MMA instead
 // of 1/16.
 //
-// Weight layout ("prepared" once, see any4_jax/kernels/cuda_layout.py): the 4-bit codes are
-// stored in A-fragment order. For each 16-row tile of N and each 32-wide chunk of K, lane L of
-// a warp reads one uint2 (8 bytes): .x holds its 8 codes for k in [0, 16) of the chunk, .y for
-// [16, 32), nibble i (bits 4i..4i+3) = fragment element a_i, whose position is
-//   row = g + 8 * ((i >> 1) & 1),  col = 2t + (i & 1) + 8 * (i >> 2)   (g = L / 4, t = L % 4).
-// A warp's 32 lanes read 256 contiguous bytes per chunk: coalesced, no shared memory staging.
-// Byte j of a uint32 (nibbles 2j, 2j+1) is exactly the pair of one A register a[j] (row g for
-// even j, g + 8 for odd j; two adjacent k).
+// Weight layout ("prepared" once, see any4_jax/kernels/cuda_layout.py):
+// - codes [N/16, K/32, 32, 2] uint32, in A-fragment order. For each 16-row tile of N and each
+//   32-wide chunk of K, lane L of a warp reads one uint2 (8 bytes): .x holds its 8 codes for k
+//   in [0, 16) of the chunk, .y for [16, 32), nibble i (bits 4i..4i+3) = fragment element a_i,
+//   whose position is
+//     row = g + 8 * ((i >> 1) & 1),  col = 2t + (i & 1) + 8 * (i >> 2)   (g = L / 4, t = L % 4).
+//   A warp's 32 lanes read 256 contiguous bytes per chunk: coalesced, no staging.
+// - scales, zeros [N/16, K/g, 16]: a tile's 16 rows side by side per group, so the two rows a
+//   lane needs (g and g + 8) sit in the same 32-byte sector as the other lanes': one sector per
+//   load instruction instead of eight (the canonical [N, K/g] puts rows K/g elements apart).
+// - lut [N, 16] (canonical).
+// Tables, scales and zeros keep the canonical weight's dtype (bf16, f16, or f32); the kernel is
+// instantiated per table type and widens them exactly to float.
 //
-// Tables: the 16 rows' 16-entry tables of a block's tile (or, for the integer grid, the values
-// code - offset) are expanded in shared memory into a pair table: for each row and each byte
-// value b, the two table values of codes b & 15 (low half) and b >> 4 (high half), packed as two
-// 16-bit values of the activation type. One 4-byte shared load then gives the two weights of
-// an A register (half the loads and address arithmetic of one lookup per code); they are
-// widened, scaled in float (`fmaf(v, scale, zero)`, the reference's arithmetic) and rounded
-// once to the activation type. This needs the table values to be exact in that type: tables
-// of the activation dtype and integer grids. Other tables (float32 tables of a float32 model,
-// or f16 tables with bf16 activations) take the same kernel with a float lookup per code.
-// Tables, scales and zeros [N, K/g] keep the canonical weight's dtype (16-bit scales move half
-// the bytes of float ones); the kernel is instantiated per table type.
+// Table lookups, two kinds (template parameter):
+// - kLaneTable: the tile's tables in shared memory as float, one copy per lane, laid out
+//   [row half][code][lane] so lane L's reads always hit bank L: no bank conflicts, one 4-byte
+//   read per code (4 KB per block). Works for every table type.
+// - kPairTable: per row and byte value b, the two table values of codes b & 15 and b >> 4,
+//   packed as two 16-bit values of the activation type (16 KB per block): one read per two
+//   codes, but random bytes from 8 rows collide in banks (about 3.5-way). Needs table values
+//   exact in the activation type (tables of its dtype, or the integer grid).
+// Either way a weight is `fmaf(v, scale, zero)` in float (the reference's arithmetic) rounded
+// once to the activation type. The integer grid (int4) is the table code - offset.
 //
 // Work split: a block of kWarps warps owns one 16-row tile and splits K across its warps (chunk
-// c goes to warp c % kWarps), then reduces the partial sums in shared memory. Each warp keeps two
-// stages of kStage chunks in registers: the loads of the next stage (codes, scales, zeros) are
-// issued before the current one is computed, and the first stage's loads before the tables are
-// built, so memory latency overlaps both the table set-up and the arithmetic.
+// c goes to warp c % kWarps), then reduces the partial sums in shared memory. Each warp
+// alternates two register stages of kStage chunks (codes, scales, zeros): the loads of one are
+// in flight while the other is computed, and the first stage's loads are issued before the
+// tables are built. The group of chunk c is c / (g / 32), by a multiply-high with a host-side
+// reciprocal (no integer division in the loop).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,6 +47,7 @@
 namespace any4 {
 
 enum TableKind : int { kTableF32 = 0, kTableBF16 = 1, kTableF16 = 2 };
+enum Lookup : int { kLaneTable = 0, kPairTable = 1 };
 
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
@@ -66,6 +72,16 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t e) {
   return __half22float2(h);
 }
 
+// c / d for the chunk counts here (c < 2^20, d <= 2^10), with magic = ceil(2^32 / d) and
+// d = 1 passed as magic 0.
+__device__ __forceinline__ int div_chunks(int c, uint32_t magic) {
+  return magic ? static_cast<int>(__umulhi(static_cast<uint32_t>(c), magic)) : c;
+}
+
+inline uint32_t chunk_div_magic(int d) {
+  return d == 1 ? 0u : static_cast<uint32_t>(((uint64_t(1) << 32) + d - 1) / d);
+}
+
 // One stage of a warp's loads: kStage chunks of codes and their rows' scales and zeros.
 template <int kStage>
 struct Stage {
@@ -73,16 +89,17 @@ struct Stage {
   float s_lo[kStage], z_lo[kStage], s_hi[kStage], z_hi[kStage];
 };
 
-// kPair: the pair table (see above); otherwise a float table read per code.
 // MT: n8 tiles of the batch per block (1: M <= 8 rows per block-row, 2: 16).
 // kMinBlocks: blocks per SM the register allocation must allow (__launch_bounds__).
-template <typename T, typename TT, bool kPair, int MT, int kWarps, int kStage, int kMinBlocks>
+template <typename T, typename TT, int kLookup, int MT, int kWarps, int kStage, int kMinBlocks>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                 const TT* __restrict__ lut, const TT* __restrict__ scales,
                 const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
-                int group_size, int int_offset) {
-  __shared__ float raw_s[kTileN][16];
+                uint32_t group_magic, int int_offset) {
+  constexpr bool kPair = kLookup == kPairTable;
+  __shared__ float lane_s[kPair ? 1 : 2][16][32];
+  __shared__ float raw_s[kPair ? kTileN : 1][16];
   __shared__ uint32_t pair_s[kPair ? kTileN : 1][256];
   __shared__ float red_s[kWarps][32][MT * 4];
 
@@ -92,13 +109,12 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int n0 = tile * kTileN + g;  // this lane's two weight rows: n0 and n0 + 8
-  const int groups = K / group_size;
   const int chunks = K / kChunkK;
-  const TT* s_row_lo = scales + static_cast<int64_t>(n0) * groups;
-  const TT* z_row_lo = zeros + static_cast<int64_t>(n0) * groups;
-  const int64_t hi = 8 * static_cast<int64_t>(groups);
   const uint2* tile_codes = codes + static_cast<int64_t>(tile) * chunks * 32 + lane;
+  // this tile's scales / zeros: [K/g, 16]
+  const int groups = div_chunks(chunks, group_magic);
+  const TT* s_tile = scales + static_cast<int64_t>(tile) * groups * kTileN + g;
+  const TT* z_tile = zeros + static_cast<int64_t>(tile) * groups * kTileN + g;
 
   auto load = [&](Stage<kStage>& st, int cb) {
 #pragma unroll
@@ -108,33 +124,14 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
       st.s_lo[u] = st.z_lo[u] = st.s_hi[u] = st.z_hi[u] = 0.f;
       if (c < chunks) {
         st.q[u] = __ldg(tile_codes + c * 32);
-        const int grp = (c * kChunkK) / group_size;
-        st.s_lo[u] = widen(__ldg(s_row_lo + grp));
-        st.z_lo[u] = widen(__ldg(z_row_lo + grp));
-        st.s_hi[u] = widen(__ldg(s_row_lo + hi + grp));
-        st.z_hi[u] = widen(__ldg(z_row_lo + hi + grp));
+        const int o = div_chunks(c, group_magic) * kTileN;
+        st.s_lo[u] = widen(__ldg(s_tile + o));
+        st.z_lo[u] = widen(__ldg(z_tile + o));
+        st.s_hi[u] = widen(__ldg(s_tile + o + 8));
+        st.z_hi[u] = widen(__ldg(z_tile + o + 8));
       }
     }
   };
-
-  // The first stage is in flight while the tables are built.
-  Stage<kStage> cur;
-  load(cur, warp);
-
-  for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
-    const int r = i / 16, c = i % 16;
-    raw_s[r][c] = int_offset >= 0
-                      ? static_cast<float>(c - int_offset)
-                      : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + r) * 16 + c));
-  }
-  __syncthreads();
-  if (kPair) {
-    for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
-      const int r = i / 256, b = i % 256;
-      pair_s[kPair ? r : 0][b] = pack2<T>(raw_s[r][b & 15], raw_s[r][b >> 4]);
-    }
-    __syncthreads();
-  }
 
   float acc[MT][4];
 #pragma unroll
@@ -143,31 +140,28 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
   }
 
-  for (int cb = warp; cb < chunks; cb += kWarps * kStage) {
-    Stage<kStage> nxt;
-    load(nxt, cb + kWarps * kStage);  // guarded per chunk: nothing past the end is read
+  auto compute = [&](const Stage<kStage>& st, int cb) {
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int c = cb + u * kWarps;
       if (c >= chunks) break;
 #pragma unroll
       for (int step = 0; step < 2; ++step) {
-        const uint32_t q = step == 0 ? cur.q[u].x : cur.q[u].y;
+        const uint32_t q = step == 0 ? st.q[u].x : st.q[u].y;
         uint32_t a[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const bool hi_row = j & 1;
-          const float s = hi_row ? cur.s_hi[u] : cur.s_lo[u];
-          const float z = hi_row ? cur.z_hi[u] : cur.z_lo[u];
-          const int row = g + (hi_row ? 8 : 0);
+          const int h = j & 1;  // row g (h = 0) or g + 8
+          const float s = h ? st.s_hi[u] : st.s_lo[u];
+          const float z = h ? st.z_hi[u] : st.z_lo[u];
           float v0, v1;
           if (kPair) {
-            const float2 v = unpack2<T>(pair_s[kPair ? row : 0][(q >> (8 * j)) & 0xFF]);
+            const float2 v = unpack2<T>(pair_s[kPair ? g + 8 * h : 0][(q >> (8 * j)) & 0xFF]);
             v0 = v.x;
             v1 = v.y;
           } else {
-            v0 = raw_s[row][(q >> (8 * j)) & 0xF];
-            v1 = raw_s[row][(q >> (8 * j + 4)) & 0xF];
+            v0 = lane_s[kPair ? 0 : h][(q >> (8 * j)) & 0xF][lane];
+            v1 = lane_s[kPair ? 0 : h][(q >> (8 * j + 4)) & 0xF][lane];
           }
           a[j] = pack2<T>(fmaf(v0, s, z), fmaf(v1, s, z));
         }
@@ -186,7 +180,41 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
         }
       }
     }
-    cur = nxt;
+  };
+
+  // The first stage is in flight while the tables are built.
+  constexpr int kSpan = kWarps * kStage;
+  Stage<kStage> st0, st1;
+  load(st0, warp);
+
+  auto table_value = [&](int row, int code) {
+    return int_offset >= 0
+               ? static_cast<float>(code - int_offset)
+               : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
+  };
+  if (kPair) {
+    for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
+      raw_s[kPair ? i / 16 : 0][i % 16] = table_value(i / 16, i % 16);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
+      const int r = i / 256, b = i % 256;
+      pair_s[kPair ? r : 0][b] =
+          pack2<T>(raw_s[kPair ? r : 0][b & 15], raw_s[kPair ? r : 0][b >> 4]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 2 * 16 * 32; i += kWarps * 32) {
+      const int h = i / 512, code = (i / 32) % 16, l = i % 32;
+      lane_s[kPair ? 0 : h][code][l] = table_value(l / 4 + 8 * h, code);
+    }
+  }
+  __syncthreads();
+
+  for (int cb = warp; cb < chunks; cb += 2 * kSpan) {
+    load(st1, cb + kSpan);  // guarded per chunk: nothing past the end is read
+    compute(st0, cb);
+    load(st0, cb + 2 * kSpan);
+    compute(st1, cb + kSpan);
   }
 
 #pragma unroll
@@ -196,6 +224,7 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   }
   __syncthreads();
   if (warp == 0) {
+    const int n0 = tile * kTileN + g;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -211,53 +240,58 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   }
 }
 
-// The launch configuration: warps per block splitting K, and chunks per pipeline stage.
-template <int kWarps_, int kStage_, int kMinBlocks_ = 1>
+// The launch configuration: table lookup, warps per block splitting K, chunks per stage.
+template <int kLookup_, int kWarps_, int kStage_, int kMinBlocks_ = 1>
 struct Config {
+  static constexpr int kLookup = kLookup_;
   static constexpr int kWarps = kWarps_;
   static constexpr int kStage = kStage_;
   static constexpr int kMinBlocks = kMinBlocks_;
 };
-using DefaultConfig = Config<8, 4>;
+using DefaultConfig = Config<kLaneTable, 8, 2>;
 
 // Launch for any M (block rows of 8 batch rows when M <= 8, else 16), tables of type TT.
-template <typename T, typename TT, bool kPair, typename C = DefaultConfig>
+template <typename T, typename TT, typename C = DefaultConfig>
 cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                          const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                          int group_size, int int_offset) {
   const dim3 block(C::kWarps * 32);
   const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);
+  const uint32_t magic = chunk_div_magic(group_size / kChunkK);
+  constexpr int L = C::kLookup, W = C::kWarps, S = C::kStage, B = C::kMinBlocks;
   if (M <= 8) {
-    lut_gemm_kernel<T, TT, kPair, 1, C::kWarps, C::kStage, C::kMinBlocks><<<grid, block, 0, stream>>>(
-        x, codes, lut, scales, zeros, y, M, N, K, group_size, int_offset);
+    lut_gemm_kernel<T, TT, L, 1, W, S, B><<<grid, block, 0, stream>>>(
+        x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
   } else {
-    lut_gemm_kernel<T, TT, kPair, 2, C::kWarps, C::kStage, C::kMinBlocks><<<grid, block, 0, stream>>>(
-        x, codes, lut, scales, zeros, y, M, N, K, group_size, int_offset);
+    lut_gemm_kernel<T, TT, L, 2, W, S, B><<<grid, block, 0, stream>>>(
+        x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
   }
   return cudaGetLastError();
 }
 
-// Table type and lookup kind from the table dtype: the pair table when the table values are
-// exact in T (tables of T's dtype, or the integer grid), a float lookup per code otherwise.
+// The table type from the dtype tag. A pair-table configuration falls back to the lane table
+// where the table values are not exact in T (float32 tables, or 16-bit tables of the other
+// type, unless the integer grid).
 template <typename T, typename C = DefaultConfig>
 cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
                             const void* lut, const void* scales, const void* zeros,
                             int table_kind, T* y, int M, int N, int K, int group_size,
                             int int_offset) {
+  using Lane = Config<kLaneTable, C::kWarps, C::kStage, C::kMinBlocks>;
   const bool int_grid = int_offset >= 0;
-#define ANY4_LAUNCH(TT, PAIR)                                                              \
-  launch_typed<T, TT, PAIR, C>(stream, x, codes, static_cast<const TT*>(lut),              \
-                               static_cast<const TT*>(scales), static_cast<const TT*>(zeros), \
-                               y, M, N, K, group_size, int_offset)
+#define ANY4_LAUNCH(TT, CFG)                                                               \
+  launch_typed<T, TT, CFG>(stream, x, codes, static_cast<const TT*>(lut),                 \
+                           static_cast<const TT*>(scales), static_cast<const TT*>(zeros), y, \
+                           M, N, K, group_size, int_offset)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   switch (table_kind) {
     case kTableBF16:
-      return (kBf16 || int_grid) ? ANY4_LAUNCH(__nv_bfloat16, true)
-                                 : ANY4_LAUNCH(__nv_bfloat16, false);
+      return (kBf16 || int_grid) ? ANY4_LAUNCH(__nv_bfloat16, C)
+                                 : ANY4_LAUNCH(__nv_bfloat16, Lane);
     case kTableF16:
-      return (!kBf16 || int_grid) ? ANY4_LAUNCH(__half, true) : ANY4_LAUNCH(__half, false);
+      return (!kBf16 || int_grid) ? ANY4_LAUNCH(__half, C) : ANY4_LAUNCH(__half, Lane);
     default:
-      return int_grid ? ANY4_LAUNCH(float, true) : ANY4_LAUNCH(float, false);
+      return int_grid ? ANY4_LAUNCH(float, C) : ANY4_LAUNCH(float, Lane);
   }
 #undef ANY4_LAUNCH
 }

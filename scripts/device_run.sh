@@ -90,8 +90,8 @@ for step in $STEPS; do
       run ncu ncu --clock-control none -k regex:lut_gemm --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-        /tmp/lut_gemm_bench profile > "$W/ncu_cuda.txt" 2>&1
-      grep -E "lut_gemm_kernel|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|L1/TEX Hit|Mem Pipes Busy" \
+        --section InstructionStats /tmp/lut_gemm_bench profile > "$W/ncu_cuda.txt" 2>&1
+      grep -E "lut_gemm_kernel|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|L1/TEX Cache Throughput|Executed Instructions  " \
         "$W/ncu_cuda.txt" | sed -E 's/\(const .*//' | head -120 ;;
     profile)
       # Nsight Compute: exact device time, speed-of-light and stall reasons of each kernel

@@ -2,8 +2,8 @@
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I ffi_kernels \
 //        ffi_kernels/bench/lut_gemm_bench.cu -o /tmp/lut_gemm_bench && /tmp/lut_gemm_bench
 // (`scripts/device_run.sh` step "cudabench"). For each Llama-3-8B shape and M: device time per
-// call of the first kernel (bench/lut_gemm_v1.cuh) and of the configurations of
-// ../lut_gemm.cuh, from CUDA events around a graph of many launches that rotate over weight
+// call of the first kernel (bench/lut_gemm_v1.cuh, canonical scales) and of the configurations
+// of ../lut_gemm.cuh (tiled scales), from CUDA events around a graph of many launches that rotate over weight
 // copies larger than L2 several times; each variant's output is checked against the first
 // kernel's on random codes, tables, scales and zeros (same arithmetic per weight, so the only
 // difference is the order of the split-K sums). Also the device-to-device copy bandwidth (read +
@@ -57,8 +57,18 @@ __global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float lo, float hi) 
 
 struct Weight {
   uint2* codes;
-  bf16 *lut, *scales, *zeros;
+  bf16 *lut, *scales, *zeros;  // canonical [N, K/g] scales and zeros (the first kernel)
+  bf16 *scales_t, *zeros_t;    // the same in the current layout, [N/16, K/g, 16]
 };
+
+// canonical [N, G] -> [N/16, G, 16] (any4_jax/kernels/cuda_layout.py does the same)
+__global__ void tile_groups(const bf16* src, bf16* dst, int n, int groups) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(n) * groups;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const int row = i / groups, grp = i % groups;
+    dst[(size_t(row / 16) * groups + grp) * 16 + row % 16] = src[i];
+  }
+}
 
 using Launch = std::function<cudaError_t(cudaStream_t, const bf16*, const Weight&, bf16*, int,
                                          int, int, int)>;
@@ -69,28 +79,19 @@ struct Variant {
 };
 
 template <typename C>
-Launch v2(int int_offset = -1) {
+Launch cur(int int_offset = -1) {
   return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
                       int K, int g) {
-    return any4::launch_lut_gemm<bf16, C>(s, x, w.codes, w.lut, w.scales, w.zeros,
+    return any4::launch_lut_gemm<bf16, C>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
                                           any4::kTableBF16, y, M, N, K, g, int_offset);
   };
 }
 
-template <typename C>
-Launch v2_float_lookup() {
-  return [](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N, int K,
-            int g) {
-    return any4::launch_typed<bf16, bf16, false, C>(s, x, w.codes, w.lut, w.scales, w.zeros,
-                                                    y, M, N, K, g, -1);
-  };
-}
-
-Launch v1() {
-  return [](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N, int K,
-            int g) {
+Launch v1(int int_offset = -1) {
+  return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
+                      int K, int g) {
     return any4_v1::launch_lut_gemm<bf16>(s, x, w.codes, w.lut, w.scales, w.zeros,
-                                          any4_v1::kTableBF16, y, M, N, K, g, -1);
+                                          any4_v1::kTableBF16, y, M, N, K, g, int_offset);
   };
 }
 
@@ -110,15 +111,26 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
 
+  using any4::Config;
+  using any4::kLaneTable;
+  using any4::kPairTable;
   std::vector<Variant> variants = {
       {"v1 (float table, 8w x 8)", v1()},
-      {"pair 8w x 4", v2<any4::Config<8, 4>>()},
-      {"pair 8w x 2", v2<any4::Config<8, 2>>()},
-      {"pair 4w x 4", v2<any4::Config<4, 4>>()},
-      {"pair 4w x 8", v2<any4::Config<4, 8>>()},
-      {"pair 8w x 4 min3", v2<any4::Config<8, 4, 3>>()},
-      {"pair 16w x 2", v2<any4::Config<16, 2>>()},
-      {"float 8w x 4", v2_float_lookup<any4::Config<8, 4>>()},
+      {"lane 8w x 2 (default)", cur<any4::DefaultConfig>()},
+      {"lane 8w x 4", cur<Config<kLaneTable, 8, 4>>()},
+      {"lane 8w x 1", cur<Config<kLaneTable, 8, 1>>()},
+      {"lane 16w x 2", cur<Config<kLaneTable, 16, 2>>()},
+      {"lane 8w x 2 min3", cur<Config<kLaneTable, 8, 2, 3>>()},
+      {"lane 4w x 2", cur<Config<kLaneTable, 4, 2>>()},
+      {"pair 8w x 2", cur<Config<kPairTable, 8, 2>>()},
+      {"pair 8w x 2 min3", cur<Config<kPairTable, 8, 2, 3>>()},
+      {"pair 16w x 1", cur<Config<kPairTable, 16, 1>>()},
+  };
+  // the integer grid: checked against the first kernel's integer path
+  std::vector<Variant> int_variants = {
+      {"v1 int4", v1(8)},
+      {"lane int4", cur<any4::DefaultConfig>(8)},
+      {"pair int4", cur<Config<kPairTable, 8, 2>>(8)},
   };
 
   // copy bandwidth: 1 GiB device to device, read + write
@@ -148,7 +160,7 @@ int main(int argc, char** argv) {
                           {"llama3-8b/qkv", 6144, 4096},      {"llama3-8b/o", 4096, 4096}};
   const int ms[] = {1, 4, 16};
   const int g = 128;
-  std::printf("| shape | M | variant | us | GB/s | max rel diff vs v1 |\n|---|---|---|---|---|---|\n");
+  std::printf("| shape | M | variant | us | GB/s | max rel diff vs the first kernel |\n|---|---|---|---|---|---|\n");
   for (const Shape& sh : shapes) {
     if (profile && std::string(sh.name) != "llama3-8b/gate_up") continue;
     const int N = sh.n, K = sh.k, groups = K / g;
@@ -163,10 +175,15 @@ int main(int argc, char** argv) {
       CHECK(cudaMalloc(&w.lut, tab * 2));
       CHECK(cudaMalloc(&w.scales, sz * 2));
       CHECK(cudaMalloc(&w.zeros, sz * 2));
+      CHECK(cudaMalloc(&w.scales_t, sz * 2));
+      CHECK(cudaMalloc(&w.zeros_t, sz * 2));
       fill(w.codes, code_bytes, 10 + c);
       fill_bf16<<<1024, 256>>>(w.lut, tab, 20 + c, -1.f, 1.f);
       fill_bf16<<<1024, 256>>>(w.scales, sz, 30 + c, 0.005f, 0.02f);
       fill_bf16<<<1024, 256>>>(w.zeros, sz, 40 + c, -0.01f, 0.01f);
+      tile_groups<<<1024, 256>>>(w.scales, w.scales_t, N, groups);
+      tile_groups<<<1024, 256>>>(w.zeros, w.zeros_t, N, groups);
+      CHECK(cudaGetLastError());
     }
     for (int M : ms) {
       if (profile && M == 4) continue;
@@ -175,11 +192,14 @@ int main(int argc, char** argv) {
       CHECK(cudaMalloc(&y, size_t(M) * N * 2));
       CHECK(cudaMalloc(&y_ref, size_t(M) * N * 2));
       fill_bf16<<<256, 256>>>(x, size_t(M) * K, 7 + M, -1.f, 1.f);
-      CHECK(variants[0].run(stream, x, ws[0], y_ref, M, N, K, g));
+      for (int grid_kind = 0; grid_kind < 2; ++grid_kind) {
+      const std::vector<Variant>& vs = grid_kind ? int_variants : variants;
+      if (grid_kind && (profile || N != 14336)) continue;  // int4: checked on gate_up, timed
+      CHECK(vs[0].run(stream, x, ws[0], y_ref, M, N, K, g));
       std::vector<bf16> ref(size_t(M) * N), out(size_t(M) * N);
       CHECK(cudaMemcpyAsync(ref.data(), y_ref, ref.size() * 2, cudaMemcpyDeviceToHost, stream));
       CHECK(cudaStreamSynchronize(stream));
-      for (const Variant& v : variants) {
+      for (const Variant& v : vs) {
         // poison, run, compare with v1
         CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * N * 2, stream));
         CHECK(v.run(stream, x, ws[0], y, M, N, K, g));
@@ -219,6 +239,7 @@ int main(int argc, char** argv) {
         CHECK(cudaGraphExecDestroy(exec));
         CHECK(cudaGraphDestroy(graph));
       }
+      }
       CHECK(cudaFree(x));
       CHECK(cudaFree(y));
       CHECK(cudaFree(y_ref));
@@ -228,6 +249,8 @@ int main(int argc, char** argv) {
       CHECK(cudaFree(w.lut));
       CHECK(cudaFree(w.scales));
       CHECK(cudaFree(w.zeros));
+      CHECK(cudaFree(w.scales_t));
+      CHECK(cudaFree(w.zeros_t));
     }
   }
   CHECK(cudaDeviceSynchronize());
