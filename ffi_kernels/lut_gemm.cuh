@@ -248,10 +248,14 @@ struct Config {
   static constexpr int kStage = kStage_;
   static constexpr int kMinBlocks = kMinBlocks_;
 };
-using DefaultConfig = Config<kLaneTable, 8, 2>;
+// Measured on an H100 (ffi_kernels/bench/lut_gemm_bench.cu, docs in the README): one chunk
+// per stage beats deeper stages (fewer registers, more resident warps); for M <= 8 the pair
+// table with 16 warps per tile, above it the lane table with 8 warps (two batch tiles).
+using SmallBatchConfig = Config<kPairTable, 16, 1>;
+using BatchConfig = Config<kLaneTable, 8, 1>;
 
 // Launch for any M (block rows of 8 batch rows when M <= 8, else 16), tables of type TT.
-template <typename T, typename TT, typename C = DefaultConfig>
+template <typename T, typename TT, typename C>
 cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                          const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                          int group_size, int int_offset) {
@@ -272,11 +276,10 @@ cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, co
 // The table type from the dtype tag. A pair-table configuration falls back to the lane table
 // where the table values are not exact in T (float32 tables, or 16-bit tables of the other
 // type, unless the integer grid).
-template <typename T, typename C = DefaultConfig>
-cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
-                            const void* lut, const void* scales, const void* zeros,
-                            int table_kind, T* y, int M, int N, int K, int group_size,
-                            int int_offset) {
+template <typename T, typename C>
+cudaError_t launch_config(cudaStream_t stream, const T* x, const uint2* codes, const void* lut,
+                          const void* scales, const void* zeros, int table_kind, T* y, int M,
+                          int N, int K, int group_size, int int_offset) {
   using Lane = Config<kLaneTable, C::kWarps, C::kStage, C::kMinBlocks>;
   const bool int_grid = int_offset >= 0;
 #define ANY4_LAUNCH(TT, CFG)                                                               \
@@ -294,6 +297,19 @@ cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
       return int_grid ? ANY4_LAUNCH(float, C) : ANY4_LAUNCH(float, Lane);
   }
 #undef ANY4_LAUNCH
+}
+
+// The library's entry point: the configuration by batch size.
+template <typename T>
+cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
+                            const void* lut, const void* scales, const void* zeros,
+                            int table_kind, T* y, int M, int N, int K, int group_size,
+                            int int_offset) {
+  return M <= 8 ? launch_config<T, SmallBatchConfig>(stream, x, codes, lut, scales, zeros,
+                                                      table_kind, y, M, N, K, group_size,
+                                                      int_offset)
+                : launch_config<T, BatchConfig>(stream, x, codes, lut, scales, zeros,
+                                                 table_kind, y, M, N, K, group_size, int_offset);
 }
 
 }  // namespace any4

@@ -54,12 +54,14 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
   }
   const auto ld = lut.dimensions(), sd = scales.dimensions(), zd = zeros.dimensions();
   const int64_t groups = K / group_size;
-  if (ld.size() != 2 || ld[0] != N || ld[1] != 16 || sd.size() != 2 || sd[0] != N ||
-      sd[1] != groups || zd.size() != 2 || zd[0] != N || zd[1] != groups) {
+  const bool sz_ok = sd.size() == 3 && sd[0] == N / 16 && sd[1] == groups && sd[2] == 16 &&
+                     zd.size() == 3 && zd[0] == N / 16 && zd[1] == groups && zd[2] == 16;
+  if (ld.size() != 2 || ld[0] != N || ld[1] != 16 || !sz_ok) {
     return ffi::Error::InvalidArgument(
-        "any4_lut_gemm: expected lut [" + std::to_string(N) + ", 16] and scales/zeros [" +
-        std::to_string(N) + ", " + std::to_string(groups) + "]; got lut " + dims_str(ld) +
-        ", scales " + dims_str(sd) + ", zeros " + dims_str(zd));
+        "any4_lut_gemm: expected lut [" + std::to_string(N) + ", 16] and tile-major "
+        "scales/zeros [" + std::to_string(N / 16) + ", " + std::to_string(groups) +
+        ", 16]; got lut " + dims_str(ld) + ", scales " + dims_str(sd) + ", zeros " +
+        dims_str(zd));
   }
   const auto tdt = lut.element_type();
   if (scales.element_type() != tdt || zeros.element_type() != tdt) {
@@ -112,8 +114,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemm, LutGemm,
                                   .Arg<ffi::AnyBuffer>()           // x [M, K]
                                   .Arg<ffi::Buffer<ffi::U32>>()    // codes [N/16, K/32, 32, 2]
                                   .Arg<ffi::AnyBuffer>()           // lut [N, 16]
-                                  .Arg<ffi::AnyBuffer>()           // scales [N, K/g]
-                                  .Arg<ffi::AnyBuffer>()           // zeros [N, K/g]
+                                  .Arg<ffi::AnyBuffer>()           // scales [N/16, K/g, 16]
+                                  .Arg<ffi::AnyBuffer>()           // zeros [N/16, K/g, 16]
                                   .Ret<ffi::AnyBuffer>()           // y [M, N]
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("int_offset"));

@@ -47,7 +47,7 @@ for step in $STEPS; do
     gputests)
       # the GPU-marked kernel tests, four processes (compilation dominates); at most 10
       # failures (a broken kernel fails every case)
-      XLA_PYTHON_CLIENT_PREALLOCATE=false run gputests python3 -m pytest -q -rfE -n 4 \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false run gputests python3 -m pytest -q -rfE -n ${NPROC:-8} --durations=15 \
         --maxfail=10 -m gpu tests/kernels -p no:cacheprovider 2>&1 \
         | tee "$W/pytest_gpu_full.txt" | tail -40 ;;
     tests)

@@ -20,47 +20,43 @@ def copies_for(nbytes: int, min_total: int = 4 * L2_BYTES, max_copies: int = 64)
     return max(2, min(max_copies, -(-min_total // max(nbytes, 1))))
 
 
-def time_per_call(fn, x, weights, *, reps: int = 20, warmup: int = 2) -> float:
+def time_per_call(fn, x, weights, *, reps: int = 10, warmup: int = 2,
+                  target_s: float = 0.005, max_calls: int = 256) -> float:
     """Seconds of one `fn(x, w)` on the device, rotating over the list `weights`.
 
     One jitted program runs L calls (unrolled, call i reading weight copy i % R and its own
     activation buffer, so XLA can merge none of them), and every output is returned whole: XLA
     may shrink a dense dot whose output is sliced, and a reduction per call would add a kernel
-    launch of the same order as a 4-bit GEMV. The time per call is the slope between the
-    medians of L and 2L calls, which cancels the fixed cost of dispatching the program (a
-    sizeable part of one call's time for a matrix that fits only twice in the rotation).
+    launch of the same order as a 4-bit GEMV. L is chosen so the program holds about
+    `target_s` of device work (a first program of max(R, 8) calls estimates one call): the
+    fixed cost of dispatching a program (~0.1 ms) is then a few percent of the time, not the
+    bulk of it as with two copies of a large dense matrix. Median over `reps`, divided by L.
     """
     r = len(weights)
-    base = max(r, 8)
 
-    def program(calls):
+    def measure(calls):
         @jax.jit
         def many(xs, ws):
             return tuple(fn(xs[i], ws[i % r]) for i in range(calls))
 
-        return many
-
-    xs = [x + 0 for _ in range(2 * base)]  # distinct buffers, same values
-    medians = []
-    for calls in (base, 2 * base):
-        many = program(calls)
-        args = (xs[:calls], weights)
+        xs = [x + 0 for _ in range(calls)]  # distinct buffers, same values
         for _ in range(warmup):
-            jax.block_until_ready(many(*args))
+            jax.block_until_ready(many(xs, weights))
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            jax.block_until_ready(many(*args))
+            jax.block_until_ready(many(xs, weights))
             ts.append(time.perf_counter() - t0)
-        medians.append(statistics.median(ts))
-    slope = (medians[1] - medians[0]) / base
-    # noise can make the slope meaningless for tiny kernels: then the longer program's time
-    # per call (an upper bound)
-    return slope if slope > 0 else medians[1] / (2 * base)
+        return statistics.median(ts) / calls
+
+    calls = max(r, 8)
+    t = measure(calls)
+    longer = min(max_calls, max(calls, int(target_s / max(t, 1e-9)) + 1))
+    return measure(longer) if longer > calls else t
 
 
 def copy_bandwidth(nbytes: int = 2**30, reps: int = 10) -> float:
-    """Device copy bandwidth in bytes/s (read + write), from the same slope timing over four
+    """Device copy bandwidth in bytes/s (read + write), timed like the kernels over four
     buffers of `nbytes` / 4 each."""
     copies = [jnp.full((nbytes // 16,), float(i), jnp.float32) for i in range(4)]
     t = time_per_call(lambda x, a: a * 1.0 + 1.0, jnp.zeros((), jnp.float32), copies,

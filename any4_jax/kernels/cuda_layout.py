@@ -5,6 +5,8 @@ lane L (g = L // 4, t = L % 4) holds two uint32 (k-steps 0 and 1 of the chunk), 
 which is the code of
     row = 16 * tile + g + 8 * ((i >> 1) & 1),
     col = 32 * chunk + 16 * step + 2 * t + (i & 1) + 8 * (i >> 2).
+Scales and zeros go tile-major, [N/16, K/g, 16] (a tile's 16 rows side by side per group), so
+the two rows a lane reads share one 32-byte sector with the other lanes' rows.
 Tables, scales and zeros keep the canonical dtype when it is bfloat16 or float16 (the kernel
 widens them exactly on load; half the bytes of float32) and are float32 otherwise.
 `CudaWeight.canonical()` goes
@@ -45,8 +47,8 @@ class CudaWeight:
 
     codes: jax.Array  # [N/16, K/32, 32, 2] uint32
     lut: jax.Array  # [N, 16] bfloat16, float16 or float32 (one dtype for the three)
-    scales: jax.Array  # [N, K/g]
-    zeros: jax.Array  # [N, K/g]
+    scales: jax.Array  # [N/16, K/g, 16]: tile-major (`tile_groups`)
+    zeros: jax.Array  # [N/16, K/g, 16]
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
     int_offset: int = dataclasses.field(metadata=dict(static=True))  # -1: use the table
@@ -63,13 +65,26 @@ class CudaWeight:
         tdt = jnp.dtype(self.table_dtype)
         return QuantizedWeight(
             codes=_unprepare_codes_jnp(self.codes, n=n, k=k), lut=self.lut.astype(tdt),
-            scales=self.scales.astype(tdt), zeros=self.zeros.astype(tdt), format=self.format,
+            scales=untile_groups(self.scales).astype(tdt),
+            zeros=untile_groups(self.zeros).astype(tdt), format=self.format,
             n_bit=self.n_bit, group_size=self.group_size, symmetric=self.symmetric,
             shape=self.shape, dtype=self.dtype)
 
     def nbytes(self) -> int:
         return sum(int(np.prod(a.shape)) * a.dtype.itemsize
                    for a in (self.codes, self.lut, self.scales, self.zeros))
+
+
+def tile_groups(a):
+    """[N, G] -> [N/16, G, 16] (row-within-tile last); numpy or jax arrays."""
+    n, groups = a.shape
+    return a.reshape(n // TILE_N, TILE_N, groups).transpose(0, 2, 1)
+
+
+def untile_groups(a):
+    """[N/16, G, 16] -> [N, G] (inverse of `tile_groups`)."""
+    nt, groups, _ = a.shape
+    return a.transpose(0, 2, 1).reshape(nt * TILE_N, groups)
 
 
 def layout_reasons(n: int, k: int, g: int) -> list[str]:
@@ -119,8 +134,8 @@ def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
     if tdt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         tdt = jnp.dtype(jnp.float32)
     return CudaWeight(codes=_prepare_codes(qw.codes, n=n, k=k),
-                      lut=qw.lut.astype(tdt), scales=qw.scales.astype(tdt),
-                      zeros=qw.zeros.astype(tdt), shape=(n, k),
+                      lut=qw.lut.astype(tdt), scales=tile_groups(qw.scales.astype(tdt)),
+                      zeros=tile_groups(qw.zeros.astype(tdt)), shape=(n, k),
                       group_size=qw.group_size, int_offset=qw.int_grid_offset() or -1,
                       format=qw.format, n_bit=qw.n_bit, symmetric=qw.symmetric, dtype=qw.dtype,
                       table_dtype=str(jnp.dtype(qw.lut.dtype)))
@@ -147,8 +162,8 @@ def emulate(x: np.ndarray, cw: CudaWeight) -> np.ndarray:
     else:
         vals = np.take_along_axis(np.asarray(cw.lut, np.float32), codes, axis=1)
     g = cw.group_size
-    s = np.repeat(np.asarray(cw.scales, np.float32), g, axis=1)
-    z = np.repeat(np.asarray(cw.zeros, np.float32), g, axis=1)
+    s = np.repeat(untile_groups(np.asarray(cw.scales, np.float32)), g, axis=1)
+    z = np.repeat(untile_groups(np.asarray(cw.zeros, np.float32)), g, axis=1)
     w = (vals.astype(np.float64) * s + z).astype(np.float32)  # fmaf: one rounding
     w = np.asarray(jnp.asarray(w).astype(x.dtype).astype(jnp.float32), np.float64)
     return (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) @ w.T).astype(np.float32)

@@ -82,8 +82,17 @@ template <typename C>
 Launch cur(int int_offset = -1) {
   return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
                       int K, int g) {
-    return any4::launch_lut_gemm<bf16, C>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
-                                          any4::kTableBF16, y, M, N, K, g, int_offset);
+    return any4::launch_config<bf16, C>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
+                                        any4::kTableBF16, y, M, N, K, g, int_offset);
+  };
+}
+
+// the library's entry point (configuration by M)
+Launch dispatch(int int_offset = -1) {
+  return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
+                      int K, int g) {
+    return any4::launch_lut_gemm<bf16>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
+                                       any4::kTableBF16, y, M, N, K, g, int_offset);
   };
 }
 
@@ -116,21 +125,19 @@ int main(int argc, char** argv) {
   using any4::kPairTable;
   std::vector<Variant> variants = {
       {"v1 (float table, 8w x 8)", v1()},
-      {"lane 8w x 2 (default)", cur<any4::DefaultConfig>()},
-      {"lane 8w x 4", cur<Config<kLaneTable, 8, 4>>()},
+      {"library (by M)", dispatch()},
       {"lane 8w x 1", cur<Config<kLaneTable, 8, 1>>()},
-      {"lane 16w x 2", cur<Config<kLaneTable, 16, 2>>()},
-      {"lane 8w x 2 min3", cur<Config<kLaneTable, 8, 2, 3>>()},
-      {"lane 4w x 2", cur<Config<kLaneTable, 4, 2>>()},
-      {"pair 8w x 2", cur<Config<kPairTable, 8, 2>>()},
-      {"pair 8w x 2 min3", cur<Config<kPairTable, 8, 2, 3>>()},
+      {"lane 16w x 1", cur<Config<kLaneTable, 16, 1>>()},
+      {"lane 8w x 2", cur<Config<kLaneTable, 8, 2>>()},
+      {"pair 8w x 1", cur<Config<kPairTable, 8, 1>>()},
       {"pair 16w x 1", cur<Config<kPairTable, 16, 1>>()},
+      {"pair 8w x 2 min3", cur<Config<kPairTable, 8, 2, 3>>()},
   };
   // the integer grid: checked against the first kernel's integer path
   std::vector<Variant> int_variants = {
       {"v1 int4", v1(8)},
-      {"lane int4", cur<any4::DefaultConfig>(8)},
-      {"pair int4", cur<Config<kPairTable, 8, 2>>(8)},
+      {"library int4", dispatch(8)},
+      {"lane int4 8w x 1", cur<Config<kLaneTable, 8, 1>>(8)},
   };
 
   // copy bandwidth: 1 GiB device to device, read + write
