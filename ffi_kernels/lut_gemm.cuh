@@ -248,11 +248,13 @@ struct Config {
   static constexpr int kStage = kStage_;
   static constexpr int kMinBlocks = kMinBlocks_;
 };
-// Measured on an H100 (ffi_kernels/bench/lut_gemm_bench.cu, docs in the README): one chunk
-// per stage beats deeper stages (fewer registers, more resident warps); for M <= 8 the pair
-// table with 16 warps per tile, above it the lane table with 8 warps (two batch tiles).
-using SmallBatchConfig = Config<kPairTable, 16, 1>;
-using BatchConfig = Config<kLaneTable, 8, 1>;
+// Measured on an H100 (ffi_kernels/bench/lut_gemm_bench.cu; benchmarks/results/
+// cuda_kernel_variants_nvidia_h100_80gb_hbm3.json): one chunk per stage beats deeper stages
+// (fewer registers, more resident warps). With at least two tiles per SM the lane table with 8
+// warps per tile is fastest (qkv, gate_up: M = 1..16); with fewer tiles (N = 4096: o, down)
+// the pair table with 16 warps per tile, which splits K finer, is (by 1.1-1.5x).
+using ManyTilesConfig = Config<kLaneTable, 8, 1>;
+using FewTilesConfig = Config<kPairTable, 16, 1>;
 
 // Launch for any M (block rows of 8 batch rows when M <= 8, else 16), tables of type TT.
 template <typename T, typename TT, typename C>
@@ -299,17 +301,30 @@ cudaError_t launch_config(cudaStream_t stream, const T* x, const uint2* codes, c
 #undef ANY4_LAUNCH
 }
 
-// The library's entry point: the configuration by batch size.
+inline int sm_count() {
+  static int count[64] = {0};  // per device; 0: not read yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (count[dev] == 0) {
+    int c = 0;
+    count[dev] = cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess
+                     ? c
+                     : 132;
+  }
+  return count[dev];
+}
+
+// The library's entry point: the configuration by the number of 16-row tiles per SM.
 template <typename T>
 cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
                             const void* lut, const void* scales, const void* zeros,
                             int table_kind, T* y, int M, int N, int K, int group_size,
                             int int_offset) {
-  return M <= 8 ? launch_config<T, SmallBatchConfig>(stream, x, codes, lut, scales, zeros,
-                                                      table_kind, y, M, N, K, group_size,
-                                                      int_offset)
-                : launch_config<T, BatchConfig>(stream, x, codes, lut, scales, zeros,
-                                                 table_kind, y, M, N, K, group_size, int_offset);
+  return N / kTileN >= 2 * sm_count()
+             ? launch_config<T, ManyTilesConfig>(stream, x, codes, lut, scales, zeros,
+                                                 table_kind, y, M, N, K, group_size, int_offset)
+             : launch_config<T, FewTilesConfig>(stream, x, codes, lut, scales, zeros,
+                                                table_kind, y, M, N, K, group_size, int_offset);
 }
 
 }  // namespace any4

@@ -33,23 +33,9 @@ from kernel_timing import copy_bandwidth  # noqa: E402
 
 
 def random_qweight(key, n: int, k: int, fmt: str, g: int, dtype):
-    """A QuantizedWeight of random contents with the shapes and rules of `fmt`."""
-    from any4_jax.quant.formats import int_grid_table
-    from any4_jax.quant.qweight import QuantizedWeight
+    from any4_jax.quant.qweight import random_qweight as make
 
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    codes = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
-    if fmt == "any4":
-        lut = jnp.sort(jax.random.normal(k2, (n, 16), jnp.float32), axis=-1)
-    elif fmt == "int4":
-        lut = jnp.broadcast_to(jnp.asarray(int_grid_table(4)), (n, 16))
-    else:
-        raise ValueError(f"--format {fmt}: this benchmark builds any4 or int4 weights")
-    scales = 0.002 + 0.01 * jax.random.uniform(k3, (n, k // g), jnp.float32)
-    zeros = 0.001 * jax.random.normal(k4, (n, k // g), jnp.float32)
-    return QuantizedWeight(codes=codes, lut=lut.astype(dtype), scales=scales.astype(dtype),
-                           zeros=zeros.astype(dtype), format=fmt, n_bit=4, group_size=g,
-                           symmetric=False, shape=(n, k), dtype=jnp.dtype(dtype).name).check()
+    return make(key, n, k, fmt=fmt, group_size=g, dtype=dtype)
 
 
 def quantize_randomly(model, fmt: str, g: int, *, lm_head: bool, seed: int = 0) -> int:

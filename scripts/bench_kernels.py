@@ -35,14 +35,17 @@ NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU ker
 
 
 def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
-    from any4_jax import QuantConfig, quantize_weight
+    """`copies` random QuantizedWeights (distinct buffers; contents do not matter for timing
+    and k-means on the large shapes would cost more than the measurement) and a dense
+    weight of the same shape."""
+    from any4_jax.quant.qweight import random_qweight
 
-    rng = np.random.default_rng(seed)
-    w = jnp.asarray(rng.standard_t(4, size=(n, k)) * 0.02, dtype)
-    qw = quantize_weight(w, QuantConfig(format=fmt, group_size=g, sample_weighting="none"))
-    # copies: same values, distinct buffers
-    return [jax.tree.map(lambda a: a + 0 if a.dtype != jnp.uint8 else a ^ 0, qw)
-            for _ in range(copies)], w
+    key = jax.random.key(seed)
+    qws = [random_qweight(jax.random.fold_in(key, i), n, k, fmt=fmt, group_size=g, dtype=dtype)
+           for i in range(copies)]
+    w = 0.02 * jax.random.normal(jax.random.fold_in(key, 2**20), (n, k), jnp.float32)
+    w = w.astype(dtype)
+    return qws, w
 
 
 def main():
@@ -52,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ms", default="1,4,16,64")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--format", default="any4")
+    ap.add_argument("--format", default="any4", choices=("any4", "int4"))
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -97,6 +100,11 @@ def main():
             row = {"shape": name, "n": n, "k": k, "m": m, "bytes": qbytes + act,
                    "dense_bytes": n * k * dt.itemsize + act}
             row["dense_s"] = time_per_call(lambda x, w: x @ w.T, x, dense, reps=args.reps)
+            row["dense_bw_fraction"] = row["dense_bytes"] / row["dense_s"] / bw
+            if row["dense_bw_fraction"] > 1.05:  # faster than memory allows: a broken timing
+                print(f"warning: {name} M={m}: dense timing implies "
+                      f"{100 * row['dense_bw_fraction']:.0f}% of copy bandwidth; not trusted",
+                      file=sys.stderr)
             for impl in IMPLS:
                 reasons = can_use(impl, x, qws[0])
                 if reasons or impl not in prepared:

@@ -25,7 +25,9 @@ def time_per_call(fn, x, weights, *, reps: int = 10, warmup: int = 2,
     """Seconds of one `fn(x, w)` on the device, rotating over the list `weights`.
 
     One jitted program runs L calls (unrolled, call i reading weight copy i % R and its own
-    activation buffer, so XLA can merge none of them), and every output is returned whole: XLA
+    activation buffer, both through an optimization barrier, so XLA can merge none of them:
+    on a GPU it otherwise fuses dense dots that share a weight into one GEMM, which once
+    reported a bf16 GEMV faster than the memory allows), and every output is returned whole: XLA
     may shrink a dense dot whose output is sliced, and a reduction per call would add a kernel
     launch of the same order as a 4-bit GEMV. L is chosen so the program holds about
     `target_s` of device work (a first program of max(R, 8) calls estimates one call): the
@@ -37,7 +39,14 @@ def time_per_call(fn, x, weights, *, reps: int = 10, warmup: int = 2,
     def measure(calls):
         @jax.jit
         def many(xs, ws):
-            return tuple(fn(xs[i], ws[i % r]) for i in range(calls))
+            outs = []
+            for i in range(calls):
+                # the barrier makes each call's operands distinct values: without it XLA's GPU
+                # pipeline merges the dense dots that share a weight copy into one GEMM (and
+                # CSEs identical calls), which reads the weight once for many calls
+                xb, wb = jax.lax.optimization_barrier((xs[i], ws[i % r]))
+                outs.append(fn(xb, wb))
+            return tuple(outs)
 
         xs = [x + 0 for _ in range(calls)]  # distinct buffers, same values
         for _ in range(warmup):

@@ -155,3 +155,29 @@ jax.tree_util.register_pytree_with_keys(
     flatten_func=lambda qw: (tuple(getattr(qw, f) for f in QuantizedWeight._DATA),
                              tuple(getattr(qw, f) for f in QuantizedWeight._META)),
 )
+
+
+def random_qweight(key, n: int, k: int, *, fmt: str = "any4", group_size: int = 128,
+                   dtype=jnp.bfloat16) -> QuantizedWeight:
+    """A QuantizedWeight of random contents (no k-means), made on the default device: uniform
+    codes, sorted normal tables ("any4") or the integer grid ("int4"), scales in
+    [0.002, 0.012) and zeros ~ 0.001 N(0, 1) varying per group. For kernel tests and benchmarks
+    on large shapes, where quantizing a real matrix would cost more than what is measured."""
+    from any4_jax.quant.formats import int_grid_table
+
+    if k % group_size:
+        raise ValueError(f"random_qweight: group_size={group_size} must divide K={k}")
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    codes = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    if fmt == "any4":
+        lut = jnp.sort(jax.random.normal(k2, (n, 16), jnp.float32), axis=-1)
+    elif fmt == "int4":
+        lut = jnp.broadcast_to(jnp.asarray(int_grid_table(4), jnp.float32), (n, 16))
+    else:
+        raise ValueError(f"random_qweight: fmt={fmt!r}; builds 'any4' or 'int4' weights")
+    scales = 0.002 + 0.01 * jax.random.uniform(k3, (n, k // group_size), jnp.float32)
+    zeros = 0.001 * jax.random.normal(k4, (n, k // group_size), jnp.float32)
+    return QuantizedWeight(codes=codes, lut=lut.astype(dtype), scales=scales.astype(dtype),
+                           zeros=zeros.astype(dtype), format=fmt, n_bit=4,
+                           group_size=group_size, symmetric=False, shape=(n, k),
+                           dtype=jnp.dtype(dtype).name).check()

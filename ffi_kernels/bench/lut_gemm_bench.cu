@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -87,7 +88,7 @@ Launch cur(int int_offset = -1) {
   };
 }
 
-// the library's entry point (configuration by M)
+// the library's entry point (configuration by tiles per SM)
 Launch dispatch(int int_offset = -1) {
   return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
                       int K, int g) {
@@ -108,7 +109,172 @@ static void fill(void* p, size_t bytes, uint32_t seed) {
   fill_u32<<<1024, 256>>>(static_cast<uint32_t*>(p), bytes / 4, seed);
 }
 
+
+// ---- `lut_gemm_bench check`: the library entry on awkward small cases vs a host reference ----
+template <typename V>
+float to_f(V v) {
+  return static_cast<float>(v);
+}
+template <>
+float to_f(bf16 v) {
+  return __bfloat162float(v);
+}
+template <>
+float to_f(__half v) {
+  return __half2float(v);
+}
+template <typename V>
+V from_f(float v) {
+  return static_cast<V>(v);
+}
+template <>
+bf16 from_f(float v) {
+  return __float2bfloat16(v);
+}
+template <>
+__half from_f(float v) {
+  return __float2half(v);
+}
+
+template <typename T>
+int table_kind_of();
+template <>
+int table_kind_of<float>() { return any4::kTableF32; }
+template <>
+int table_kind_of<bf16>() { return any4::kTableBF16; }
+template <>
+int table_kind_of<__half>() { return any4::kTableF16; }
+
+struct Rng {
+  uint64_t s;
+  uint32_t next() {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<uint32_t>(s >> 33);
+  }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * (next() >> 8) * (1.0f / 8388608.0f); }
+};
+
+template <typename T>
+void* dev_copy(const std::vector<T>& v) {
+  void* p;
+  CHECK(cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(T)));
+  CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+// One case: returns the relative error (norm), or a huge value if an output is not finite.
+template <typename T, typename TT>
+double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
+  Rng rng{seed};
+  const int G = K / g, off = int_grid ? 8 : -1;
+  std::vector<uint8_t> code(size_t(N) * K);
+  for (auto& c : code) c = rng.next() & 15;
+  std::vector<TT> lut(size_t(N) * 16), sc(size_t(N) * G), zr(size_t(N) * G);
+  std::vector<TT> sc_t(sc.size()), zr_t(zr.size());
+  for (auto& v : lut) v = from_f<TT>(rng.uniform(-1.f, 1.f));
+  for (int n = 0; n < N; ++n)
+    for (int j = 0; j < G; ++j) {
+      sc[size_t(n) * G + j] = from_f<TT>(rng.uniform(0.005f, 0.02f));
+      zr[size_t(n) * G + j] = from_f<TT>(rng.uniform(-0.01f, 0.01f));
+      sc_t[(size_t(n / 16) * G + j) * 16 + n % 16] = sc[size_t(n) * G + j];
+      zr_t[(size_t(n / 16) * G + j) * 16 + n % 16] = zr[size_t(n) * G + j];
+    }
+  // codes in fragment order (the layout of lut_gemm.cuh / cuda_layout.py)
+  const int chunks = K / 32;
+  std::vector<uint32_t> frag(size_t(N / 16) * chunks * 32 * 2, 0u);
+  for (int tile = 0; tile < N / 16; ++tile)
+    for (int c = 0; c < chunks; ++c)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int step = 0; step < 2; ++step) {
+          uint32_t q = 0;
+          const int gg = lane / 4, t = lane % 4;
+          for (int i = 0; i < 8; ++i) {
+            const int row = gg + 8 * ((i >> 1) & 1);
+            const int col = 32 * c + 16 * step + 2 * t + (i & 1) + 8 * (i >> 2);
+            q |= uint32_t(code[size_t(tile * 16 + row) * K + col]) << (4 * i);
+          }
+          frag[((size_t(tile) * chunks + c) * 32 + lane) * 2 + step] = q;
+        }
+  std::vector<T> x(size_t(M) * K);
+  for (auto& v : x) v = from_f<T>(rng.uniform(-1.f, 1.f));
+  // reference: w rounded to T after one fmaf, products summed in double
+  std::vector<double> ref(size_t(M) * N, 0.0);
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) {
+      const int cd = code[size_t(n) * K + k];
+      const float v = int_grid ? float(cd - off) : to_f(lut[size_t(n) * 16 + cd]);
+      const float w = to_f(from_f<T>(std::fmaf(v, to_f(sc[size_t(n) * G + k / g]),
+                                               to_f(zr[size_t(n) * G + k / g]))));
+      for (int m = 0; m < M; ++m) ref[size_t(m) * N + n] += double(to_f(x[size_t(m) * K + k])) * w;
+    }
+  void *dx = dev_copy(x), *dc = dev_copy(frag), *dl = dev_copy(lut), *ds = dev_copy(sc_t),
+       *dz = dev_copy(zr_t);
+  T* dy;
+  CHECK(cudaMalloc(&dy, size_t(M) * N * sizeof(T)));
+  CHECK(cudaMemset(dy, 0xFF, size_t(M) * N * sizeof(T)));  // NaN poison: every output written?
+  CHECK(any4::launch_lut_gemm<T>(0, static_cast<const T*>(dx), static_cast<const uint2*>(dc), dl,
+                                 ds, dz, table_kind_of<TT>(), dy, M, N, K, g, off));
+  CHECK(cudaDeviceSynchronize());
+  std::vector<T> y(size_t(M) * N);
+  CHECK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double d = double(to_f(y[i])) - ref[i];
+    if (!std::isfinite(d)) return 1e30;
+    num += d * d;
+    den += ref[i] * ref[i];
+  }
+  for (void* p : {dx, dc, dl, ds, dz}) CHECK(cudaFree(p));
+  CHECK(cudaFree(dy));
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+template <typename T, typename TT>
+int check_types(const char* name, double tol) {
+  struct Case {
+    int n, k, g;
+  };
+  const Case cases[] = {{16, 32, 32}, {48, 192, 64}, {32, 512, 256}, {80, 384, 128},
+                        {64, 1024, 128}, {32, 96, 96}};
+  const int ms[] = {1, 3, 8, 9, 16, 17, 33};
+  int failures = 0;
+  double worst = 0;
+  uint64_t seed = 1;
+  for (const Case& c : cases)
+    for (int M : ms)
+      for (int ig = 0; ig < 2; ++ig) {
+        const double err = check_case<T, TT>(c.n, c.k, c.g, M, ig, seed++);
+        worst = std::max(worst, err);
+        if (!(err < tol)) {
+          ++failures;
+          std::printf("FAIL %s N=%d K=%d g=%d M=%d %s: relative error %.3e\n", name, c.n, c.k,
+                      c.g, M, ig ? "int4" : "table", err);
+        }
+      }
+  std::printf("check %s: worst relative error %.2e (bound %.1e), %d failures\n", name, worst,
+              tol, failures);
+  return failures;
+}
+
+int run_check() {
+  // the bound: the output's rounding to T (relative half an ulp) plus float summation order
+  int f = 0;
+  f += check_types<bf16, bf16>("x bf16, tables bf16", 4e-3);
+  f += check_types<__half, __half>("x f16, tables f16", 1e-3);
+  f += check_types<bf16, float>("x bf16, tables f32", 4e-3);
+  f += check_types<__half, float>("x f16, tables f32", 1e-3);
+  f += check_types<bf16, __half>("x bf16, tables f16", 4e-3);
+  f += check_types<__half, bf16>("x f16, tables bf16", 1e-3);
+  if (f) {
+    std::printf("check: %d FAILURES\n", f);
+    return 1;
+  }
+  std::printf("check: all cases passed\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "check") return run_check();
   const bool profile = argc > 1 && std::string(argv[1]) == "profile";
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -125,7 +291,7 @@ int main(int argc, char** argv) {
   using any4::kPairTable;
   std::vector<Variant> variants = {
       {"v1 (float table, 8w x 8)", v1()},
-      {"library (by M)", dispatch()},
+      {"library (by tiles per SM)", dispatch()},
       {"lane 8w x 1", cur<Config<kLaneTable, 8, 1>>()},
       {"lane 16w x 1", cur<Config<kLaneTable, 16, 1>>()},
       {"lane 8w x 2", cur<Config<kLaneTable, 8, 2>>()},

@@ -18,7 +18,7 @@ from any4_jax.kernels.cuda_layout import (
     unprepare_codes,
 )
 from any4_jax.kernels.reference import lut_matmul_reference
-from any4_jax.quant.qweight import unpack_codes
+from any4_jax.quant.qweight import random_qweight, unpack_codes
 from any4_jax.shapes import LLAMA_SHAPES
 from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
 
@@ -84,6 +84,18 @@ def test_cuda_sources_compile_for_sm80_and_sm90a():
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.slow
+def test_standalone_kernel_bench_compiles(tmp_path):
+    """ffi_kernels/bench/lut_gemm_bench.cu (variants, host-reference check, sanitizer target)
+    is a GPU-machine tool: compiling it here keeps it in step with the kernel header."""
+    r = subprocess.run(["nvcc", "-std=c++17", "-O1", "-gencode", "arch=compute_90a,code=sm_90a",
+                        "-I", os.path.join(ROOT, "ffi_kernels"),
+                        os.path.join(ROOT, "ffi_kernels", "bench", "lut_gemm_bench.cu"),
+                        "-o", str(tmp_path / "lut_gemm_bench")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def _fake_library(tmp_path, info: str) -> str:
@@ -189,14 +201,16 @@ def test_gpu_llama_shapes(rng, name, fmt, g, dtype):
     from any4_jax.kernels.cuda_ffi import TARGET, lut_matmul_cuda
 
     n, k = LLAMA_SHAPES[name]
-    qw = _qweight(rng, n, k, fmt=fmt, g=g, dtype=dtype)
+    # random contents made on the device: k-means on a 70B matrix would cost more than the check
+    qw = random_qweight(jax.random.key(int(rng.integers(2**31))), n, k, fmt=fmt, group_size=g,
+                        dtype=dtype)
     cw = prepare_cuda(qw)
     assert (cw.int_offset >= 0) == (fmt == "int4")
     w = qw.dequantize(dtype).astype(jnp.float32)
     f = jax.jit(lut_matmul_cuda)
     eps = float(jnp.finfo(dtype).eps)
     for m in (1, 2, 3, 4, 8, 16, 33):
-        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         if m == 1:
             assert TARGET in f.lower(x, cw).as_text()  # the FFI kernel runs, not a fallback
         y = f(x, cw).astype(jnp.float32)

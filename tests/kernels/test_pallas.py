@@ -8,6 +8,7 @@ import pytest
 from any4_jax.kernels import can_use, lut_matmul, pick
 from any4_jax.kernels.pallas_gpu import NAME, can_use_pallas, lut_matmul_pallas
 from any4_jax.kernels.reference import lut_matmul_reference
+from any4_jax.quant.qweight import random_qweight
 from any4_jax.shapes import LLAMA_SHAPES
 from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
 
@@ -91,10 +92,11 @@ class TestPallasGpu(LutMatmulBase):
 def test_gpu_llama_shapes(rng, name):
     """Every Llama shape, M in {1, 2, 4, 8, 16, 64} on the kernel and 256 on the dispatch."""
     n, k = LLAMA_SHAPES[name]
-    qw = _qweight(rng, n, k, g=128)
+    # random contents made on the device: k-means on a 70B matrix would cost more than the check
+    qw = random_qweight(jax.random.key(int(rng.integers(2**31))), n, k, group_size=128)
     f = jax.jit(lambda x, q: lut_matmul(x, q, implementation="pallas"))
     for m in (1, 2, 4, 8, 16, 64):
-        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         assert NAME in f.lower(x, qw).as_text()  # the kernel runs, not a fallback
         y = f(x, qw).astype(jnp.float32)
         ref = lut_matmul_reference(x, qw).astype(jnp.float32)
@@ -102,7 +104,7 @@ def test_gpu_llama_shapes(rng, name):
         assert err < TOLERANCE[jnp.bfloat16], (m, err)
     # M = 256: above the dense threshold the Pallas kernel declines, in words, and the
     # automatic choice is another implementation
-    x = jnp.asarray(rng.standard_normal((256, k)), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(256), (256, k), jnp.bfloat16)
     assert any("dequantize-then-dense" in r for r in can_use("pallas", x, qw))
     assert pick(x, qw) != "pallas"
     y = lut_matmul(x, qw).astype(jnp.float32)
