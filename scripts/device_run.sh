@@ -89,6 +89,7 @@ for step in $STEPS; do
       # on each variant at gate_up M = 1 and 16
       build_bench
       run cudabench "$W/cudabench.txt" "$BENCH_BIN"
+      cuobjdump -sass "$BENCH_BIN" > "$W/sass.txt" 2>&1  # what ptxas made of each variant
       grep -E "^\||bandwidth" "$W/cudabench.txt" | head -80
       run ncu "$W/ncu_cuda.txt" ncu --clock-control none -k regex:lut_gemm \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
