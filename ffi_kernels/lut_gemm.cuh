@@ -82,6 +82,34 @@ inline uint32_t chunk_div_magic(int d) {
   return d == 1 ? 0u : static_cast<uint32_t>(((uint64_t(1) << 32) + d - 1) / d);
 }
 
+// Shared-memory loads at a 32-bit shared address (volatile: never hoisted above the barrier
+// that publishes the tables).
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// (code i of q) << 7: the byte offset of its row in the lane table ([code][lane] floats);
+// i is a constant after unrolling, so this is one shift and one AND (fused with the OR of the
+// base by the caller into a LOP3)
+__device__ __forceinline__ uint32_t code_x128(uint32_t q, int i) {
+  const int sh = 4 * i - 7;
+  return (sh < 0 ? (q << -sh) : (q >> sh)) & 0x780u;
+}
+// (byte j of q) << 2: the byte offset of its entry in a pair-table row
+__device__ __forceinline__ uint32_t byte_x4(uint32_t q, int j) {
+  const int sh = 8 * j - 2;
+  return (sh < 0 ? (q << -sh) : (q >> sh)) & 0x3FCu;
+}
+
 // One stage of a warp's loads: kStage chunks of codes and their rows' scales and zeros.
 template <int kStage>
 struct Stage {
@@ -91,16 +119,23 @@ struct Stage {
 
 // MT: n8 tiles of the batch per block (1: M <= 8 rows per block-row, 2: 16).
 // kMinBlocks: blocks per SM the register allocation must allow (__launch_bounds__).
-template <typename T, typename TT, int kLookup, int MT, int kWarps, int kStage, int kMinBlocks>
+// kLean: table addresses by one LOP3 on an aligned base (inline ld.shared), x and scale
+// pointers formed once per chunk -- the same arithmetic with fewer integer instructions.
+template <typename T, typename TT, int kLookup, int MT, int kWarps, int kStage, int kMinBlocks,
+          bool kLean>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                 const TT* __restrict__ lut, const TT* __restrict__ scales,
                 const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
                 uint32_t group_magic, int int_offset) {
   constexpr bool kPair = kLookup == kPairTable;
-  __shared__ float lane_s[kPair ? 1 : 2][16][32];
+  // Tables: kLean places them at a runtime-aligned address inside a slightly larger array
+  // (2 KB / 1 KB alignment, so that base | offset == base + offset: the static alignment of a
+  // __shared__ array is relative to the CTA's window, which sits after the 1 KB the driver
+  // reserves on sm_90, so it cannot be relied on)
+  __shared__ float lane_store[kPair ? 1 : 2 * 16 * 32 + (kLean ? 512 : 0)];
+  __shared__ uint32_t pair_store[kPair ? kTileN * 256 + (kLean ? 256 : 0) : 1];
   __shared__ float raw_s[kPair ? kTileN : 1][16];
-  __shared__ uint32_t pair_s[kPair ? kTileN : 1][256];
   __shared__ float red_s[kWarps][32][MT * 4];
 
   const int tile = blockIdx.x;
@@ -125,13 +160,34 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
       if (c < chunks) {
         st.q[u] = __ldg(tile_codes + c * 32);
         const int o = div_chunks(c, group_magic) * kTileN;
-        st.s_lo[u] = widen(__ldg(s_tile + o));
-        st.z_lo[u] = widen(__ldg(z_tile + o));
-        st.s_hi[u] = widen(__ldg(s_tile + o + 8));
-        st.z_hi[u] = widen(__ldg(z_tile + o + 8));
+        const TT* sp = s_tile + o;
+        const TT* zp = z_tile + o;
+        st.s_lo[u] = widen(__ldg(sp));
+        st.z_lo[u] = widen(__ldg(zp));
+        st.s_hi[u] = widen(__ldg(sp + 8));
+        st.z_hi[u] = widen(__ldg(zp + 8));
       }
     }
   };
+
+  // kLean: this lane's table base (lane table: [half][code][lane] -> base + code * 128 +
+  // half * 2048; pair table: row g's base, row g + 8 at + 8 KB) and x row (t-th word of a chunk)
+  const uint32_t lane_raw = smem_addr(lane_store), pair_raw = smem_addr(pair_store);
+  const uint32_t lane_al = kLean ? (lane_raw + 2047u) & ~2047u : lane_raw;
+  const uint32_t pair_al = kLean ? (pair_raw + 1023u) & ~1023u : pair_raw;
+  float* const lane_s = lane_store + (lane_al - lane_raw) / 4;        // [2][16][32]
+  uint32_t* const pair_s = pair_store + (pair_al - pair_raw) / 4;     // [16][256]
+  const uint32_t lane_base = lane_al + 4 * lane;
+  const uint32_t pair_base = pair_al + (kPair ? 1024 * g : 0);
+  const uint32_t* x_rows[MT];
+  bool has_row[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = m_base + mt * 8 + g;
+    has_row[mt] = m < M;
+    x_rows[mt] = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(has_row[mt] ? m : 0) *
+                                                           K) + t;
+  }
 
   float acc[MT][4];
 #pragma unroll
@@ -155,13 +211,22 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
           const float s = h ? st.s_hi[u] : st.s_lo[u];
           const float z = h ? st.z_hi[u] : st.z_lo[u];
           float v0, v1;
-          if (kPair) {
-            const float2 v = unpack2<T>(pair_s[kPair ? g + 8 * h : 0][(q >> (8 * j)) & 0xFF]);
+          if (kLean && kPair) {
+            const float2 v =
+                unpack2<T>(lds_u32((byte_x4(q, j) | pair_base) + (h ? 8 * 1024 : 0)));
+            v0 = v.x;
+            v1 = v.y;
+          } else if (kLean) {
+            v0 = lds_f32((code_x128(q, 2 * j) | lane_base) + (h ? 2048 : 0));
+            v1 = lds_f32((code_x128(q, 2 * j + 1) | lane_base) + (h ? 2048 : 0));
+          } else if (kPair) {
+            const float2 v =
+                unpack2<T>(pair_s[kPair ? (g + 8 * h) * 256 + ((q >> (8 * j)) & 0xFF) : 0]);
             v0 = v.x;
             v1 = v.y;
           } else {
-            v0 = lane_s[kPair ? 0 : h][(q >> (8 * j)) & 0xF][lane];
-            v1 = lane_s[kPair ? 0 : h][(q >> (8 * j + 4)) & 0xF][lane];
+            v0 = lane_s[(h * 16 + ((q >> (8 * j)) & 0xF)) * 32 + lane];
+            v1 = lane_s[(h * 16 + ((q >> (8 * j + 4)) & 0xF)) * 32 + lane];
           }
           a[j] = pack2<T>(fmaf(v0, s, z), fmaf(v1, s, z));
         }
@@ -170,7 +235,13 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
         for (int mt = 0; mt < MT; ++mt) {
           const int m = m_base + mt * 8 + g;
           uint32_t b[2] = {0u, 0u};
-          if (m < M) {
+          if (kLean) {
+            if (has_row[mt]) {  // words c * 16 + step * 8 + t (+ 4) of the row
+              const uint32_t* xc = x_rows[mt] + c * 16 + step * 8;
+              b[0] = __ldg(xc);
+              b[1] = __ldg(xc + 4);
+            }
+          } else if (m < M) {
             const uint32_t* xr =
                 reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m) * K);
             b[0] = __ldg(xr + k0 / 2);
@@ -199,13 +270,13 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     __syncthreads();
     for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
       const int r = i / 256, b = i % 256;
-      pair_s[kPair ? r : 0][b] =
+      pair_s[kPair ? r * 256 + b : 0] =
           pack2<T>(raw_s[kPair ? r : 0][b & 15], raw_s[kPair ? r : 0][b >> 4]);
     }
   } else {
     for (int i = threadIdx.x; i < 2 * 16 * 32; i += kWarps * 32) {
       const int h = i / 512, code = (i / 32) % 16, l = i % 32;
-      lane_s[kPair ? 0 : h][code][l] = table_value(l / 4 + 8 * h, code);
+      lane_s[(h * 16 + code) * 32 + l] = table_value(l / 4 + 8 * h, code);
     }
   }
   __syncthreads();
@@ -241,12 +312,13 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 }
 
 // The launch configuration: table lookup, warps per block splitting K, chunks per stage.
-template <int kLookup_, int kWarps_, int kStage_, int kMinBlocks_ = 1>
+template <int kLookup_, int kWarps_, int kStage_, int kMinBlocks_ = 1, bool kLean_ = false>
 struct Config {
   static constexpr int kLookup = kLookup_;
   static constexpr int kWarps = kWarps_;
   static constexpr int kStage = kStage_;
   static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr bool kLean = kLean_;
 };
 // Measured on an H100 (ffi_kernels/bench/lut_gemm_bench.cu; benchmarks/results/
 // cuda_kernel_variants_nvidia_h100_80gb_hbm3.json): one chunk per stage beats deeper stages
@@ -265,11 +337,12 @@ cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, co
   const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);
   const uint32_t magic = chunk_div_magic(group_size / kChunkK);
   constexpr int L = C::kLookup, W = C::kWarps, S = C::kStage, B = C::kMinBlocks;
+  constexpr bool E = C::kLean;
   if (M <= 8) {
-    lut_gemm_kernel<T, TT, L, 1, W, S, B><<<grid, block, 0, stream>>>(
+    lut_gemm_kernel<T, TT, L, 1, W, S, B, E><<<grid, block, 0, stream>>>(
         x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
   } else {
-    lut_gemm_kernel<T, TT, L, 2, W, S, B><<<grid, block, 0, stream>>>(
+    lut_gemm_kernel<T, TT, L, 2, W, S, B, E><<<grid, block, 0, stream>>>(
         x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
   }
   return cudaGetLastError();
@@ -282,7 +355,7 @@ template <typename T, typename C>
 cudaError_t launch_config(cudaStream_t stream, const T* x, const uint2* codes, const void* lut,
                           const void* scales, const void* zeros, int table_kind, T* y, int M,
                           int N, int K, int group_size, int int_offset) {
-  using Lane = Config<kLaneTable, C::kWarps, C::kStage, C::kMinBlocks>;
+  using Lane = Config<kLaneTable, C::kWarps, C::kStage, C::kMinBlocks, C::kLean>;
   const bool int_grid = int_offset >= 0;
 #define ANY4_LAUNCH(TT, CFG)                                                               \
   launch_typed<T, TT, CFG>(stream, x, codes, static_cast<const TT*>(lut),                 \

@@ -74,14 +74,15 @@ for step in $STEPS; do
   echo "=== $step"
   case $step in
     cudacheck)
-      # the library's kernel entry on awkward small cases against a host reference, then the
-      # same under compute-sanitizer memcheck and racecheck
+      # the library's kernel entry and every configuration the timing table compares, on
+      # awkward small cases against a host reference; then the entry under compute-sanitizer
+      # memcheck and racecheck
       build_bench
       run cudacheck "$W/cudacheck.txt" "$BENCH_BIN" check
       tail -5 "$W/cudacheck.txt"
       for tool in memcheck racecheck; do
         T_cudacheck=${T_sanitize:-120} run cudacheck "$W/sanitize_$tool.txt" \
-          compute-sanitizer --tool "$tool" --error-exitcode 1 "$BENCH_BIN" check
+          compute-sanitizer --tool "$tool" --error-exitcode 1 "$BENCH_BIN" check lib
         tail -4 "$W/sanitize_$tool.txt"
       done ;;
     cudabench)

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <functional>
 #include <initializer_list>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -162,8 +163,11 @@ void* dev_copy(const std::vector<T>& v) {
   return p;
 }
 
+// The library's entry (configuration chosen by tiles per SM) rather than one configuration.
+struct Library {};
+
 // One case: returns the relative error (norm), or a huge value if an output is not finite.
-template <typename T, typename TT>
+template <typename T, typename TT, typename C>
 double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
   Rng rng{seed};
   const int G = K / g, off = int_grid ? 8 : -1;
@@ -212,8 +216,14 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
   T* dy;
   CHECK(cudaMalloc(&dy, size_t(M) * N * sizeof(T)));
   CHECK(cudaMemset(dy, 0xFF, size_t(M) * N * sizeof(T)));  // NaN poison: every output written?
-  CHECK(any4::launch_lut_gemm<T>(0, static_cast<const T*>(dx), static_cast<const uint2*>(dc), dl,
-                                 ds, dz, table_kind_of<TT>(), dy, M, N, K, g, off));
+  if constexpr (std::is_same<C, Library>::value) {
+    CHECK(any4::launch_lut_gemm<T>(0, static_cast<const T*>(dx), static_cast<const uint2*>(dc),
+                                   dl, ds, dz, table_kind_of<TT>(), dy, M, N, K, g, off));
+  } else {
+    CHECK((any4::launch_config<T, C>(0, static_cast<const T*>(dx),
+                                     static_cast<const uint2*>(dc), dl, ds, dz, table_kind_of<TT>(),
+                                     dy, M, N, K, g, off)));
+  }
   CHECK(cudaDeviceSynchronize());
   std::vector<T> y(size_t(M) * N);
   CHECK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
@@ -229,7 +239,7 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
-template <typename T, typename TT>
+template <typename T, typename TT, typename C = Library>
 int check_types(const char* name, double tol) {
   struct Case {
     int n, k, g;
@@ -243,7 +253,7 @@ int check_types(const char* name, double tol) {
   for (const Case& c : cases)
     for (int M : ms)
       for (int ig = 0; ig < 2; ++ig) {
-        const double err = check_case<T, TT>(c.n, c.k, c.g, M, ig, seed++);
+        const double err = check_case<T, TT, C>(c.n, c.k, c.g, M, ig, seed++);
         worst = std::max(worst, err);
         if (!(err < tol)) {
           ++failures;
@@ -256,15 +266,43 @@ int check_types(const char* name, double tol) {
   return failures;
 }
 
-int run_check() {
+// Every dtype pair through the library's entry; with `all`, also each configuration the
+// timing table compares, for bf16 / f16 activations with 16-bit and float32 tables.
+template <typename C>
+int check_config(const char* cname) {
+  int f = 0;
+  std::string n = std::string(cname) + ": x bf16, tables bf16";
+  f += check_types<bf16, bf16, C>(n.c_str(), 4e-3);
+  n = std::string(cname) + ": x f16, tables f16";
+  f += check_types<__half, __half, C>(n.c_str(), 1e-3);
+  n = std::string(cname) + ": x bf16, tables f32";
+  f += check_types<bf16, float, C>(n.c_str(), 4e-3);
+  return f;
+}
+
+int run_check(bool all) {
   // the bound: the output's rounding to T (relative half an ulp) plus float summation order
   int f = 0;
-  f += check_types<bf16, bf16>("x bf16, tables bf16", 4e-3);
-  f += check_types<__half, __half>("x f16, tables f16", 1e-3);
-  f += check_types<bf16, float>("x bf16, tables f32", 4e-3);
-  f += check_types<__half, float>("x f16, tables f32", 1e-3);
-  f += check_types<bf16, __half>("x bf16, tables f16", 4e-3);
-  f += check_types<__half, bf16>("x f16, tables bf16", 1e-3);
+  f += check_types<bf16, bf16>("library: x bf16, tables bf16", 4e-3);
+  f += check_types<__half, __half>("library: x f16, tables f16", 1e-3);
+  f += check_types<bf16, float>("library: x bf16, tables f32", 4e-3);
+  f += check_types<__half, float>("library: x f16, tables f32", 1e-3);
+  f += check_types<bf16, __half>("library: x bf16, tables f16", 4e-3);
+  f += check_types<__half, bf16>("library: x f16, tables bf16", 1e-3);
+  if (all) {
+    using any4::Config;
+    using any4::kLaneTable;
+    using any4::kPairTable;
+    f += check_config<Config<kLaneTable, 8, 1>>("lane 8w x 1");
+    f += check_config<Config<kLaneTable, 16, 1>>("lane 16w x 1");
+    f += check_config<Config<kLaneTable, 8, 2>>("lane 8w x 2");
+    f += check_config<Config<kPairTable, 8, 1>>("pair 8w x 1");
+    f += check_config<Config<kPairTable, 16, 1>>("pair 16w x 1");
+    f += check_config<Config<kLaneTable, 8, 1, 1, true>>("lean lane 8w x 1");
+    f += check_config<Config<kLaneTable, 16, 1, 1, true>>("lean lane 16w x 1");
+    f += check_config<Config<kPairTable, 16, 1, 1, true>>("lean pair 16w x 1");
+    f += check_config<Config<kPairTable, 8, 1, 1, true>>("lean pair 8w x 1");
+  }
   if (f) {
     std::printf("check: %d FAILURES\n", f);
     return 1;
@@ -274,7 +312,10 @@ int run_check() {
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "check") return run_check();
+  // `check`: the library entry and every configuration; `check lib`: the library entry only
+  // (what compute-sanitizer runs)
+  if (argc > 1 && std::string(argv[1]) == "check")
+    return run_check(!(argc > 2 && std::string(argv[2]) == "lib"));
   const bool profile = argc > 1 && std::string(argv[1]) == "profile";
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -298,12 +339,18 @@ int main(int argc, char** argv) {
       {"pair 8w x 1", cur<Config<kPairTable, 8, 1>>()},
       {"pair 16w x 1", cur<Config<kPairTable, 16, 1>>()},
       {"pair 8w x 2 min3", cur<Config<kPairTable, 8, 2, 3>>()},
+      {"lean lane 8w x 1", cur<Config<kLaneTable, 8, 1, 1, true>>()},
+      {"lean pair 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>()},
+      {"lean pair 8w x 1", cur<Config<kPairTable, 8, 1, 1, true>>()},
+      {"lean lane 16w x 1", cur<Config<kLaneTable, 16, 1, 1, true>>()},
   };
   // the integer grid: checked against the first kernel's integer path
   std::vector<Variant> int_variants = {
       {"v1 int4", v1(8)},
       {"library int4", dispatch(8)},
       {"lane int4 8w x 1", cur<Config<kLaneTable, 8, 1>>(8)},
+      {"lean lane int4 8w x 1", cur<Config<kLaneTable, 8, 1, 1, true>>(8)},
+      {"lean pair int4 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>(8)},
   };
 
   // copy bandwidth: 1 GiB device to device, read + write
