@@ -118,4 +118,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemm, LutGemm,
                                   .Arg<ffi::AnyBuffer>()           // zeros [N/16, K/g, 16]
                                   .Ret<ffi::AnyBuffer>()           // y [M, N]
                                   .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("int_offset"));
+                                  .Attr<int64_t>("int_offset"),
+                              // it only launches kernels on XLA's stream, allocates nothing and
+                              // never waits on the stream: XLA may capture it in a CUDA graph
+                              // with its neighbours instead of launching it from the host
+                              {ffi::Traits::kCmdBufferCompatible});
