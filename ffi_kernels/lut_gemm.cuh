@@ -47,7 +47,7 @@
 namespace any4 {
 
 enum TableKind : int { kTableF32 = 0, kTableBF16 = 1, kTableF16 = 2 };
-enum Lookup : int { kLaneTable = 0, kPairTable = 1 };
+enum Lookup : int { kLaneTable = 0, kPairTable = 1, kPairPostScale = 2 };
 
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
@@ -128,7 +128,8 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                 const TT* __restrict__ lut, const TT* __restrict__ scales,
                 const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
                 uint32_t group_magic, int int_offset) {
-  constexpr bool kPair = kLookup == kPairTable;
+  constexpr bool kPost = kLookup == kPairPostScale;
+  constexpr bool kPair = kLookup != kLaneTable;  // the pair table (raw values, in T)
   // Tables: kLean places them at a runtime-aligned address inside a slightly larger array
   // (2 KB / 1 KB alignment, so that base | offset == base + offset: the static alignment of a
   // __shared__ array is relative to the CTA's window, which sits after the 1 KB the driver
@@ -196,7 +197,57 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
   }
 
-  auto compute = [&](const Stage<kStage>& st, int cb) {
+  // kPairPostScale: the MMA takes the raw table values straight from the pair table (one
+  // shared load is one A register), and the chunk's scale and zero are applied to its partial
+  // sums: y += s * sum_k(v_k x_k) + z * sum_k(x_k), the second sum by an MMA with an all-ones A.
+  // No per-weight arithmetic; more accurate than the reference (no rounding of w to T), and
+  // still exact for identity activations (the one nonzero term is fmaf(s, v, z)).
+  constexpr uint32_t kOnes = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
+  auto compute_post = [&](const Stage<kStage>& st, int cb) {
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int c = cb + u * kWarps;
+      if (c >= chunks) break;
+      float pv[MT][4], p1[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pv[mt][j] = p1[mt][j] = 0.f;
+      }
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+        const uint32_t q = step == 0 ? st.q[u].x : st.q[u].y;
+        uint32_t a[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
+        }
+        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t b[2] = {0u, 0u};
+          if (has_row[mt]) {  // words c * 16 + step * 8 + t (+ 4) of the row
+            const uint32_t* xc = x_rows[mt] + c * 16 + step * 8;
+            b[0] = __ldg(xc);
+            b[1] = __ldg(xc + 4);
+          }
+          mma_16816<T>(pv[mt], a, b);
+          mma_16816<T>(p1[mt], ones, b);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // D rows: j < 2 row g, else g + 8
+          const float sc = j < 2 ? st.s_lo[u] : st.s_hi[u];
+          const float zr = j < 2 ? st.z_lo[u] : st.z_hi[u];
+          acc[mt][j] = fmaf(sc, pv[mt][j], fmaf(zr, p1[mt][j], acc[mt][j]));
+        }
+      }
+    }
+  };
+
+  auto compute_scaled = [&](const Stage<kStage>& st, int cb) {
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int c = cb + u * kWarps;
@@ -250,6 +301,14 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
           mma_16816<T>(acc[mt], a, b);
         }
       }
+    }
+  };
+
+  auto compute = [&](const Stage<kStage>& st, int cb) {
+    if constexpr (kPost) {
+      compute_post(st, cb);
+    } else {
+      compute_scaled(st, cb);
     }
   };
 

@@ -9,7 +9,7 @@
 For each kernel whose mangled name contains a given substring (default: every
 `lut_gemm_kernel`), the longest backward branch is taken as the main loop and its
 instructions are counted by opcode; "per code" divides by the 4-bit codes a lane dequantizes
-in that loop (8 per HMMA). The time floor of a kernel that issues I instructions per weight is
+in that loop (16 per 8-byte code load, LDG.E.64). The time floor of a kernel that issues I instructions per weight is
 about I x 58.7 M weights / (132 SMs x 4 x 1.8 GHz) = I x 1.9 us on Llama-3-8B gate/up
 (docs/cuda_kernel_notes.md).
 """
@@ -60,7 +60,7 @@ def main():
             continue
         body = main_loop(lines)
         counts = collections.Counter(opcode(ln) for ln in body)
-        codes = 8 * counts["HMMA"]
+        codes = 16 * sum(1 for ln in body if "LDG.E.64" in ln)
         per = f"{len(body) / codes:.2f}" if codes else "-"
         top = ", ".join(f"{k} {v}" for k, v in counts.most_common(8))
         print(f"{name}\n  loop {len(body)} instructions, {codes} codes/lane, per code {per}: {top}")

@@ -302,6 +302,9 @@ int run_check(bool all) {
     f += check_config<Config<kLaneTable, 16, 1, 1, true>>("lean lane 16w x 1");
     f += check_config<Config<kPairTable, 16, 1, 1, true>>("lean pair 16w x 1");
     f += check_config<Config<kPairTable, 8, 1, 1, true>>("lean pair 8w x 1");
+    f += check_config<Config<any4::kPairPostScale, 8, 1, 1, true>>("post-scale 8w x 1");
+    f += check_config<Config<any4::kPairPostScale, 16, 1, 1, true>>("post-scale 16w x 1");
+    f += check_config<Config<any4::kPairPostScale, 8, 2, 1, true>>("post-scale 8w x 2");
   }
   if (f) {
     std::printf("check: %d FAILURES\n", f);
@@ -343,6 +346,9 @@ int main(int argc, char** argv) {
       {"lean pair 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>()},
       {"lean pair 8w x 1", cur<Config<kPairTable, 8, 1, 1, true>>()},
       {"lean lane 16w x 1", cur<Config<kLaneTable, 16, 1, 1, true>>()},
+      {"post-scale 8w x 1", cur<Config<any4::kPairPostScale, 8, 1, 1, true>>()},
+      {"post-scale 16w x 1", cur<Config<any4::kPairPostScale, 16, 1, 1, true>>()},
+      {"post-scale 8w x 2", cur<Config<any4::kPairPostScale, 8, 2, 1, true>>()},
   };
   // the integer grid: checked against the first kernel's integer path
   std::vector<Variant> int_variants = {
@@ -351,6 +357,7 @@ int main(int argc, char** argv) {
       {"lane int4 8w x 1", cur<Config<kLaneTable, 8, 1>>(8)},
       {"lean lane int4 8w x 1", cur<Config<kLaneTable, 8, 1, 1, true>>(8)},
       {"lean pair int4 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>(8)},
+      {"post-scale int4 8w x 1", cur<Config<any4::kPairPostScale, 8, 1, 1, true>>(8)},
   };
 
   // copy bandwidth: 1 GiB device to device, read + write
