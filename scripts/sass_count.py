@@ -9,9 +9,9 @@
 For each kernel whose mangled name contains a given substring (default: every
 `lut_gemm_kernel`), the longest backward branch is taken as the main loop and its
 instructions are counted by opcode; "per code" divides by the 4-bit codes a lane dequantizes
-in that loop (16 per 8-byte code load, LDG.E.64). The time floor of a kernel that issues I instructions per weight is
-about I x 58.7 M weights / (132 SMs x 4 x 1.8 GHz) = I x 1.9 us on Llama-3-8B gate/up
-(docs/cuda_kernel_notes.md).
+in that loop (16 per 8-byte code load, LDG.E.64). The time floor of a kernel that issues I
+instructions per weight is about I x 58.7 M weights / (132 SMs x 4 x 1.8 GHz x 32 lanes)
+= I x 1.9 us on Llama-3-8B gate/up (docs/cuda_kernel_notes.md).
 """
 
 from __future__ import annotations
