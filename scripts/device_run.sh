@@ -7,11 +7,15 @@
 # workers that outlive a killed pytest once held a pipe open and hung a call until its limit.
 # No step pipes its output: each writes a log, whose tail is printed after it.
 #
-# A 30-minute GPU session, most important first (each line one call, ~9 minutes at most):
-#   STEPS="cudacheck gputests" bash scripts/device_run.sh   # correctness + compute-sanitizer
-#   STEPS="bench decode" bash scripts/device_run.sh          # kernel table, end-to-end decode
-#   STEPS="tune model" bash scripts/device_run.sh            # then copy tuning.json into
-#                                                            # any4_jax/kernels/ and commit it
+# A 30-minute GPU session, most important first (each line one call of at most ~9 minutes;
+# the machine goes back 30 s after a call, so each call pays ~30 s of start):
+#   SKIP_INSTALL=1 STEPS="cudacheck cudabench" bash scripts/device_run.sh
+#       # every CUDA configuration against the host reference, compute-sanitizer, the variants'
+#       # timing table, Nsight Compute, SASS (~6 min; no JAX)
+#   STEPS="gputests bench decode" bash scripts/device_run.sh
+#       # the JAX GPU tests, the kernel table (dense, reference, Pallas, CUDA), decode tok/s
+#   STEPS="tune model" bash scripts/device_run.sh
+#       # then copy tuning.json into any4_jax/kernels/ and commit it
 # SKIP_INSTALL=1 skips the install for steps that need no JAX (cudacheck, cudabench).
 #
 # Seen on the H100 of this workplace (2026-11-23, jax 0.11.2): compute-sanitizer and Nsight
