@@ -272,23 +272,25 @@ template <typename C>
 int check_config(const char* cname) {
   int f = 0;
   std::string n = std::string(cname) + ": x bf16, tables bf16";
-  f += check_types<bf16, bf16, C>(n.c_str(), 4e-3);
+  f += check_types<bf16, bf16, C>(n.c_str(), 7.8e-3);
   n = std::string(cname) + ": x f16, tables f16";
-  f += check_types<__half, __half, C>(n.c_str(), 1e-3);
+  f += check_types<__half, __half, C>(n.c_str(), 9.7e-4);
   n = std::string(cname) + ": x bf16, tables f32";
-  f += check_types<bf16, float, C>(n.c_str(), 4e-3);
+  f += check_types<bf16, float, C>(n.c_str(), 7.8e-3);
   return f;
 }
 
 int run_check(bool all) {
-  // the bound: the output's rounding to T (relative half an ulp) plus float summation order
+  // the bound: one ulp of T (2^-7 bf16, 2^-10 f16) relative, as the JAX GPU tests: the output's
+  // rounding plus, for the post-scale variant, the weight rounding it skips (measured in numpy
+  // emulation: 2.4e-3 bf16, 3e-4 f16); an indexing bug gives errors of order one
   int f = 0;
-  f += check_types<bf16, bf16>("library: x bf16, tables bf16", 4e-3);
-  f += check_types<__half, __half>("library: x f16, tables f16", 1e-3);
-  f += check_types<bf16, float>("library: x bf16, tables f32", 4e-3);
-  f += check_types<__half, float>("library: x f16, tables f32", 1e-3);
-  f += check_types<bf16, __half>("library: x bf16, tables f16", 4e-3);
-  f += check_types<__half, bf16>("library: x f16, tables bf16", 1e-3);
+  f += check_types<bf16, bf16>("library: x bf16, tables bf16", 7.8e-3);
+  f += check_types<__half, __half>("library: x f16, tables f16", 9.7e-4);
+  f += check_types<bf16, float>("library: x bf16, tables f32", 7.8e-3);
+  f += check_types<__half, float>("library: x f16, tables f32", 9.7e-4);
+  f += check_types<bf16, __half>("library: x bf16, tables f16", 7.8e-3);
+  f += check_types<__half, bf16>("library: x f16, tables bf16", 9.7e-4);
   if (all) {
     using any4::Config;
     using any4::kLaneTable;
