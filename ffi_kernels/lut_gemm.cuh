@@ -190,6 +190,16 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                                                            K) + t;
   }
 
+  // kLean: the B fragment of batch tile mt for k-step `step` of chunk c (zeros past M)
+  auto load_b = [&](int mt, int c, int step, uint32_t (&b)[2]) {
+    b[0] = b[1] = 0u;
+    if (has_row[mt]) {  // words c * 16 + step * 8 + t (+ 4) of the row
+      const uint32_t* xc = x_rows[mt] + c * 16 + step * 8;
+      b[0] = __ldg(xc);
+      b[1] = __ldg(xc + 4);
+    }
+  };
+
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -225,12 +235,8 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
         const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          uint32_t b[2] = {0u, 0u};
-          if (has_row[mt]) {  // words c * 16 + step * 8 + t (+ 4) of the row
-            const uint32_t* xc = x_rows[mt] + c * 16 + step * 8;
-            b[0] = __ldg(xc);
-            b[1] = __ldg(xc + 4);
-          }
+          uint32_t b[2];
+          load_b(mt, c, step, b);
           mma_16816<T>(pv[mt], a, b);
           mma_16816<T>(p1[mt], ones, b);
         }
@@ -287,11 +293,7 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
           const int m = m_base + mt * 8 + g;
           uint32_t b[2] = {0u, 0u};
           if (kLean) {
-            if (has_row[mt]) {  // words c * 16 + step * 8 + t (+ 4) of the row
-              const uint32_t* xc = x_rows[mt] + c * 16 + step * 8;
-              b[0] = __ldg(xc);
-              b[1] = __ldg(xc + 4);
-            }
+            load_b(mt, c, step, b);
           } else if (m < M) {
             const uint32_t* xr =
                 reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m) * K);
