@@ -28,6 +28,11 @@
 //   exact in the activation type (tables of its dtype, or the integer grid).
 // Either way a weight is `fmaf(v, scale, zero)` in float (the reference's arithmetic) rounded
 // once to the activation type. The integer grid (int4) is the table code - offset.
+// - kPairPostScale (not yet measured on a GPU; the timing bench and its check carry it): the
+//   pair table's raw values go straight into the MMA and each chunk's scale and zero are
+//   applied to its partial sums (see compute_post).
+// kLean (a Config flag, likewise unmeasured) forms table addresses with one LOP3 on a
+// runtime-aligned table and x addresses once per chunk: the same arithmetic, fewer instructions.
 //
 // Work split: a block of kWarps warps owns one 16-row tile and splits K across its warps (chunk
 // c goes to warp c % kWarps), then reduces the partial sums in shared memory. Each warp
