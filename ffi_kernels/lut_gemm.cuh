@@ -57,9 +57,10 @@ enum Lookup : int { kLaneTable = 0, kPairTable = 1, kPairPostScale = 2 };
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
 
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+// (host too: the standalone check's reference uses them)
+__host__ __device__ __forceinline__ float widen(float v) { return v; }
+__host__ __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__host__ __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 
 // The two 16-bit values of a packed pair as floats (exact).
 template <typename T>

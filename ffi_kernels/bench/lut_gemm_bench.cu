@@ -110,20 +110,8 @@ static void fill(void* p, size_t bytes, uint32_t seed) {
   fill_u32<<<1024, 256>>>(static_cast<uint32_t*>(p), bytes / 4, seed);
 }
 
-
 // ---- `lut_gemm_bench check`: the library entry on awkward small cases vs a host reference ----
-template <typename V>
-float to_f(V v) {
-  return static_cast<float>(v);
-}
-template <>
-float to_f(bf16 v) {
-  return __bfloat162float(v);
-}
-template <>
-float to_f(__half v) {
-  return __half2float(v);
-}
+using any4::widen;
 template <typename V>
 V from_f(float v) {
   return static_cast<V>(v);
@@ -206,10 +194,10 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < K; ++k) {
       const int cd = code[size_t(n) * K + k];
-      const float v = int_grid ? float(cd - off) : to_f(lut[size_t(n) * 16 + cd]);
-      const float w = to_f(from_f<T>(std::fmaf(v, to_f(sc[size_t(n) * G + k / g]),
-                                               to_f(zr[size_t(n) * G + k / g]))));
-      for (int m = 0; m < M; ++m) ref[size_t(m) * N + n] += double(to_f(x[size_t(m) * K + k])) * w;
+      const float v = int_grid ? float(cd - off) : widen(lut[size_t(n) * 16 + cd]);
+      const float w = widen(from_f<T>(std::fmaf(v, widen(sc[size_t(n) * G + k / g]),
+                                               widen(zr[size_t(n) * G + k / g]))));
+      for (int m = 0; m < M; ++m) ref[size_t(m) * N + n] += double(widen(x[size_t(m) * K + k])) * w;
     }
   void *dx = dev_copy(x), *dc = dev_copy(frag), *dl = dev_copy(lut), *ds = dev_copy(sc_t),
        *dz = dev_copy(zr_t);
@@ -229,7 +217,7 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
   CHECK(cudaMemcpy(y.data(), dy, y.size() * sizeof(T), cudaMemcpyDeviceToHost));
   double num = 0, den = 0;
   for (size_t i = 0; i < y.size(); ++i) {
-    const double d = double(to_f(y[i])) - ref[i];
+    const double d = double(widen(y[i])) - ref[i];
     if (!std::isfinite(d)) return 1e30;
     num += d * d;
     den += ref[i] * ref[i];
