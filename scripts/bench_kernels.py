@@ -4,7 +4,9 @@
                                     [--shapes llama3-8b/gate_up,...|NxK] [--out benchmarks/results]
 
 For each shape and M: median time of the reference path (`implementation="xla"`: dequantize,
-then a dense GEMM), the Pallas kernel, the CUDA kernel when built, and a dense bf16 `x @ W.T`;
+then a dense GEMM), the Pallas kernel (as configured, and its gather lookup variants at the
+same block sizes unless --no-pallas-variants), the CUDA kernel when built, and a dense bf16
+`x @ W.T`;
 achieved bytes/s of each quantized path (its own layout's codes + scales + zeros + table, plus
 activations and output) against the device's copy bandwidth measured here. Each
 implementation gets its weight layout prepared once, outside the timed call (as QuantDense
@@ -31,7 +33,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_timing import copies_for, copy_bandwidth, time_per_call  # noqa: E402
 
 IMPLS = ("xla", "pallas", "cuda", "cpu")
-NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel"}
+NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel",
+         "pallas_gather": "Pallas gather", "pallas_gather_post": "Pallas gather+post"}
+# Pallas lookup variants timed beside the configured kernel ("pallas": tuning table or rule),
+# at the same block sizes, so that their ratio comes from one run (pallas_gpu.py)
+PALLAS_VARIANTS = {"pallas_gather": {"lookup": "gather", "post_scale": False},
+                   "pallas_gather_post": {"lookup": "gather", "post_scale": True}}
 
 
 def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
@@ -50,6 +57,8 @@ def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
 
 def main():
     from any4_jax.kernels import can_use, lut_matmul, prepare
+    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+    from any4_jax.kernels.tuning import block_config
     from any4_jax.shapes import LLAMA_SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -62,6 +71,8 @@ def main():
                     help="activations and dense weights (default: bfloat16 on a GPU, float32 "
                          "on a CPU)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-pallas-variants", action="store_true",
+                    help="time only the configured Pallas kernel, not its lookup variants")
     args = ap.parse_args()
     dt = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
 
@@ -105,26 +116,36 @@ def main():
                 print(f"warning: {name} M={m}: dense timing implies "
                       f"{100 * row['dense_bw_fraction']:.0f}% of copy bandwidth; not trusted",
                       file=sys.stderr)
-            for impl in IMPLS:
+            runs = [(impl, impl, None) for impl in IMPLS]
+            if not args.no_pallas_variants:
+                runs[2:2] = [(col, "pallas", v) for col, v in PALLAS_VARIANTS.items()]
+            for col, impl, variant in runs:
                 reasons = can_use(impl, x, qws[0])
                 if reasons or impl not in prepared:
-                    row[f"{impl}_s"] = None
-                    row[f"{impl}_declined"] = reasons or ["declined at M=1"]
+                    row[f"{col}_s"] = None
+                    row[f"{col}_declined"] = reasons or ["declined at M=1"]
                     continue
                 ws = prepared[impl]
                 io = ws[0].nbytes() + act
+                if variant is None:
+                    def call(x, q, impl=impl):
+                        return lut_matmul(x, q, implementation=impl)
+                else:
+                    cfg = {**block_config(m=m, n=n, k=k, g=args.group_size), **variant}
+                    row[f"{col}_config"] = cfg
+
+                    def call(x, q, cfg=cfg):
+                        return lut_matmul_pallas(x, q, config=cfg)
                 try:
-                    t = time_per_call(
-                        lambda x, q, impl=impl: lut_matmul(x, q, implementation=impl), x, ws,
-                        reps=args.reps)
+                    t = time_per_call(call, x, ws, reps=args.reps)
                 except Exception as e:  # noqa: BLE001 - one failing kernel must not stop all
-                    row[f"{impl}_s"] = None
-                    row[f"{impl}_declined"] = [f"failed: {type(e).__name__}: {str(e)[:500]}"]
-                    print(f"{name} M={m} {impl}: {row[f'{impl}_declined'][0]}", file=sys.stderr)
+                    row[f"{col}_s"] = None
+                    row[f"{col}_declined"] = [f"failed: {type(e).__name__}: {str(e)[:500]}"]
+                    print(f"{name} M={m} {col}: {row[f'{col}_declined'][0]}", file=sys.stderr)
                     continue
-                row[f"{impl}_s"] = t
-                row[f"{impl}_bytes"] = io
-                row[f"{impl}_bw_fraction"] = io / t / bw
+                row[f"{col}_s"] = t
+                row[f"{col}_bytes"] = io
+                row[f"{col}_bw_fraction"] = io / t / bw
             rows.append(row)
             save()
             print(json.dumps({k2: v for k2, v in row.items() if not k2.endswith("declined")}),
@@ -134,7 +155,8 @@ def main():
     def us(t):
         return "-" if t is None else f"{t * 1e6:.1f}"
 
-    ran = [i for i in IMPLS if any(r.get(f"{i}_s") is not None for r in rows)]
+    cols = [*IMPLS[:2], *PALLAS_VARIANTS, *IMPLS[2:]]
+    ran = [i for i in cols if any(r.get(f"{i}_s") is not None for r in rows)]
     fast = [i for i in ran if i != "xla"]
     head = (["shape (N x K)", "M", f"dense {dt.name} (us)"] + [f"{NAMES[i]} (us)" for i in ran]
             + [f"{NAMES[i]} vs dense" for i in fast]

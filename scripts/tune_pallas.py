@@ -4,10 +4,13 @@
                                   [--budget-s 420] [--write]
 
 For each shape and M bucket (M=1..16 use the 16 bucket; buckets not tuned fall back to the
-rule in kernels/tuning.py), times every candidate (bn, bk, num_warps, num_stages) with rotated
-weight copies (kernel_timing.py) and keeps the fastest. Then the crossovers: `dense_threshold`,
-the largest M in {32, 64, 128, 256} below which the best Pallas config still beats the
-reference path (dequantize, then dense GEMM), and, when the CUDA kernel is built,
+rule in kernels/tuning.py), in two phases with rotated weight copies (kernel_timing.py):
+first the lookup variants (select tree, gather, gather + post-scale: pallas_gpu.py) at the
+rule-of-thumb block sizes, then the block sizes (bn, bk, num_warps, num_stages) with the
+fastest variant; keeps the fastest and records every variant's phase-1 time. Then the
+crossovers: `dense_threshold`, the largest M in {32, 64, 128, 256} below which the Pallas
+kernel (rule-of-thumb block sizes, the chosen lookup variant) still beats the reference path
+(dequantize, then dense GEMM), and, when the CUDA kernel is built,
 `cuda_dense_threshold`, the same for the CUDA kernel (what `implementation=None` uses).
 Every Triton compile costs about a second, so the search stops at --budget-s seconds and keeps
 what it has (a GPU command may run 10 minutes). `--write` merges the result into
@@ -18,6 +21,7 @@ any4_jax/kernels/tuning.json (with the GPU name, jax version and this command), 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -35,12 +39,38 @@ from kernel_timing import copies_for, time_per_call  # noqa: E402
 
 CROSSOVER_MS = (32, 64, 128, 256)
 CANDIDATES = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4)))
+VARIANTS = {"select": {"lookup": "select", "post_scale": False},
+            "gather": {"lookup": "gather", "post_scale": False},
+            "gather+post": {"lookup": "gather", "post_scale": True}}
 
 
 def _cuda(x, q):
     from any4_jax.kernels import lut_matmul
 
     return lut_matmul(x, q, implementation="cuda")
+
+
+def _timed(cfg, *, x, qws, reps):
+    """Seconds per call of the Pallas kernel with `cfg`, None if Triton cannot compile it."""
+    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+
+    try:
+        return time_per_call(lambda x, q: lut_matmul_pallas(x, q, config=cfg), x, qws,
+                             reps=reps, warmup=1)
+    except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
+        print(f"  {cfg}: {type(e).__name__}", file=sys.stderr)
+        return None
+
+
+def _at_rule_sizes(x, *, qws, g, variant, reps):
+    """Seconds per call of the Pallas kernel at the rule-of-thumb block sizes for x's M."""
+    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+    from any4_jax.kernels.tuning import default_config
+
+    n, k = qws[0].shape
+    cfg = {**default_config(m=x.shape[0], n=n, k=k, g=g), **variant}
+    return time_per_call(lambda x, q: lut_matmul_pallas(x, q, config=cfg), x, qws, reps=reps,
+                         warmup=1)
 
 
 def crossover(time_kernel, time_reference, k) -> int:
@@ -56,9 +86,8 @@ def crossover(time_kernel, time_reference, k) -> int:
 
 
 def main():
-    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
     from any4_jax.kernels.reference import lut_matmul_reference
-    from any4_jax.kernels.tuning import _TABLE, m_bucket
+    from any4_jax.kernels.tuning import _TABLE, block_config, m_bucket
     from any4_jax.shapes import LLAMA_SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -87,35 +116,49 @@ def main():
         one, _ = _qweights(n, k, args.format, g, 1)
         qws, _ = _qweights(n, k, args.format, g, copies_for(one[0].nbytes()))
         ref_t = lambda x, qws=qws: time_per_call(lut_matmul_reference, x, qws, reps=args.reps)
+        variant = VARIANTS["select"]
         for m in (int(b) for b in args.buckets.split(",")):
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
+            timed = functools.partial(_timed, x=x, qws=qws, reps=args.reps)
+            # phase 1: the lookup variants at the rule-of-thumb block sizes
+            base = block_config(m=m, n=n, k=k, g=g)
+            variant_us = {}
             best = None
+            for vname, variant in VARIANTS.items():
+                cfg = {**base, **variant}
+                t = timed(cfg)
+                variant_us[vname] = None if t is None else t * 1e6
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, cfg)
+            if best is None:
+                continue
+            variant = {key: best[1][key] for key in ("lookup", "post_scale")}
+            # phase 2: block sizes with the fastest variant
             for bn, bk, warps, stages in CANDIDATES:
                 if n % bn or g % bk or bk > g:
                     continue
-                if over() and best is not None:
+                if over():
                     break
                 cfg = {"bm": min(max(m, 16), 64), "bn": bn, "bk": bk, "num_warps": warps,
-                       "num_stages": stages}
-                try:
-                    t = time_per_call(lambda x, q, c=cfg: lut_matmul_pallas(x, q, config=c),
-                                      x, qws, reps=args.reps, warmup=1)
-                except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
-                    print(f"  {cfg}: {type(e).__name__}", file=sys.stderr)
+                       "num_stages": stages, **variant}
+                if cfg == best[1]:
                     continue
-                if best is None or t < best[0]:
+                t = timed(cfg)
+                if t is not None and t < best[0]:
                     best = (t, cfg)
             if best is None:
                 continue
             ref = ref_t(x)
             entries[f"{n}x{k}:g{g}:m{m_bucket(m)}"] = {**best[1], "us": best[0] * 1e6,
-                                                       "reference_us": ref * 1e6}
+                                                       "reference_us": ref * 1e6,
+                                                       "variants_us": variant_us}
             print(f"{name} M={m}: {best[0] * 1e6:.1f} us {best[1]} (reference "
                   f"{ref * 1e6:.1f} us)", file=sys.stderr)
         if not over():
-            entries[f"{n}x{k}:dense_threshold"] = crossover(
-                lambda x, qws=qws: time_per_call(lut_matmul_pallas, x, qws, reps=args.reps,
-                                                 warmup=1), ref_t, k)
+            # at the rule-of-thumb block sizes, with the lookup variant the last bucket chose
+            pallas_t = functools.partial(_at_rule_sizes, qws=qws, g=g, variant=variant,
+                                         reps=args.reps)
+            entries[f"{n}x{k}:dense_threshold"] = crossover(pallas_t, ref_t, k)
         if not over() and not can_use("cuda", jnp.zeros((1, k), jnp.bfloat16), qws[0]):
             cws = [prepare(q, "cuda") for q in qws]
             entries[f"{n}x{k}:cuda_dense_threshold"] = crossover(

@@ -7,13 +7,28 @@ blocks of BK (BK divides g, so one scale and one zero per row and block). Per bl
   1. load the packed codes [BN, BK/2] (uint8): element 2j is the low nibble, 2j+1 the high;
      instead of interleaving the nibbles, the activations come pre-split into even and odd
      columns (x_even, x_odd: [M, K/2], a cheap XLA slice of the small activation matrix);
-  2. table lookup without a gather (which does not lower in Pallas-Triton): a 4-level binary
-     select tree on the code bits over the row's 16 table entries (15 selects + 4 bit tests
-     per weight instead of 16 compare-selects); the integer formats skip the table
-     (value = code - 2^(n-1), exact);
-  3. dequantize in float32 with one multiply-add per weight (as the reference does, so an
-     identity activation returns the dequantized weight bit for bit), cast to x's dtype;
+  2. table lookup, one of two (`lookup` in the config; the integer formats skip the table,
+     value = code - 2^(n-1), exact):
+     "select": a 4-level binary select tree on the code bits over the row's 16 table entries
+       held in registers (15 selects + 4 bit tests per weight; a gather from a value does not
+       lower in Pallas-Triton);
+     "gather": a load from the table's ref at computed addresses, `lut_ref[rows, codes]`
+       (Triton: a pointer-tensor load per weight, served by L1: a program's tables are
+       BN x 16 entries);
+  3. dequantize, one of two (`post_scale`):
+     False: in float32 with one multiply-add per weight (as the reference does, so an
+       identity activation returns the dequantized weight bit for bit), cast to x's dtype;
+     True: raw table values go to the MMA in x's dtype (exact: the table is stored in the
+       model's dtype) and the block's scale and zero act on the [BM, BN] partial sums,
+       y += (x . t) * s + (sum x) * z, per output instead of per weight; integer codes become
+       floats by a magic-number OR. Only for 16-bit x with a table of x's dtype (otherwise the
+       per-weight path runs). More accurate than the reference, which rounds each weight to
+       x's dtype before the product;
   4. two MMAs (even and odd halves) into a float32 accumulator.
+Instruction counts per weight of the K loop on Llama-3-8B gate/up, M=1, sm_90, from the SASS
+(`scripts/pallas_sass.py`, no GPU): select 19.9, gather 12.6, gather + post-scale 11.3
+(int4: 8.0 -> 7.4). Which is faster on a GPU is for `scripts/tune_pallas.py` to measure; the
+rule of thumb keeps the select tree (the one variant timed so far).
 The table, scales and zeros are read in their canonical [N, 16 | K/g] layout: a program loads
 its BN rows' 16 table entries once (one [BN, 1] column per entry) and one [BN, 1] column of
 scales and zeros per K block, so no per-call transpose or re-layout runs in XLA.
@@ -36,6 +51,7 @@ from any4_jax.kernels.tuning import block_config, dense_threshold
 from any4_jax.quant.qweight import QuantizedWeight
 
 NAME = "any4_lut_matmul"
+LOOKUPS = ("select", "gather")
 
 
 def _lookup(codes, lut_rows, *, int_offset):
@@ -49,30 +65,73 @@ def _lookup(codes, lut_rows, *, int_offset):
     return level[0]
 
 
+# x.dtype -> (bits, value) with bitcast(bits | c) == value + c for every 4-bit code c: the
+# integer-to-float conversion of a code as one integer OR (the mantissa's low bits are c)
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+
+
+def _int_values(codes, int_offset, dtype):
+    """Integer-grid values code - offset as `dtype`, exactly."""
+    if jnp.dtype(dtype) in _MAGIC:
+        bits, base = _MAGIC[jnp.dtype(dtype)]
+        v = lax.bitcast_convert_type((codes | bits).astype(jnp.uint16), dtype)
+        return v - jnp.asarray(base + int_offset, dtype)  # small integers: exact
+    return (codes - int_offset).astype(dtype)
+
+
+def _gather(codes, lut_ref, rows, *, int_offset):
+    """The table lookup as a load from the table's ref at computed addresses (Triton: one
+    pointer-tensor load per weight, served by L1: a program's tables are BN x 16 entries):
+    codes [BN, BK2] int32 -> values [BN, BK2] in the table's dtype."""
+    if int_offset is not None:
+        return codes - int_offset  # int32, exact in every float dtype
+    return lut_ref[rows, codes]
+
+
 def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
-            bk: int, g: int, int_offset, precision):
+            bk: int, g: int, int_offset, precision, lookup: str, post_scale: bool):
     # xe/xo: [BM, K/2]; codes: [BN, K/2]; lut: [BN, 16]; scales/zeros: [BN, K/g]
     bk2 = bk // 2
     n_blocks = xe_ref.shape[1] // bk2
     bm, bn = o_ref.shape
-    if int_offset is None:
+    lut_rows = rows = None
+    if lookup == "select" and int_offset is None:
         lut_rows = [lut_ref[:, pl.ds(i, 1)].astype(jnp.float32) for i in range(16)]
-    else:
-        lut_rows = None
+    if lookup == "gather":
+        rows = lax.broadcasted_iota(jnp.int32, (bn, bk2), 0)
     blocks_per_group = g // bk
+
+    def values(half):  # table values of a [BN, BK2] block of codes
+        if post_scale and int_offset is not None:
+            return _int_values(half, int_offset, xe_ref.dtype)
+        if lookup == "gather":
+            return _gather(half, lut_ref, rows, int_offset=int_offset)
+        return _lookup(half, lut_rows, int_offset=int_offset)
+
+    def dot(x, w):  # [BM, BK2] x [BN, BK2] -> [BM, BN] float32
+        return lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32, precision=precision)
 
     def body(kb, acc):
         sl = pl.ds(kb * bk2, bk2)
         packed = codes_ref[:, sl].astype(jnp.int32)  # [BN, BK2]
         grp = kb // blocks_per_group
-        s = scales_ref[:, pl.ds(grp, 1)].astype(jnp.float32)  # [BN, 1]
-        z = zeros_ref[:, pl.ds(grp, 1)].astype(jnp.float32)
         xe = xe_ref[:, sl]
         xo = xo_ref[:, sl]
+        if post_scale:
+            # raw table values into the MMA; the block's scale and zero act on its partial
+            # sums: y += (x . t) * s + (sum x) * z, per output element instead of per weight
+            s = scales_ref[:, grp].astype(jnp.float32)[None, :]  # [1, BN]
+            z = zeros_ref[:, grp].astype(jnp.float32)[None, :]
+            part = dot(xe, values(packed & 0xF)) + dot(xo, values(packed >> 4))
+            xsum = (jnp.sum(xe.astype(jnp.float32), axis=1, keepdims=True)
+                    + jnp.sum(xo.astype(jnp.float32), axis=1, keepdims=True))  # [BM, 1]
+            return acc + part * s + xsum * z
+        s = scales_ref[:, pl.ds(grp, 1)].astype(jnp.float32)  # [BN, 1]
+        z = zeros_ref[:, pl.ds(grp, 1)].astype(jnp.float32)
         for half, x in ((packed & 0xF, xe), (packed >> 4, xo)):
-            w = _lookup(half, lut_rows, int_offset=int_offset) * s + z  # [BN, BK2] f32
-            acc += lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32, precision=precision)
+            w = values(half).astype(jnp.float32) * s + z  # [BN, BK2] f32
+            acc += dot(x, w)
         return acc
 
     acc = lax.fori_loop(0, n_blocks, body, jnp.zeros((bm, bn), jnp.float32))
@@ -80,9 +139,9 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
 
 
 @functools.partial(jax.jit, static_argnames=("g", "int_offset", "interpret", "bm", "bn", "bk",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "lookup", "post_scale"))
 def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk, num_warps,
-          num_stages):
+          num_stages, lookup="select", post_scale=False):
     from jax.experimental.pallas import triton as plgpu
 
     m, k = x2.shape
@@ -91,8 +150,15 @@ def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     xe, xo = x2[:, 0::2], x2[:, 1::2]  # [Mp, K/2] each
     precision = lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup={lookup!r} is not one of {LOOKUPS}")
+    # post-scale feeds raw table values to the MMA in x's dtype: exact only when the table is
+    # already in that dtype (a bf16 table is not exact in f16); float32 activations keep the
+    # per-weight dequantization, whose identity products equal the reference bit for bit
+    post_scale = post_scale and x2.dtype != jnp.float32 and (
+        int_offset is not None or lut.dtype == x2.dtype)
     kernel = functools.partial(_kernel, bk=bk, g=g, int_offset=int_offset,
-                               precision=precision)
+                               precision=precision, lookup=lookup, post_scale=post_scale)
     out = pl.pallas_call(
         kernel,
         grid=(n // bn, mp // bm),
@@ -116,7 +182,8 @@ def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk
 def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *, interpret: bool = False,
                       config: dict | None = None) -> jax.Array:
     """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests);
-    `config` overrides the tuning table (bm, bn, bk, num_warps, num_stages)."""
+    `config` overrides the tuning table (bm, bn, bk, num_warps, num_stages, and optionally
+    lookup: "select" | "gather", post_scale: bool)."""
     n, k = qweight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

@@ -26,20 +26,26 @@ def m_bucket(m: int) -> int:
     return 256
 
 
+# what a tuning entry may set; the tuner also records its timings ("us", ...) beside them
+CONFIG_KEYS = ("bm", "bn", "bk", "num_warps", "num_stages", "lookup", "post_scale")
+
+
 def default_config(*, m: int, n: int, k: int, g: int) -> dict:
-    """Rule of thumb until a GPU measures better: small M -> tall thin tiles over N."""
+    """Rule of thumb until a GPU measures better: small M -> tall thin tiles over N, the
+    select-tree lookup (the variant timed so far; pallas_gpu.py)."""
     bm = min(m_bucket(m), 64)
     bn = next(b for b in (128, 64, 32, 16) if n % b == 0)
     if m <= 16 and n >= 4096 and n % 64 == 0:
         bn = 64  # more programs for the memory-bound decode case
     bk = min(g, 256 if m <= 16 else 128)
-    return {"bm": bm, "bn": bn, "bk": bk, "num_warps": 4, "num_stages": 3}
+    return {"bm": bm, "bn": bn, "bk": bk, "num_warps": 4, "num_stages": 3, "lookup": "select",
+            "post_scale": False}
 
 
 def block_config(*, m: int, n: int, k: int, g: int) -> dict:
     key = f"{n}x{k}:g{g}:m{m_bucket(m)}"
     cfg = dict(default_config(m=m, n=n, k=k, g=g))
-    cfg.update(_table().get(key, {}))
+    cfg.update({c: v for c, v in _table().get(key, {}).items() if c in CONFIG_KEYS})
     if n % cfg["bn"] or g % cfg["bk"]:  # a table entry for another group size: ignore
         cfg = default_config(m=m, n=n, k=k, g=g)
     return cfg

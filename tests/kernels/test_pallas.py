@@ -3,6 +3,7 @@ machine (export), and the GPU runs (marker `gpu`)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from any4_jax.kernels import can_use, lut_matmul, pick
@@ -35,6 +36,56 @@ def test_interpret_against_reference(rng, fmt, g, m):
     assert float(err) < TOLERANCE[jnp.bfloat16]
 
 
+VARIANTS = [{"lookup": "select", "post_scale": False}, {"lookup": "gather", "post_scale": False},
+            {"lookup": "gather", "post_scale": True}, {"lookup": "select", "post_scale": True}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['lookup']}-post{v['post_scale']}")
+@pytest.mark.parametrize("dtype, fmt", [(jnp.bfloat16, "any4"), (jnp.float16, "any4"),
+                                        (jnp.bfloat16, "int4"), (jnp.float16, "nf4"),
+                                        (jnp.float16, "int3")])
+def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
+    """Every lookup (select tree, gather from the table's ref) with and without post-scaling,
+    two K blocks per group (the scale applies per block), ragged M: within the dtype's
+    tolerance of the reference, and, without post-scaling, equal to it."""
+    qw = _qweight(rng, 64, 512, fmt=fmt, g=128, dtype=dtype)
+    x = jnp.asarray(rng.standard_normal((5, 512)), dtype)
+    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, **variant}
+    y = lut_matmul_pallas(x, qw, interpret=True, config=cfg).astype(jnp.float32)
+    ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+    err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+    assert err < TOLERANCE[dtype], err
+    if not variant["post_scale"]:  # the same per-weight arithmetic as the reference
+        assert err < 1e-5, err
+    # identity activations: post-scaling multiplies an exact table value by the scale and
+    # adds the zero once, so the dequantized weight comes back exactly in the interpreter (on
+    # a GPU, Triton may fuse that multiply-add where the reference rounds twice)
+    eye = jnp.eye(512, dtype=dtype)[:96]
+    yi = lut_matmul_pallas(eye, qw, interpret=True, config=cfg)
+    np.testing.assert_array_equal(np.asarray(yi.astype(jnp.float32)),
+                                  np.asarray(qw.dequantize(dtype).astype(jnp.float32))[:, :96].T)
+
+
+def test_post_scale_falls_back_where_inexact(rng):
+    """A bf16 table with f16 activations (the table is not exact in f16) and f32 activations
+    keep the per-weight dequantization: the result equals the reference's arithmetic."""
+    qw = _qweight(rng, 32, 256, g=64, dtype=jnp.bfloat16)
+    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2,
+           "lookup": "gather", "post_scale": True}
+    for dt in (jnp.float16, jnp.float32):
+        x = jnp.asarray(rng.standard_normal((3, 256)), dt)
+        y = lut_matmul_pallas(x, qw, interpret=True, config=cfg).astype(jnp.float32)
+        ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+        assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-5
+
+
+def test_unknown_lookup_is_named(rng):
+    qw = _qweight(rng, 32, 256, g=64)
+    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, "lookup": "onehot"}
+    with pytest.raises(ValueError, match="lookup='onehot' is not one of"):
+        lut_matmul_pallas(jnp.ones((1, 256), jnp.bfloat16), qw, interpret=True, config=cfg)
+
+
 def _abstract_h100():
     """jax >= 0.11 asks the Triton lowering for the target GPU (its compute capability) even
     when exporting: name one through an abstract mesh on machines without a GPU. jax 0.10
@@ -51,16 +102,22 @@ def _abstract_h100():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("fmt, g", [("any4", 64), ("int4", 128), ("nf4", 32)])
-def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g):
+@pytest.mark.parametrize("lookup", ["select", "gather"])
+def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
     """Lowers the kernel for the CUDA platform (Pallas -> Triton IR) without a GPU, so a change
-    that breaks GPU lowering fails CI on CPU machines."""
+    that breaks GPU lowering fails CI on CPU machines: both lookups, the gather one with
+    post-scaling (its 16-bit paths: raw table values, magic-number integer codes)."""
     from jax import export
+
+    from any4_jax.kernels.tuning import block_config
 
     qw = _qweight(rng, 256, 512, fmt=fmt, g=g, dtype=dtype)
     x = jnp.ones((3, 512), dtype)
+    cfg = {**block_config(m=3, n=256, k=512, g=g), "lookup": lookup,
+           "post_scale": lookup == "gather"}
     with _abstract_h100():
         exp = export.export(
-            jax.jit(lambda x, q: lut_matmul_pallas(x, q)), platforms=["cuda"],
+            jax.jit(lambda x, q: lut_matmul_pallas(x, q, config=cfg)), platforms=["cuda"],
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(x, qw)
     text = exp.mlir_module()

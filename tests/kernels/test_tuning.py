@@ -1,0 +1,35 @@
+"""The Pallas tuning table: entries as `scripts/tune_pallas.py --write` records them."""
+
+import jax.numpy as jnp
+
+from any4_jax.kernels import tuning
+from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+from any4_jax.kernels.reference import lut_matmul_reference
+from tests.kernels.test_lut_matmul import _qweight
+
+
+def test_entries_set_the_config_and_their_timings_are_ignored(rng, monkeypatch):
+    entry = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 8, "num_stages": 2, "lookup": "gather",
+             "post_scale": True, "us": 12.5, "reference_us": 40.0,
+             "variants_us": {"select": 20.0, "gather": 14.0, "gather+post": 12.5}}
+    monkeypatch.setattr(tuning, "_table", lambda: {"64x512:g128:m16": entry,
+                                                  "64x512:g32:m16": entry,
+                                                  "64x512:dense_threshold": 96})
+    cfg = tuning.block_config(m=3, n=64, k=512, g=128)
+    assert cfg == {c: entry[c] for c in tuning.CONFIG_KEYS}
+    assert tuning.dense_threshold(n=64, k=512) == 96
+    # an entry whose K block does not divide the group size falls back to the rule
+    assert tuning.block_config(m=3, n=64, k=512, g=32) == tuning.default_config(
+        m=3, n=64, k=512, g=32)
+    # and the kernel runs with what the table says
+    qw = _qweight(rng, 64, 512, g=128)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    y = lut_matmul_pallas(x, qw, interpret=True).astype(jnp.float32)
+    ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+    assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 2e-2
+
+
+def test_rule_of_thumb_keeps_the_timed_lookup():
+    cfg = tuning.default_config(m=1, n=28672, k=4096, g=128)
+    assert cfg["lookup"] == "select" and cfg["post_scale"] is False
+    assert set(cfg) == set(tuning.CONFIG_KEYS)
