@@ -4,9 +4,9 @@
                                     [--shapes llama3-8b/gate_up,...|NxK] [--out benchmarks/results]
 
 For each shape and M: median time of the reference path (`implementation="xla"`: dequantize,
-then a dense GEMM), the Pallas kernel (as configured, and its gather lookup variants at the
-same block sizes unless --no-pallas-variants), the CUDA kernel when built, and a dense bf16
-`x @ W.T`;
+then a dense GEMM), the Pallas kernel (as configured, and at the same block sizes unless
+--no-pallas-variants: without split K, and with the gather lookups), the CUDA kernel when
+built, and a dense bf16 `x @ W.T`;
 achieved bytes/s of each quantized path (its own layout's codes + scales + zeros + table, plus
 activations and output) against the device's copy bandwidth measured here. Each
 implementation gets its weight layout prepared once, outside the timed call (as QuantDense
@@ -34,10 +34,13 @@ from kernel_timing import copies_for, copy_bandwidth, time_per_call  # noqa: E40
 
 IMPLS = ("xla", "pallas", "cuda", "cpu")
 NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel",
+         "pallas_unsplit": "Pallas select, no split",
          "pallas_gather": "Pallas gather", "pallas_gather_post": "Pallas gather+post"}
-# Pallas lookup variants timed beside the configured kernel ("pallas": tuning table or rule),
-# at the same block sizes, so that their ratio comes from one run (pallas_gpu.py)
-PALLAS_VARIANTS = {"pallas_gather": {"lookup": "gather", "post_scale": False},
+# Pallas variants timed beside the configured kernel ("pallas": tuning table or rule) at its
+# block sizes, so that their ratios come from one run (pallas_gpu.py): the select tree
+# without split K (the configuration of the first GPU timings) and the gather lookups
+PALLAS_VARIANTS = {"pallas_unsplit": {"lookup": "select", "post_scale": False, "split_k": 1},
+                   "pallas_gather": {"lookup": "gather", "post_scale": False},
                    "pallas_gather_post": {"lookup": "gather", "post_scale": True}}
 
 

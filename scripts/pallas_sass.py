@@ -2,7 +2,7 @@
 
     python -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install triton==3.6.0   # once
     python scripts/pallas_sass.py --triton-python /tmp/tvenv/bin/python \\
-        [--shape 28672x4096] [--m 1] [--group-size 128] \\
+        [--shape 14336x4096] [--m 1] [--group-size 128] \\
         [--config '{"bn": 64, "bk": 128, "num_warps": 4, "num_stages": 3}'] \\
         [--variants select,select+post,gather,gather+post] [--keep DIR]
 
@@ -115,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--triton-python", required=True,
                     help="a Python with `triton` installed (see the docstring)")
-    ap.add_argument("--shape", default="28672x4096", help="N x K (default Llama-3-8B gate_up)")
+    ap.add_argument("--shape", default="14336x4096", help="N x K (default Llama-3-8B gate_up)")
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--format", default="any4", choices=("any4", "int4"))

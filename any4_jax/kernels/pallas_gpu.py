@@ -40,6 +40,7 @@ in their default GPU backend for Pallas.
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import jax
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from any4_jax.kernels.tuning import block_config, dense_threshold
+from any4_jax.kernels.tuning import CONFIG_KEYS, block_config, dense_threshold
 from any4_jax.quant.qweight import QuantizedWeight
 
 NAME = "any4_lut_matmul"
@@ -139,9 +140,10 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, o_ref, *,
 
 
 @functools.partial(jax.jit, static_argnames=("g", "int_offset", "interpret", "bm", "bn", "bk",
-                                             "num_warps", "num_stages", "lookup", "post_scale"))
+                                             "num_warps", "num_stages", "lookup", "post_scale",
+                                             "split_k"))
 def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk, num_warps,
-          num_stages, lookup="select", post_scale=False):
+          num_stages, lookup="select", post_scale=False, split_k=1):
     from jax.experimental.pallas import triton as plgpu
 
     m, k = x2.shape
@@ -150,8 +152,6 @@ def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
     xe, xo = x2[:, 0::2], x2[:, 1::2]  # [Mp, K/2] each
     precision = lax.Precision.HIGHEST if x2.dtype == jnp.float32 else None
-    if lookup not in LOOKUPS:
-        raise ValueError(f"lookup={lookup!r} is not one of {LOOKUPS}")
     # post-scale feeds raw table values to the MMA in x's dtype: exact only when the table is
     # already in that dtype (a bf16 table is not exact in f16); float32 activations keep the
     # per-weight dequantization, whose identity products equal the reference bit for bit
@@ -159,35 +159,68 @@ def _call(x2, codes, lut, scales, zeros, *, g, int_offset, interpret, bm, bn, bk
         int_offset is not None or lut.dtype == x2.dtype)
     kernel = functools.partial(_kernel, bk=bk, g=g, int_offset=int_offset,
                                precision=precision, lookup=lookup, post_scale=post_scale)
+    ks = k // split_k  # the K range of one program: whole groups (checked by _config)
+    if split_k == 1:
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (j, i))
+        out_shape = jax.ShapeDtypeStruct((mp, n), x2.dtype)
+    else:  # float32 partial products, one [Mp, N] slice per K split, summed below
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i))
+        out_shape = jax.ShapeDtypeStruct((split_k, mp, n), jnp.float32)
     out = pl.pallas_call(
         kernel,
-        grid=(n // bn, mp // bm),
+        grid=(n // bn, mp // bm, split_k),
         in_specs=[
-            pl.BlockSpec((bm, k // 2), lambda i, j: (j, 0)),
-            pl.BlockSpec((bm, k // 2), lambda i, j: (j, 0)),
-            pl.BlockSpec((bn, k // 2), lambda i, j: (i, 0)),
-            pl.BlockSpec((bn, 16), lambda i, j: (i, 0)),
-            pl.BlockSpec((bn, k // g), lambda i, j: (i, 0)),
-            pl.BlockSpec((bn, k // g), lambda i, j: (i, 0)),
+            pl.BlockSpec((bm, ks // 2), lambda i, j, s: (j, s)),
+            pl.BlockSpec((bm, ks // 2), lambda i, j, s: (j, s)),
+            pl.BlockSpec((bn, ks // 2), lambda i, j, s: (i, s)),
+            pl.BlockSpec((bn, 16), lambda i, j, s: (i, 0)),
+            pl.BlockSpec((bn, ks // g), lambda i, j, s: (i, s)),
+            pl.BlockSpec((bn, ks // g), lambda i, j, s: (i, s)),
         ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
-        out_shape=jax.ShapeDtypeStruct((mp, n), x2.dtype),
+        out_specs=out_spec,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=NAME,
     )(xe, xo, codes, lut, scales, zeros)
+    if split_k > 1:
+        out = out.sum(axis=0).astype(x2.dtype)
     return out[:m]
+
+
+def _config(config: dict | None, *, m: int, n: int, k: int, g: int) -> dict:
+    """The tuning table's (or rule's) configuration for this shape, overridden by `config`
+    (any subset of CONFIG_KEYS), checked: every problem named, with the constraint."""
+    cfg = block_config(m=m, n=n, k=k, g=g)
+    unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown Pallas config keys {unknown}; known: {list(CONFIG_KEYS)}")
+    cfg.update(config or {})
+    bn, bk, s = cfg["bn"], cfg["bk"], cfg["split_k"]
+    problems = []
+    if cfg["lookup"] not in LOOKUPS:
+        problems.append(f"lookup={cfg['lookup']!r} is not one of {LOOKUPS}")
+    if n % bn:
+        problems.append(f"bn={bn} does not divide N={n}")
+    if g % bk:
+        problems.append(f"bk={bk} does not divide the group size {g} (one scale per block)")
+    if s < 1 or k % (s * g):
+        problems.append(f"split_k={s}: each split must cover whole groups, K={k} is not a "
+                        f"multiple of split_k x group_size = {s * g}")
+    if problems:
+        raise ValueError("Pallas config " + json.dumps(cfg) + ": " + "; ".join(problems))
+    return cfg
 
 
 def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *, interpret: bool = False,
                       config: dict | None = None) -> jax.Array:
     """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests);
-    `config` overrides the tuning table (bm, bn, bk, num_warps, num_stages, and optionally
-    lookup: "select" | "gather", post_scale: bool)."""
+    `config` overrides any of the tuning table's keys (`tuning.CONFIG_KEYS`: bm, bn, bk,
+    num_warps, num_stages, lookup "select" | "gather", post_scale, split_k)."""
     n, k = qweight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    cfg = config or block_config(m=x2.shape[0], n=n, k=k, g=qweight.group_size)
+    cfg = _config(config, m=x2.shape[0], n=n, k=k, g=qweight.group_size)
     y = _call(x2, qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
               g=qweight.group_size, int_offset=qweight.int_grid_offset(), interpret=interpret,
               **cfg)

@@ -27,7 +27,12 @@ def m_bucket(m: int) -> int:
 
 
 # what a tuning entry may set; the tuner also records its timings ("us", ...) beside them
-CONFIG_KEYS = ("bm", "bn", "bk", "num_warps", "num_stages", "lookup", "post_scale")
+CONFIG_KEYS = ("bm", "bn", "bk", "num_warps", "num_stages", "lookup", "post_scale", "split_k")
+
+
+# programs the rule of thumb aims for: ~4 per SM of an H100 (132 SMs), so that the last wave
+# of programs is a small part of the run
+MIN_PROGRAMS = 512
 
 
 def default_config(*, m: int, n: int, k: int, g: int) -> dict:
@@ -38,15 +43,26 @@ def default_config(*, m: int, n: int, k: int, g: int) -> dict:
     if m <= 16 and n >= 4096 and n % 64 == 0:
         bn = 64  # more programs for the memory-bound decode case
     bk = min(g, 256 if m <= 16 else 128)
+    # split K (decode sizes) until the grid has enough programs to fill the GPU: a GEMV over
+    # N/BN tiles alone leaves most SMs idle (Llama-3-8B q/k/v: 96 tiles of 64 rows for 132
+    # SMs). Each split writes float32 partials [Mp, N] that XLA then sums: kept under a
+    # quarter of the codes' bytes (8 * split * Mp * N <= N * K / 8).
+    mp = -(-m // bm) * bm
+    split_k, tiles = 1, (n // bn) * (mp // bm)
+    cap = k // (64 * mp) if m <= 16 else 1
+    while (tiles * split_k < MIN_PROGRAMS and 2 * split_k <= cap
+           and k % (2 * split_k * g) == 0):
+        split_k *= 2
     return {"bm": bm, "bn": bn, "bk": bk, "num_warps": 4, "num_stages": 3, "lookup": "select",
-            "post_scale": False}
+            "post_scale": False, "split_k": split_k}
 
 
 def block_config(*, m: int, n: int, k: int, g: int) -> dict:
     key = f"{n}x{k}:g{g}:m{m_bucket(m)}"
     cfg = dict(default_config(m=m, n=n, k=k, g=g))
     cfg.update({c: v for c, v in _table().get(key, {}).items() if c in CONFIG_KEYS})
-    if n % cfg["bn"] or g % cfg["bk"]:  # a table entry for another group size: ignore
+    if n % cfg["bn"] or g % cfg["bk"] or k % (cfg["split_k"] * g):
+        # a table entry for another group size: ignore
         cfg = default_config(m=m, n=n, k=k, g=g)
     return cfg
 

@@ -36,18 +36,23 @@ def test_interpret_against_reference(rng, fmt, g, m):
     assert float(err) < TOLERANCE[jnp.bfloat16]
 
 
-VARIANTS = [{"lookup": "select", "post_scale": False}, {"lookup": "gather", "post_scale": False},
-            {"lookup": "gather", "post_scale": True}, {"lookup": "select", "post_scale": True}]
+VARIANTS = [{"lookup": "select", "post_scale": False, "split_k": 1},
+            {"lookup": "gather", "post_scale": False, "split_k": 2},
+            {"lookup": "gather", "post_scale": True, "split_k": 1},
+            {"lookup": "gather", "post_scale": True, "split_k": 4},
+            {"lookup": "select", "post_scale": True, "split_k": 2}]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['lookup']}-post{v['post_scale']}")
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=lambda v: f"{v['lookup']}-post{v['post_scale']}-split{v['split_k']}")
 @pytest.mark.parametrize("dtype, fmt", [(jnp.bfloat16, "any4"), (jnp.float16, "any4"),
                                         (jnp.bfloat16, "int4"), (jnp.float16, "nf4"),
                                         (jnp.float16, "int3")])
 def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
     """Every lookup (select tree, gather from the table's ref) with and without post-scaling,
-    two K blocks per group (the scale applies per block), ragged M: within the dtype's
-    tolerance of the reference, and, without post-scaling, equal to it."""
+    with and without split K (float32 partials summed after the kernel), two K blocks per
+    group (the scale applies per block), ragged M: within the dtype's tolerance of the
+    reference, and, without post-scaling, within float32 summation order of it."""
     qw = _qweight(rng, 64, 512, fmt=fmt, g=128, dtype=dtype)
     x = jnp.asarray(rng.standard_normal((5, 512)), dtype)
     cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, **variant}
@@ -79,11 +84,21 @@ def test_post_scale_falls_back_where_inexact(rng):
         assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-5
 
 
-def test_unknown_lookup_is_named(rng):
+def test_bad_configs_are_named(rng):
     qw = _qweight(rng, 32, 256, g=64)
-    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, "lookup": "onehot"}
+    x = jnp.ones((1, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="lookup='onehot' is not one of"):
-        lut_matmul_pallas(jnp.ones((1, 256), jnp.bfloat16), qw, interpret=True, config=cfg)
+        lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "onehot"})
+    with pytest.raises(ValueError, match="unknown Pallas config keys \\['block_n'\\]"):
+        lut_matmul_pallas(x, qw, interpret=True, config={"block_n": 32})
+    with pytest.raises(ValueError, match="bn=48 does not divide N=32.*bk=128 does not divide "
+                                         "the group size 64.*split_k=8: each split"):
+        lut_matmul_pallas(x, qw, interpret=True, config={"bn": 48, "bk": 128, "split_k": 8})
+    # a partial config keeps the table's other keys
+    y = lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "gather", "split_k": 2})
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               np.asarray(lut_matmul_reference(x, qw), np.float32),
+                               rtol=2e-2, atol=1e-2)
 
 
 def _abstract_h100():
@@ -106,7 +121,8 @@ def _abstract_h100():
 def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
     """Lowers the kernel for the CUDA platform (Pallas -> Triton IR) without a GPU, so a change
     that breaks GPU lowering fails CI on CPU machines: both lookups, the gather one with
-    post-scaling (its 16-bit paths: raw table values, magic-number integer codes)."""
+    post-scaling (its 16-bit paths: raw table values, magic-number integer codes) and split K
+    (the squeezed partials' block)."""
     from jax import export
 
     from any4_jax.kernels.tuning import block_config
@@ -114,7 +130,7 @@ def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
     qw = _qweight(rng, 256, 512, fmt=fmt, g=g, dtype=dtype)
     x = jnp.ones((3, 512), dtype)
     cfg = {**block_config(m=3, n=256, k=512, g=g), "lookup": lookup,
-           "post_scale": lookup == "gather"}
+           "post_scale": lookup == "gather", "split_k": 2 if lookup == "gather" else 1}
     with _abstract_h100():
         exp = export.export(
             jax.jit(lambda x, q: lut_matmul_pallas(x, q, config=cfg)), platforms=["cuda"],

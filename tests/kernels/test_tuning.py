@@ -10,7 +10,7 @@ from tests.kernels.test_lut_matmul import _qweight
 
 def test_entries_set_the_config_and_their_timings_are_ignored(rng, monkeypatch):
     entry = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 8, "num_stages": 2, "lookup": "gather",
-             "post_scale": True, "us": 12.5, "reference_us": 40.0,
+             "post_scale": True, "split_k": 2, "us": 12.5, "reference_us": 40.0,
              "variants_us": {"select": 20.0, "gather": 14.0, "gather+post": 12.5}}
     monkeypatch.setattr(tuning, "_table", lambda: {"64x512:g128:m16": entry,
                                                   "64x512:g32:m16": entry,
