@@ -4,10 +4,10 @@
                                   [--budget-s 420] [--write]
 
 For each shape and M bucket (M=1..16 use the 16 bucket; buckets not tuned fall back to the
-rule in kernels/tuning.py), in two phases with rotated weight copies (kernel_timing.py):
-first the lookup variants (select tree, gather, gather + post-scale: pallas_gpu.py) at the
-rule-of-thumb block sizes, then the block sizes (bn, bk, num_warps, num_stages) with the
-fastest variant; keeps the fastest and records every variant's phase-1 time. Then the
+rule in kernels/tuning.py), a coordinate descent with rotated weight copies
+(kernel_timing.py) from the rule of thumb, one axis at a time: the lookup variant (select
+tree, gather, gather + post-scale: pallas_gpu.py), split K, bn, bk, then warps and stages;
+keeps the fastest and records each variant's time at the starting block sizes. Then the
 crossovers: `dense_threshold`, the largest M in {32, 64, 128, 256} below which the Pallas
 kernel (rule-of-thumb block sizes, the chosen lookup variant) still beats the reference path
 (dequantize, then dense GEMM), and, when the CUDA kernel is built,
@@ -38,10 +38,16 @@ from bench_kernels import _qweights  # noqa: E402
 from kernel_timing import copies_for, time_per_call  # noqa: E402
 
 CROSSOVER_MS = (32, 64, 128, 256)
-CANDIDATES = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4)))
 VARIANTS = {"select": {"lookup": "select", "post_scale": False},
             "gather": {"lookup": "gather", "post_scale": False},
             "gather+post": {"lookup": "gather", "post_scale": True}}
+# the axes of the search, in order; each value overrides part of the configuration
+AXES = [("variant", list(VARIANTS.values())),
+        ("split_k", [{"split_k": s} for s in (1, 2, 4, 8, 16)]),
+        ("bn", [{"bn": b} for b in (32, 64, 128)]),
+        ("bk", [{"bk": b} for b in (64, 128, 256)]),
+        ("warps", [{"num_warps": w, "num_stages": st}
+                   for w, st in itertools.product((4, 8), (2, 3, 4))])]
 
 
 def _cuda(x, q):
@@ -60,6 +66,44 @@ def _timed(cfg, *, x, qws, reps):
     except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
         print(f"  {cfg}: {type(e).__name__}", file=sys.stderr)
         return None
+
+
+def descend(start: dict, timed, valid, over) -> tuple[dict, float | None, dict]:
+    """Coordinate descent over AXES from `start`: one axis at a time, every valid value of it
+    with the others at their best so far. timed(cfg) -> seconds or None (failed); valid(cfg)
+    -> bool; over() -> True once the time budget is spent (the variants are still timed).
+    Returns the best config, its time and each lookup variant's time in us at the start's
+    block sizes."""
+    best_cfg, best_t = start, timed(start)
+    tried = {json.dumps(start, sort_keys=True): best_t}
+    variant_us = {}
+    for axis, values in AXES:
+        for value in values:
+            if over() and axis != "variant":
+                break
+            cfg = {**best_cfg, **value}
+            if not valid(cfg):
+                continue
+            key = json.dumps(cfg, sort_keys=True)
+            if key not in tried:
+                tried[key] = timed(cfg)
+            t = tried[key]
+            if axis == "variant":
+                name = next(v for v, c in VARIANTS.items() if c == value)
+                variant_us[name] = None if t is None else t * 1e6
+            if t is not None and (best_t is None or t < best_t):
+                best_t, best_cfg = t, cfg
+    return best_cfg, best_t, variant_us
+
+
+def _valid(cfg, *, m, n, k, g) -> bool:
+    from any4_jax.kernels.pallas_gpu import _config
+
+    try:  # a combination the kernel rejects (e.g. bk does not divide g)
+        _config(cfg, m=m, n=n, k=k, g=g)
+    except ValueError:
+        return False
+    return True
 
 
 def _at_rule_sizes(x, *, qws, g, variant, reps):
@@ -120,34 +164,13 @@ def main():
         for m in (int(b) for b in args.buckets.split(",")):
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
             timed = functools.partial(_timed, x=x, qws=qws, reps=args.reps)
-            # phase 1: the lookup variants at the rule-of-thumb block sizes
-            base = block_config(m=m, n=n, k=k, g=g)
-            variant_us = {}
-            best = None
-            for vname, variant in VARIANTS.items():
-                cfg = {**base, **variant}
-                t = timed(cfg)
-                variant_us[vname] = None if t is None else t * 1e6
-                if t is not None and (best is None or t < best[0]):
-                    best = (t, cfg)
-            if best is None:
+            valid = functools.partial(_valid, m=m, n=n, k=k, g=g)
+            best_cfg, best_t, variant_us = descend(block_config(m=m, n=n, k=k, g=g), timed,
+                                                   valid, over)
+            if best_t is None:
                 continue
-            variant = {key: best[1][key] for key in ("lookup", "post_scale")}
-            # phase 2: block sizes with the fastest variant
-            for bn, bk, warps, stages in CANDIDATES:
-                if n % bn or g % bk or bk > g:
-                    continue
-                if over():
-                    break
-                cfg = {"bm": min(max(m, 16), 64), "bn": bn, "bk": bk, "num_warps": warps,
-                       "num_stages": stages, **variant}
-                if cfg == best[1]:
-                    continue
-                t = timed(cfg)
-                if t is not None and t < best[0]:
-                    best = (t, cfg)
-            if best is None:
-                continue
+            best = (best_t, best_cfg)
+            variant = {key: best_cfg[key] for key in ("lookup", "post_scale")}
             ref = ref_t(x)
             entries[f"{n}x{k}:g{g}:m{m_bucket(m)}"] = {**best[1], "us": best[0] * 1e6,
                                                        "reference_us": ref * 1e6,

@@ -36,3 +36,39 @@ def test_bench_decode_runs(tmp_path):
     assert "| tiny |" in out and "| dense |" in out
     rec = json.loads(next(tmp_path.glob("decode_tiny_*.json")).read_text())
     assert rec["rows"][0]["tokens_per_s"] > 0 and rec["quantized_layers"] == 14
+
+
+def test_tuner_descends_to_the_fastest_valid_config():
+    """The Pallas tuner's search (no GPU: a synthetic timing model): coordinate descent over
+    the lookup variant, split K, bn, bk, warps and stages; invalid combinations are never
+    timed, failures are skipped, and each variant's time at the start is recorded."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import tune_pallas
+
+    from any4_jax.kernels.tuning import default_config
+
+    n, k, g, m = 14336, 4096, 128, 1
+    start = default_config(m=m, n=n, k=k, g=g)
+    timed_cfgs = []
+
+    def timed(cfg):  # fastest: gather+post, split 2, bn 32, bk 128, 8 warps, 2 stages
+        timed_cfgs.append(cfg)
+        if cfg["num_stages"] == 4:
+            return None  # "Triton cannot compile it"
+        t = {"select": 30, "gather": 20}[cfg["lookup"]] - 5 * cfg["post_scale"]
+        t += abs(cfg["split_k"] - 2) + abs(cfg["bn"] - 32) / 32 + abs(cfg["bk"] - 128) / 64
+        return (t - (cfg["num_warps"] == 8) - (cfg["num_stages"] == 2)) * 1e-6
+
+    valid = tune_pallas.functools.partial(tune_pallas._valid, m=m, n=n, k=k, g=g)
+    best, t, variants = tune_pallas.descend(start, timed, valid, lambda: False)
+    assert (best["lookup"], best["post_scale"], best["split_k"], best["bn"], best["bk"],
+            best["num_warps"], best["num_stages"]) == ("gather", True, 2, 32, 128, 8, 2)
+    assert t == pytest.approx(13e-6)
+    assert set(variants) == {"select", "gather", "gather+post"}
+    assert variants["gather+post"] < variants["gather"] < variants["select"]
+    assert all(valid(c) for c in timed_cfgs) and all(g % c["bk"] == 0 for c in timed_cfgs)
+    assert len(timed_cfgs) == len({json.dumps(c, sort_keys=True) for c in timed_cfgs})
+    # a spent budget still times the variants, nothing else
+    timed_cfgs.clear()
+    tune_pallas.descend(start, timed, valid, lambda: True)
+    assert len(timed_cfgs) == 3
