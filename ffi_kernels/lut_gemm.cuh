@@ -31,6 +31,8 @@
 // - kPairPostScale (not yet measured on a GPU; the timing bench and its check carry it): the
 //   pair table's raw values go straight into the MMA and each chunk's scale and zero are
 //   applied to its partial sums (see compute_post).
+// - kUnitPostScale (likewise unmeasured): the same arithmetic in a kernel of its own that
+//   works by units of consecutive chunks of one group (lut_gemm_unit.cuh).
 // kLean (a Config flag, likewise unmeasured) forms table addresses with one LOP3 on a
 // runtime-aligned table and x addresses once per chunk: the same arithmetic, fewer instructions.
 //
@@ -52,7 +54,7 @@
 namespace any4 {
 
 enum TableKind : int { kTableF32 = 0, kTableBF16 = 1, kTableF16 = 2 };
-enum Lookup : int { kLaneTable = 0, kPairTable = 1, kPairPostScale = 2 };
+enum Lookup : int { kLaneTable = 0, kPairTable = 1, kPairPostScale = 2, kUnitPostScale = 3 };
 
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
@@ -395,24 +397,35 @@ struct Config {
 using ManyTilesConfig = Config<kLaneTable, 8, 1>;
 using FewTilesConfig = Config<kPairTable, 16, 1>;
 
+// lut_gemm_unit.cuh (included at the end of this file)
+template <typename T, typename TT, int kWarps>
+cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
+                        const TT* scales, const TT* zeros, T* y, int M, int N, int K,
+                        int group_size, int int_offset);
+
 // Launch for any M (block rows of 8 batch rows when M <= 8, else 16), tables of type TT.
 template <typename T, typename TT, typename C>
 cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                          const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                          int group_size, int int_offset) {
-  const dim3 block(C::kWarps * 32);
-  const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);
-  const uint32_t magic = chunk_div_magic(group_size / kChunkK);
-  constexpr int L = C::kLookup, W = C::kWarps, S = C::kStage, B = C::kMinBlocks;
-  constexpr bool E = C::kLean;
-  if (M <= 8) {
-    lut_gemm_kernel<T, TT, L, 1, W, S, B, E><<<grid, block, 0, stream>>>(
-        x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
+  if constexpr (C::kLookup == kUnitPostScale) {
+    return launch_unit<T, TT, C::kWarps>(stream, x, codes, lut, scales, zeros, y, M, N, K,
+                                         group_size, int_offset);
   } else {
-    lut_gemm_kernel<T, TT, L, 2, W, S, B, E><<<grid, block, 0, stream>>>(
-        x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
+    const dim3 block(C::kWarps * 32);
+    const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);
+    const uint32_t magic = chunk_div_magic(group_size / kChunkK);
+    constexpr int L = C::kLookup, W = C::kWarps, S = C::kStage, B = C::kMinBlocks;
+    constexpr bool E = C::kLean;
+    if (M <= 8) {
+      lut_gemm_kernel<T, TT, L, 1, W, S, B, E><<<grid, block, 0, stream>>>(
+          x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
+    } else {
+      lut_gemm_kernel<T, TT, L, 2, W, S, B, E><<<grid, block, 0, stream>>>(
+          x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset);
+    }
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
 }
 
 // The table type from the dtype tag. A pair-table configuration falls back to the lane table
@@ -468,3 +481,5 @@ cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
 }
 
 }  // namespace any4
+
+#include "lut_gemm_unit.cuh"  // NOLINT: the kUnitPostScale kernel (needs the above)

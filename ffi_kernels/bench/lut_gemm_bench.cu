@@ -295,6 +295,9 @@ int run_check(bool all) {
     f += check_config<Config<any4::kPairPostScale, 8, 1, 1, true>>("post-scale 8w x 1");
     f += check_config<Config<any4::kPairPostScale, 16, 1, 1, true>>("post-scale 16w x 1");
     f += check_config<Config<any4::kPairPostScale, 8, 2, 1, true>>("post-scale 8w x 2");
+    f += check_config<Config<any4::kUnitPostScale, 8, 1>>("unit post-scale 8w");
+    f += check_config<Config<any4::kUnitPostScale, 16, 1>>("unit post-scale 16w");
+    f += check_config<Config<any4::kUnitPostScale, 4, 1>>("unit post-scale 4w");
   }
   if (f) {
     std::printf("check: %d FAILURES\n", f);
@@ -339,6 +342,9 @@ int main(int argc, char** argv) {
       {"post-scale 8w x 1", cur<Config<any4::kPairPostScale, 8, 1, 1, true>>()},
       {"post-scale 16w x 1", cur<Config<any4::kPairPostScale, 16, 1, 1, true>>()},
       {"post-scale 8w x 2", cur<Config<any4::kPairPostScale, 8, 2, 1, true>>()},
+      {"unit post-scale 8w", cur<Config<any4::kUnitPostScale, 8, 1>>()},
+      {"unit post-scale 16w", cur<Config<any4::kUnitPostScale, 16, 1>>()},
+      {"unit post-scale 4w", cur<Config<any4::kUnitPostScale, 4, 1>>()},
   };
   // the integer grid: checked against the first kernel's integer path
   std::vector<Variant> int_variants = {
@@ -348,6 +354,7 @@ int main(int argc, char** argv) {
       {"lean lane int4 8w x 1", cur<Config<kLaneTable, 8, 1, 1, true>>(8)},
       {"lean pair int4 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>(8)},
       {"post-scale int4 8w x 1", cur<Config<any4::kPairPostScale, 8, 1, 1, true>>(8)},
+      {"unit post-scale int4 8w", cur<Config<any4::kUnitPostScale, 8, 1>>(8)},
   };
 
   // copy bandwidth: 1 GiB device to device, read + write

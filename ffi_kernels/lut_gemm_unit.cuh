@@ -1,0 +1,200 @@
+// The LUT GEMM by group units ("unit post-scale", Lookup kUnitPostScale): the post-scale
+// arithmetic of lut_gemm.cuh's kPairPostScale (raw pair-table values straight into the MMA,
+// scale and zero applied to partial sums, the zero's sum of x by an MMA with an all-ones A),
+// with the work cut so that the per-weight loop carries as little else as possible:
+// - a warp takes units of U consecutive chunks (32 K each) inside one group (U = 4, 2 or 1,
+//   the largest dividing g / 32), unit u to warp u % kWarps; a unit's codes are U loads of a
+//   running pointer with constant offsets, its x words likewise;
+// - one scale and zero pair per unit (kLaneTable/kPairTable reload them every chunk), applied
+//   once per unit to the unit's partial sums;
+// - no predicates on x loads: rows past M read row 0, whose products only reach D columns
+//   that are never stored.
+// Same layout and numerics as kPairPostScale (tables exact in T: the pair table's condition;
+// launch_config falls back to the lane table otherwise). Not yet measured on a GPU: the
+// standalone bench times it and its `check` compares it with the host reference.
+#pragma once
+
+#include "lut_gemm.cuh"
+
+namespace any4 {
+
+template <int U>
+struct UnitStage {
+  uint2 q[U];
+  float s_lo, s_hi, z_lo, z_hi;  // rows g and g + 8
+};
+
+template <typename T, typename TT, int MT, int kWarps, int U>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
+                     const TT* __restrict__ lut, const TT* __restrict__ scales,
+                     const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
+                     uint32_t units_per_group_magic, int int_offset) {
+  // the pair table [16 rows][256 byte values] at a runtime 1 KB alignment (base | offset ==
+  // base + offset, see lut_gemm.cuh's kLean)
+  __shared__ uint32_t pair_store[kTileN * 256 + 256];
+  __shared__ float raw_s[kTileN][16];
+  __shared__ float red_s[kWarps][32][MT * 4];
+
+  const int tile = blockIdx.x;
+  const int m_base = blockIdx.y * (8 * MT);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int chunks = K / kChunkK;
+  const int units = chunks / U;
+  const int groups = div_chunks(units, units_per_group_magic);
+  const uint2* tile_codes = codes + static_cast<int64_t>(tile) * chunks * 32 + lane;
+  const TT* s_tile = scales + static_cast<int64_t>(tile) * groups * kTileN + g;
+  const TT* z_tile = zeros + static_cast<int64_t>(tile) * groups * kTileN + g;
+
+  auto load = [&](UnitStage<U>& st, int u) {
+    if (u < units) {
+      const uint2* cp = tile_codes + u * (U * 32);
+#pragma unroll
+      for (int i = 0; i < U; ++i) st.q[i] = __ldg(cp + i * 32);
+      const int o = div_chunks(u, units_per_group_magic) * kTileN;
+      st.s_lo = widen(__ldg(s_tile + o));
+      st.s_hi = widen(__ldg(s_tile + o + 8));
+      st.z_lo = widen(__ldg(z_tile + o));
+      st.z_hi = widen(__ldg(z_tile + o + 8));
+    }
+  };
+
+  const uint32_t pair_raw = smem_addr(pair_store);
+  const uint32_t pair_al = (pair_raw + 1023u) & ~1023u;
+  uint32_t* const pair_s = pair_store + (pair_al - pair_raw) / 4;  // [16][256]
+  const uint32_t pair_base = pair_al + 1024 * g;                    // row g; g + 8 at +8 KB
+  const uint32_t* x_rows[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = m_base + mt * 8 + g;
+    x_rows[mt] = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m < M ? m : 0) * K) +
+                 t;
+  }
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
+  }
+
+  constexpr uint32_t kOnes = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
+  auto compute = [&](const UnitStage<U>& st, int u) {
+    if (u >= units) return;
+    float pv[MT][4], p1[MT][4];
+    const uint32_t* xu[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      xu[mt] = x_rows[mt] + u * (U * 16);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) pv[mt][j] = p1[mt][j] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+        const uint32_t q = step == 0 ? st.q[i].x : st.q[i].y;
+        uint32_t a[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // byte j: fragment elements 2j, 2j + 1, row g + 8(j & 1)
+          a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
+        }
+        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t b[2] = {__ldg(xu[mt] + i * 16 + step * 8),
+                                 __ldg(xu[mt] + i * 16 + step * 8 + 4)};
+          mma_16816<T>(pv[mt], a, b);
+          mma_16816<T>(p1[mt], ones, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // D rows: j < 2 row g, else g + 8
+        const float sc = j < 2 ? st.s_lo : st.s_hi;
+        const float zr = j < 2 ? st.z_lo : st.z_hi;
+        acc[mt][j] = fmaf(sc, pv[mt][j], fmaf(zr, p1[mt][j], acc[mt][j]));
+      }
+    }
+  };
+
+  // The first stage is in flight while the tables are built.
+  UnitStage<U> st0, st1;
+  load(st0, warp);
+  for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
+    const int row = i / 16, code = i % 16;
+    raw_s[row][code] =
+        int_offset >= 0
+            ? static_cast<float>(code - int_offset)
+            : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
+    const int r = i / 256, b = i % 256;
+    pair_s[r * 256 + b] = pack2<T>(raw_s[r][b & 15], raw_s[r][b >> 4]);
+  }
+  __syncthreads();
+
+  for (int u = warp; u < units; u += 2 * kWarps) {
+    load(st1, u + kWarps);  // guarded per unit: nothing past the end is read
+    compute(st0, u);
+    load(st0, u + 2 * kWarps);
+    compute(st1, u + kWarps);
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red_s[warp][lane][mt * 4 + j] = acc[mt][j];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int n0 = tile * kTileN + g;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red_s[w][lane][mt * 4 + j];
+        const int m = m_base + mt * 8 + 2 * t + (j & 1);  // D column -> batch row
+        const int n = n0 + (j >= 2 ? 8 : 0);             // D row -> output feature
+        if (m < M) y[static_cast<int64_t>(m) * N + n] = static_cast<T>(sum);
+      }
+    }
+  }
+}
+
+// Launch for any M and any group size (a multiple of 32): U = the largest of 4, 2, 1 that
+// divides g / 32.
+template <typename T, typename TT, int kWarps>
+cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
+                        const TT* scales, const TT* zeros, T* y, int M, int N, int K,
+                        int group_size, int int_offset) {
+  const dim3 block(kWarps * 32);
+  const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);
+  const int per_group = group_size / kChunkK;
+  const int U = per_group % 4 == 0 ? 4 : per_group % 2 == 0 ? 2 : 1;
+  const uint32_t magic = chunk_div_magic(per_group / U);
+#define ANY4_UNIT(MT_, U_)                                                                  \
+  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_><<<grid, block, 0, stream>>>(                 \
+      x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset)
+  if (M <= 8) {
+    if (U == 4) ANY4_UNIT(1, 4);
+    else if (U == 2) ANY4_UNIT(1, 2);
+    else ANY4_UNIT(1, 1);
+  } else {
+    if (U == 4) ANY4_UNIT(2, 4);
+    else if (U == 2) ANY4_UNIT(2, 2);
+    else ANY4_UNIT(2, 1);
+  }
+#undef ANY4_UNIT
+  return cudaGetLastError();
+}
+
+}  // namespace any4
