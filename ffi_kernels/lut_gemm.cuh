@@ -31,8 +31,9 @@
 // - kPairPostScale (not yet measured on a GPU; the timing bench and its check carry it): the
 //   pair table's raw values go straight into the MMA and each chunk's scale and zero are
 //   applied to its partial sums (see compute_post).
-// - kUnitPostScale (likewise unmeasured): the same arithmetic in a kernel of its own that
-//   works by units of consecutive chunks of one group (lut_gemm_unit.cuh).
+// - kUnitPostScale, kUnitLanePostScale (likewise unmeasured): the same arithmetic in a kernel
+//   of its own that works by units of consecutive chunks of one group (lut_gemm_unit.cuh),
+//   with the pair table or the lane table.
 // kLean (a Config flag, likewise unmeasured) forms table addresses with one LOP3 on a
 // runtime-aligned table and x addresses once per chunk: the same arithmetic, fewer instructions.
 //
@@ -54,7 +55,13 @@
 namespace any4 {
 
 enum TableKind : int { kTableF32 = 0, kTableBF16 = 1, kTableF16 = 2 };
-enum Lookup : int { kLaneTable = 0, kPairTable = 1, kPairPostScale = 2, kUnitPostScale = 3 };
+enum Lookup : int {
+  kLaneTable = 0,
+  kPairTable = 1,
+  kPairPostScale = 2,
+  kUnitPostScale = 3,      // lut_gemm_unit.cuh, pair table
+  kUnitLanePostScale = 4,  // lut_gemm_unit.cuh, lane table
+};
 
 constexpr int kTileN = 16;
 constexpr int kChunkK = 32;
@@ -398,7 +405,7 @@ using ManyTilesConfig = Config<kLaneTable, 8, 1>;
 using FewTilesConfig = Config<kPairTable, 16, 1>;
 
 // lut_gemm_unit.cuh (included at the end of this file)
-template <typename T, typename TT, int kWarps>
+template <typename T, typename TT, int kWarps, bool kLane>
 cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                         const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                         int group_size, int int_offset);
@@ -408,9 +415,9 @@ template <typename T, typename TT, typename C>
 cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                          const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                          int group_size, int int_offset) {
-  if constexpr (C::kLookup == kUnitPostScale) {
-    return launch_unit<T, TT, C::kWarps>(stream, x, codes, lut, scales, zeros, y, M, N, K,
-                                         group_size, int_offset);
+  if constexpr (C::kLookup == kUnitPostScale || C::kLookup == kUnitLanePostScale) {
+    return launch_unit<T, TT, C::kWarps, C::kLookup == kUnitLanePostScale>(
+        stream, x, codes, lut, scales, zeros, y, M, N, K, group_size, int_offset);
   } else {
     const dim3 block(C::kWarps * 32);
     const dim3 grid(N / kTileN, M <= 8 ? 1 : (M + 15) / 16);

@@ -12,6 +12,13 @@
 // Same layout and numerics as kPairPostScale (tables exact in T: the pair table's condition;
 // launch_config falls back to the lane table otherwise). Not yet measured on a GPU: the
 // standalone bench times it and its `check` compares it with the host reference.
+//
+// Two lookups (kLane): the pair table (one shared load per two codes, 17 KB per block, but
+// random bytes collide in banks, ~3.5-way for 32 lanes: ~28 shared wavefronts per warp and
+// chunk) or the per-lane float table of lut_gemm.cuh ([half][code][lane], conflict-free: one
+// load per code, 16 wavefronts per chunk, 6 KB per block, plus one F2FP per two codes).
+// By count (2.9 vs ~4.4 instructions per code) the pair table issues less; by the shared pipe
+// (one wavefront per cycle per SM) the lane table waits less: the bench decides.
 #pragma once
 
 #include "lut_gemm.cuh"
@@ -24,16 +31,18 @@ struct UnitStage {
   float s_lo, s_hi, z_lo, z_hi;  // rows g and g + 8
 };
 
-template <typename T, typename TT, int MT, int kWarps, int U>
+template <typename T, typename TT, int MT, int kWarps, int U, bool kLane>
 __global__ void __launch_bounds__(kWarps * 32, 1)
 lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                      const TT* __restrict__ lut, const TT* __restrict__ scales,
                      const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
                      uint32_t units_per_group_magic, int int_offset) {
-  // the pair table [16 rows][256 byte values] at a runtime 1 KB alignment (base | offset ==
-  // base + offset, see lut_gemm.cuh's kLean)
-  __shared__ uint32_t pair_store[kTileN * 256 + 256];
-  __shared__ float raw_s[kTileN][16];
+  // the pair table [16 rows][256 byte values] at a runtime 1 KB alignment, or the lane table
+  // [2 halves][16 codes][32 lanes] at 2 KB (base | offset == base + offset, see lut_gemm.cuh's
+  // kLean)
+  __shared__ uint32_t pair_store[kLane ? 1 : kTileN * 256 + 256];
+  __shared__ float lane_store[kLane ? 2 * 16 * 32 + 512 : 1];
+  __shared__ float raw_s[kLane ? 1 : kTileN][16];
   __shared__ float red_s[kWarps][32][MT * 4];
 
   const int tile = blockIdx.x;
@@ -62,10 +71,13 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     }
   };
 
-  const uint32_t pair_raw = smem_addr(pair_store);
+  const uint32_t pair_raw = smem_addr(pair_store), lane_raw = smem_addr(lane_store);
   const uint32_t pair_al = (pair_raw + 1023u) & ~1023u;
+  const uint32_t lane_al = (lane_raw + 2047u) & ~2047u;
   uint32_t* const pair_s = pair_store + (pair_al - pair_raw) / 4;  // [16][256]
+  float* const lane_s = lane_store + (lane_al - lane_raw) / 4;     // [2][16][32]
   const uint32_t pair_base = pair_al + 1024 * g;                    // row g; g + 8 at +8 KB
+  const uint32_t lane_base = lane_al + 4 * lane;                    // + code * 128 + h * 2 KB
   const uint32_t* x_rows[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -100,7 +112,13 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
         uint32_t a[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {  // byte j: fragment elements 2j, 2j + 1, row g + 8(j & 1)
-          a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
+          if constexpr (kLane) {
+            const uint32_t h = j & 1 ? 2048 : 0;
+            a[j] = pack2<T>(lds_f32((code_x128(q, 2 * j) | lane_base) + h),
+                            lds_f32((code_x128(q, 2 * j + 1) | lane_base) + h));
+          } else {
+            a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
+          }
         }
         const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
@@ -126,17 +144,25 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   // The first stage is in flight while the tables are built.
   UnitStage<U> st0, st1;
   load(st0, warp);
-  for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
-    const int row = i / 16, code = i % 16;
-    raw_s[row][code] =
-        int_offset >= 0
-            ? static_cast<float>(code - int_offset)
-            : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
-    const int r = i / 256, b = i % 256;
-    pair_s[r * 256 + b] = pack2<T>(raw_s[r][b & 15], raw_s[r][b >> 4]);
+  auto table_value = [&](int row, int code) {
+    return int_offset >= 0
+               ? static_cast<float>(code - int_offset)
+               : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
+  };
+  if constexpr (kLane) {
+    for (int i = threadIdx.x; i < 2 * 16 * 32; i += kWarps * 32) {
+      const int h = i / 512, code = (i / 32) % 16, l = i % 32;
+      lane_s[i] = table_value(l / 4 + 8 * h, code);
+    }
+  } else {
+    for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
+      raw_s[i / 16][i % 16] = table_value(i / 16, i % 16);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
+      const int r = i / 256, b = i % 256;
+      pair_s[r * 256 + b] = pack2<T>(raw_s[r][b & 15], raw_s[r][b >> 4]);
+    }
   }
   __syncthreads();
 
@@ -172,7 +198,7 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 
 // Launch for any M and any group size (a multiple of 32): U = the largest of 4, 2, 1 that
 // divides g / 32.
-template <typename T, typename TT, int kWarps>
+template <typename T, typename TT, int kWarps, bool kLane>
 cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                         const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                         int group_size, int int_offset) {
@@ -182,7 +208,7 @@ cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, con
   const int U = per_group % 4 == 0 ? 4 : per_group % 2 == 0 ? 2 : 1;
   const uint32_t magic = chunk_div_magic(per_group / U);
 #define ANY4_UNIT(MT_, U_)                                                                  \
-  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_><<<grid, block, 0, stream>>>(                 \
+  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_, kLane><<<grid, block, 0, stream>>>(          \
       x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset)
   if (M <= 8) {
     if (U == 4) ANY4_UNIT(1, 4);

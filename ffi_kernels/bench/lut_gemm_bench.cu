@@ -298,6 +298,8 @@ int run_check(bool all) {
     f += check_config<Config<any4::kUnitPostScale, 8, 1>>("unit post-scale 8w");
     f += check_config<Config<any4::kUnitPostScale, 16, 1>>("unit post-scale 16w");
     f += check_config<Config<any4::kUnitPostScale, 4, 1>>("unit post-scale 4w");
+    f += check_config<Config<any4::kUnitLanePostScale, 8, 1>>("unit lane post-scale 8w");
+    f += check_config<Config<any4::kUnitLanePostScale, 16, 1>>("unit lane post-scale 16w");
   }
   if (f) {
     std::printf("check: %d FAILURES\n", f);
@@ -332,6 +334,8 @@ int main(int argc, char** argv) {
       {"unit post-scale 8w", cur<Config<any4::kUnitPostScale, 8, 1>>()},
       {"unit post-scale 16w", cur<Config<any4::kUnitPostScale, 16, 1>>()},
       {"unit post-scale 4w", cur<Config<any4::kUnitPostScale, 4, 1>>()},
+      {"unit lane post-scale 8w", cur<Config<any4::kUnitLanePostScale, 8, 1>>()},
+      {"unit lane post-scale 16w", cur<Config<any4::kUnitLanePostScale, 16, 1>>()},
       {"lane 8w x 1", cur<Config<kLaneTable, 8, 1>>()},
       {"lane 16w x 1", cur<Config<kLaneTable, 16, 1>>()},
       {"lane 8w x 2", cur<Config<kLaneTable, 8, 2>>()},
@@ -356,6 +360,7 @@ int main(int argc, char** argv) {
       {"lean pair int4 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>(8)},
       {"post-scale int4 8w x 1", cur<Config<any4::kPairPostScale, 8, 1, 1, true>>(8)},
       {"unit post-scale int4 8w", cur<Config<any4::kUnitPostScale, 8, 1>>(8)},
+      {"unit lane post-scale int4 8w", cur<Config<any4::kUnitLanePostScale, 8, 1>>(8)},
   };
 
   // copy bandwidth: 1 GiB device to device, read + write
