@@ -25,6 +25,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,26 @@ AXES = [("variant", list(VARIANTS.values())),
                    for w, st in itertools.product((4, 8), (2, 3, 4))])]
 
 
+# --smoke: the search and the table's writing on any backend, the kernel in Pallas'
+# interpreter, each configuration run once and timed by the host clock (meaningless numbers;
+# a test of this script, so that a GPU session never loses its time to a broken one)
+_SMOKE = False
+
+
+def _time(fn, x, qws, *, reps, warmup=2):
+    if not _SMOKE:
+        return time_per_call(fn, x, qws, reps=reps, warmup=warmup)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(x, qws[0]))
+    return time.perf_counter() - t0
+
+
+def _pallas(x, q, cfg):
+    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
+
+    return lut_matmul_pallas(x, q, config=cfg, interpret=_SMOKE)
+
+
 def _cuda(x, q):
     from any4_jax.kernels import lut_matmul
 
@@ -58,11 +79,8 @@ def _cuda(x, q):
 
 def _timed(cfg, *, x, qws, reps):
     """Seconds per call of the Pallas kernel with `cfg`, None if Triton cannot compile it."""
-    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
-
     try:
-        return time_per_call(lambda x, q: lut_matmul_pallas(x, q, config=cfg), x, qws,
-                             reps=reps, warmup=1)
+        return _time(lambda x, q: _pallas(x, q, cfg), x, qws, reps=reps, warmup=1)
     except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
         print(f"  {cfg}: {type(e).__name__}", file=sys.stderr)
         return None
@@ -108,13 +126,11 @@ def _valid(cfg, *, m, n, k, g) -> bool:
 
 def _at_rule_sizes(x, *, qws, g, variant, reps):
     """Seconds per call of the Pallas kernel at the rule-of-thumb block sizes for x's M."""
-    from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
     from any4_jax.kernels.tuning import default_config
 
     n, k = qws[0].shape
     cfg = {**default_config(m=x.shape[0], n=n, k=k, g=g), **variant}
-    return time_per_call(lambda x, q: lut_matmul_pallas(x, q, config=cfg), x, qws, reps=reps,
-                         warmup=1)
+    return _time(lambda x, q: _pallas(x, q, cfg), x, qws, reps=reps, warmup=1)
 
 
 def crossover(time_kernel, time_reference, k) -> int:
@@ -142,9 +158,19 @@ def main():
     ap.add_argument("--buckets", default="16,64", help="M buckets to tune (16 covers M=1..16)")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--table", default=_TABLE, help="the tuning table --write merges into")
+    ap.add_argument("--smoke", action="store_true",
+                    help="test this script on any backend (Pallas' interpreter, one untimed "
+                         "run per configuration; the figures mean nothing)")
     args = ap.parse_args()
-    if jax.default_backend() != "gpu":
-        sys.exit("tune_pallas.py needs a GPU: the timings are the point")
+    global _SMOKE
+    _SMOKE = args.smoke
+    if jax.default_backend() != "gpu" and not args.smoke:
+        sys.exit("tune_pallas.py needs a GPU: the timings are the point (--smoke tests the "
+                 "script anywhere)")
+    if args.smoke and args.write and Path(args.table).resolve() == Path(_TABLE).resolve():
+        sys.exit("--smoke --write would put meaningless figures into the package's table: "
+                 "give --table PATH")
     from any4_jax.kernels import can_use, prepare
 
     g = args.group_size
@@ -156,10 +182,16 @@ def main():
             print(f"budget of {args.budget_s:.0f} s spent: stopping before {name}",
                   file=sys.stderr)
             break
-        n, k = LLAMA_SHAPES[name]
+        if name in LLAMA_SHAPES:
+            n, k = LLAMA_SHAPES[name]
+        elif re.fullmatch(r"\d+x\d+", name):
+            n, k = map(int, name.split("x"))  # N x K
+        else:
+            ap.error(f"--shapes: unknown {name!r}; give one of {', '.join(LLAMA_SHAPES)} or NxK")
         one, _ = _qweights(n, k, args.format, g, 1)
-        qws, _ = _qweights(n, k, args.format, g, copies_for(one[0].nbytes()))
-        ref_t = lambda x, qws=qws: time_per_call(lut_matmul_reference, x, qws, reps=args.reps)
+        qws, _ = _qweights(n, k, args.format, g,
+                           1 if args.smoke else copies_for(one[0].nbytes()))
+        ref_t = lambda x, qws=qws: _time(lut_matmul_reference, x, qws, reps=args.reps)
         variant = VARIANTS["select"]
         for m in (int(b) for b in args.buckets.split(",")):
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
@@ -185,8 +217,7 @@ def main():
         if not over() and not can_use("cuda", jnp.zeros((1, k), jnp.bfloat16), qws[0]):
             cws = [prepare(q, "cuda") for q in qws]
             entries[f"{n}x{k}:cuda_dense_threshold"] = crossover(
-                lambda x, cws=cws: time_per_call(_cuda, x, cws, reps=args.reps, warmup=1),
-                ref_t, k)
+                lambda x, cws=cws: _time(_cuda, x, cws, reps=args.reps, warmup=1), ref_t, k)
         print(f"{name}: " + json.dumps({e: v for e, v in entries.items()
                                         if e.startswith(f"{n}x{k}:") and "threshold" in e}),
               file=sys.stderr)
@@ -195,12 +226,14 @@ def main():
            "entries": entries}
     print(json.dumps(rec, indent=2))
     if args.write:
-        old = json.loads(Path(_TABLE).read_text()) if os.path.isfile(_TABLE) else {}
+        old = json.loads(Path(args.table).read_text()) if os.path.isfile(args.table) else {}
         old_entries = old.get("entries", {})
         old_entries.update(entries)
         rec["entries"] = old_entries
-        Path(_TABLE).write_text(json.dumps(rec, indent=2))
-        print(f"wrote {_TABLE}", file=sys.stderr)
+        tmp = Path(f"{args.table}.tmp")  # written whole, then renamed: never half a table
+        tmp.write_text(json.dumps(rec, indent=2))
+        os.replace(tmp, args.table)
+        print(f"wrote {args.table}", file=sys.stderr)
 
 
 if __name__ == "__main__":

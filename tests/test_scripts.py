@@ -72,3 +72,29 @@ def test_tuner_descends_to_the_fastest_valid_config():
     timed_cfgs.clear()
     tune_pallas.descend(start, timed, valid, lambda: True)
     assert len(timed_cfgs) == 3
+
+
+@pytest.mark.slow
+def test_tuner_runs_and_writes_a_table(tmp_path):
+    """tune_pallas.py end to end in --smoke mode (Pallas' interpreter, untimed): the search,
+    the crossover and the table it merges into (written whole, then renamed)."""
+    table = tmp_path / "tuning.json"
+    table.write_text(json.dumps({"entries": {"1x1:g32:m16": {"bm": 16}}}))
+    script = os.path.join(ROOT, "scripts", "tune_pallas.py")
+    args = [sys.executable, script, "--smoke", "--shapes", "32x256", "--group-size", "64",
+            "--buckets", "16", "--reps", "1", "--write"]
+    r = subprocess.run(args + ["--table", str(table)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from any4_jax.kernels.tuning import CONFIG_KEYS
+
+    entries = json.loads(table.read_text())["entries"]
+    assert "1x1:g32:m16" in entries  # merged, not replaced
+    entry = entries["32x256:g64:m16"]
+    assert set(CONFIG_KEYS) <= set(entry) and entry["us"] > 0
+    assert set(entry["variants_us"]) == {"select", "gather", "gather+post"}
+    assert entries["32x256:dense_threshold"] in (16, 32, 64, 128, 256)
+    assert not list(tmp_path.glob("*.tmp"))
+    # smoke figures never go into the package's own table
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode != 0 and "give --table PATH" in r.stderr
