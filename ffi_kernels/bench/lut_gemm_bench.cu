@@ -155,8 +155,11 @@ void* dev_copy(const std::vector<T>& v) {
 struct Library {};
 
 // One case: returns the relative error (norm), or a huge value if an output is not finite.
+// identity: x = the first M rows of the K x K identity, so y[m, n] = w[n, m] rounded to T, and
+// any difference at all (not a relative error) is returned as a huge value.
 template <typename T, typename TT, typename C>
-double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
+double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed,
+                  bool identity = false) {
   Rng rng{seed};
   const int G = K / g, off = int_grid ? 8 : -1;
   std::vector<uint8_t> code(size_t(N) * K);
@@ -189,6 +192,9 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
         }
   std::vector<T> x(size_t(M) * K);
   for (auto& v : x) v = from_f<T>(rng.uniform(-1.f, 1.f));
+  if (identity)
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < K; ++k) x[size_t(m) * K + k] = from_f<T>(m == k ? 1.f : 0.f);
   // reference: w rounded to T after one fmaf, products summed in double
   std::vector<double> ref(size_t(M) * N, 0.0);
   for (int n = 0; n < N; ++n)
@@ -218,7 +224,7 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed) {
   double num = 0, den = 0;
   for (size_t i = 0; i < y.size(); ++i) {
     const double d = double(widen(y[i])) - ref[i];
-    if (!std::isfinite(d)) return 1e30;
+    if (!std::isfinite(d) || (identity && d != 0.0)) return 1e30;
     num += d * d;
     den += ref[i] * ref[i];
   }
@@ -249,8 +255,18 @@ int check_types(const char* name, double tol) {
                       c.g, M, ig ? "int4" : "table", err);
         }
       }
-  std::printf("check %s: worst relative error %.2e (bound %.1e), %d failures\n", name, worst,
-              tol, failures);
+  // identity activations: the dequantized weight exactly (w rounded to T once), every kernel
+  for (const Case& c : {Case{48, 192, 64}, Case{80, 384, 128}, Case{32, 96, 96}})
+    for (int ig = 0; ig < 2; ++ig) {
+      const int M = std::min(c.k, 40);  // 40 rows: M > 16 uses two 16-row blocks and a ragged one
+      if (check_case<T, TT, C>(c.n, c.k, c.g, M, ig, seed++, true) != 0.0) {
+        ++failures;
+        std::printf("FAIL %s N=%d K=%d g=%d %s: identity activations do not return the "
+                    "dequantized weight exactly\n", name, c.n, c.k, c.g, ig ? "int4" : "table");
+      }
+    }
+  std::printf("check %s: worst relative error %.2e (bound %.1e), identity exact unless noted, "
+              "%d failures\n", name, worst, tol, failures);
   return failures;
 }
 
