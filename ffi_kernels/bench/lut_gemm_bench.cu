@@ -3,12 +3,15 @@
 //        ffi_kernels/bench/lut_gemm_bench.cu -o /tmp/lut_gemm_bench && /tmp/lut_gemm_bench
 // (`scripts/device_run.sh` step "cudabench"). For each Llama-3-8B shape and M: device time per
 // call of the first kernel (bench/lut_gemm_v1.cuh, canonical scales) and of the configurations
-// of ../lut_gemm.cuh (tiled scales), from CUDA events around a graph of many launches that rotate over weight
-// copies larger than L2 several times; each variant's output is checked against the first
+// of ../lut_gemm.cuh (tiled scales), from CUDA events around a graph of many launches that
+// rotate over weight copies larger than L2 several times; each variant's output is checked against the first
 // kernel's on random codes, tables, scales and zeros (same arithmetic per weight, so the only
-// difference is the order of the split-K sums). Also the device-to-device copy bandwidth (read +
+// difference is the order of the split-K sums; post-scale variants also skip the rounding of
+// each weight). Also the device-to-device copy bandwidth (read +
 // write), the ceiling of a memory-bound kernel. `lut_gemm_bench profile` runs each variant once
-// on gate_up (for ncu).
+// on gate_up (for ncu). `lut_gemm_bench check` compares the library entry and every
+// configuration with a host reference on small awkward cases (identity activations bit for
+// bit); `check lib` the library entry only (the compute-sanitizer target).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
