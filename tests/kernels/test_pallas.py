@@ -43,11 +43,19 @@ VARIANTS = [{"lookup": "select", "post_scale": False, "split_k": 1},
             {"lookup": "select", "post_scale": True, "split_k": 2}]
 
 
-@pytest.mark.parametrize("variant", VARIANTS,
-                         ids=lambda v: f"{v['lookup']}-post{v['post_scale']}-split{v['split_k']}")
-@pytest.mark.parametrize("dtype, fmt", [(jnp.bfloat16, "any4"), (jnp.float16, "any4"),
-                                        (jnp.bfloat16, "int4"), (jnp.float16, "nf4"),
-                                        (jnp.float16, "int3")])
+# each variant with a 16-bit table in x's dtype and one other (dtype, format) pair
+_VARIANT_CASES = [(v, dt, fmt) for v, others in zip(VARIANTS, [
+    [(jnp.bfloat16, "any4"), (jnp.float16, "int3")],
+    [(jnp.float16, "any4"), (jnp.bfloat16, "int4")],
+    [(jnp.bfloat16, "any4"), (jnp.float16, "nf4")],
+    [(jnp.float16, "any4"), (jnp.bfloat16, "int4")],
+    [(jnp.bfloat16, "any4"), (jnp.float16, "int3")]], strict=True) for dt, fmt in others]
+
+
+@pytest.mark.parametrize(
+    "variant, dtype, fmt", _VARIANT_CASES,
+    ids=[f"{v['lookup']}-post{v['post_scale']}-split{v['split_k']}-{jnp.dtype(d).name}-{f}"
+         for v, d, f in _VARIANT_CASES])
 def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
     """Every lookup (select tree, gather from the table's ref) with and without post-scaling,
     with and without split K (float32 partials summed after the kernel), two K blocks per
