@@ -8,8 +8,9 @@
 // kernel's on random codes, tables, scales and zeros (same arithmetic per weight, so the only
 // difference is the order of the split-K sums; post-scale variants also skip the rounding of
 // each weight). Also the device-to-device copy bandwidth (read +
-// write), the ceiling of a memory-bound kernel. `lut_gemm_bench profile` runs each variant once
-// on gate_up (for ncu). `lut_gemm_bench check` compares the library entry and every
+// write), the ceiling of a memory-bound kernel. `lut_gemm_bench profile` runs the variants that
+// matter for the next decision (v1, the library's choice, unit, post-scale, lean) once on
+// gate_up at M = 1 and 16 (for ncu; `profile all`: every variant). `lut_gemm_bench check` compares the library entry and every
 // configuration with a host reference on small awkward cases (identity activations bit for
 // bit); `check lib` the library entry only (the compute-sanitizer target).
 #include <cuda_bf16.h>
@@ -334,6 +335,12 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "check")
     return run_check(!(argc > 2 && std::string(argv[2]) == "lib"));
   const bool profile = argc > 1 && std::string(argv[1]) == "profile";
+  const bool profile_all = profile && argc > 2 && std::string(argv[2]) == "all";
+  auto profiled = [&](const std::string& name) {  // ncu's time goes to these
+    for (const char* p : {"v1", "library", "unit", "post-scale", "lean"})
+      if (name.rfind(p, 0) == 0) return true;
+    return profile_all;
+  };
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
@@ -449,6 +456,7 @@ int main(int argc, char** argv) {
       CHECK(cudaMemcpyAsync(ref.data(), y_ref, ref.size() * 2, cudaMemcpyDeviceToHost, stream));
       CHECK(cudaStreamSynchronize(stream));
       for (const Variant& v : vs) {
+        if (profile && !profiled(v.name)) continue;
         // poison, run, compare with v1
         CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * N * 2, stream));
         CHECK(v.run(stream, x, ws[0], y, M, N, K, g));
