@@ -191,3 +191,19 @@ def test_gpu_llama_shapes(rng, name):
     y = lut_matmul(x, qw).astype(jnp.float32)
     ref = lut_matmul_reference(x, qw).astype(jnp.float32)
     assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < TOLERANCE[jnp.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=lambda v: f"{v['lookup']}-post{v['post_scale']}-split{v['split_k']}")
+def test_gpu_lookup_variants(rng, variant):
+    """Every lookup / post-scale / split-K variant compiled by Triton and run on a Llama-3-8B
+    shape (what the tuner may put in the table), against the reference."""
+    n, k = LLAMA_SHAPES["llama3-8b/qkv"]
+    qw = random_qweight(jax.random.key(int(rng.integers(2**31))), n, k, group_size=128)
+    for m in (1, 16):
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        y = lut_matmul_pallas(x, qw, config=variant).astype(jnp.float32)
+        ref = lut_matmul_reference(x, qw).astype(jnp.float32)
+        err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+        assert err < TOLERANCE[jnp.bfloat16], (m, err)
