@@ -405,7 +405,7 @@ using ManyTilesConfig = Config<kLaneTable, 8, 1>;
 using FewTilesConfig = Config<kPairTable, 16, 1>;
 
 // lut_gemm_unit.cuh (included at the end of this file)
-template <typename T, typename TT, int kWarps, bool kLane>
+template <typename T, typename TT, int kWarps, bool kLane, int kMinBlocks>
 cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                         const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                         int group_size, int int_offset);
@@ -416,7 +416,7 @@ cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, co
                          const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                          int group_size, int int_offset) {
   if constexpr (C::kLookup == kUnitPostScale || C::kLookup == kUnitLanePostScale) {
-    return launch_unit<T, TT, C::kWarps, C::kLookup == kUnitLanePostScale>(
+    return launch_unit<T, TT, C::kWarps, C::kLookup == kUnitLanePostScale, C::kMinBlocks>(
         stream, x, codes, lut, scales, zeros, y, M, N, K, group_size, int_offset);
   } else {
     const dim3 block(C::kWarps * 32);

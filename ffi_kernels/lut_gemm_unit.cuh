@@ -31,8 +31,8 @@ struct UnitStage {
   float s_lo, s_hi, z_lo, z_hi;  // rows g and g + 8
 };
 
-template <typename T, typename TT, int MT, int kWarps, int U, bool kLane>
-__global__ void __launch_bounds__(kWarps * 32, 1)
+template <typename T, typename TT, int MT, int kWarps, int U, bool kLane, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                      const TT* __restrict__ lut, const TT* __restrict__ scales,
                      const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
@@ -198,7 +198,7 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 
 // Launch for any M and any group size (a multiple of 32): U = the largest of 4, 2, 1 that
 // divides g / 32.
-template <typename T, typename TT, int kWarps, bool kLane>
+template <typename T, typename TT, int kWarps, bool kLane, int kMinBlocks>
 cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, const TT* lut,
                         const TT* scales, const TT* zeros, T* y, int M, int N, int K,
                         int group_size, int int_offset) {
@@ -208,7 +208,7 @@ cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, con
   const int U = per_group % 4 == 0 ? 4 : per_group % 2 == 0 ? 2 : 1;
   const uint32_t magic = chunk_div_magic(per_group / U);
 #define ANY4_UNIT(MT_, U_)                                                                  \
-  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_, kLane><<<grid, block, 0, stream>>>(          \
+  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_, kLane, kMinBlocks><<<grid, block, 0, stream>>>( \
       x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset)
   if (M <= 8) {
     if (U == 4) ANY4_UNIT(1, 4);

@@ -320,6 +320,8 @@ int run_check(bool all) {
     f += check_config<Config<any4::kUnitPostScale, 4, 1>>("unit post-scale 4w");
     f += check_config<Config<any4::kUnitLanePostScale, 8, 1>>("unit lane post-scale 8w");
     f += check_config<Config<any4::kUnitLanePostScale, 16, 1>>("unit lane post-scale 16w");
+    f += check_config<Config<any4::kUnitLanePostScale, 8, 1, 3>>("unit lane post-scale 8w min3");
+    f += check_config<Config<any4::kUnitPostScale, 8, 1, 4>>("unit post-scale 8w min4");
   }
   if (f) {
     std::printf("check: %d FAILURES\n", f);
@@ -362,6 +364,8 @@ int main(int argc, char** argv) {
       {"unit post-scale 4w", cur<Config<any4::kUnitPostScale, 4, 1>>()},
       {"unit lane post-scale 8w", cur<Config<any4::kUnitLanePostScale, 8, 1>>()},
       {"unit lane post-scale 16w", cur<Config<any4::kUnitLanePostScale, 16, 1>>()},
+      {"unit lane post-scale 8w min3", cur<Config<any4::kUnitLanePostScale, 8, 1, 3>>()},
+      {"unit post-scale 8w min4", cur<Config<any4::kUnitPostScale, 8, 1, 4>>()},
       {"lane 8w x 1", cur<Config<kLaneTable, 8, 1>>()},
       {"lane 16w x 1", cur<Config<kLaneTable, 16, 1>>()},
       {"lane 8w x 2", cur<Config<kLaneTable, 8, 2>>()},
