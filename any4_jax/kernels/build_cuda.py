@@ -19,7 +19,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCES = ["ffi_kernels/lut_gemm_ffi.cu"]
-HEADERS = ["ffi_kernels/lut_gemm.cuh", "ffi_kernels/mma_bf16.cuh"]
+HEADERS = ["ffi_kernels/lut_gemm.cuh", "ffi_kernels/lut_gemm_unit.cuh", "ffi_kernels/mma_bf16.cuh"]
 ARCHS = ["80", "90a"]
 
 

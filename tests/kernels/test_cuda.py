@@ -131,6 +131,22 @@ def test_loader_refuses_a_stale_library_and_warns_on_another_jaxlib(tmp_path, mo
     assert lib is None and "not built" in why and "pip install" in why
 
 
+def test_build_identity_covers_every_kernel_header():
+    """The library's staleness check hashes HEADERS (build_cuda.py) and CMake hashes
+    ANY4_CUDA_HEADERS: both must list every header the library can include, or an edit to one
+    leaves a stale build unnoticed."""
+    import re
+
+    from any4_jax.kernels.build_cuda import HEADERS
+
+    on_disk = sorted(f"ffi_kernels/{f}" for f in os.listdir(os.path.join(ROOT, "ffi_kernels"))
+                     if f.endswith((".cuh", ".h")))
+    assert sorted(HEADERS) == on_disk
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as fh:
+        cmake = re.search(r"set\(ANY4_CUDA_HEADERS([^)]*)\)", fh.read())[1].split()
+    assert sorted(cmake) == on_disk
+
+
 def test_built_library_matches_the_sources():
     """A library that `pip install` (CMake) or build_cuda left behind is the one of these
     sources; in CI (nvcc present) the install has built it."""
