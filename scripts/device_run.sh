@@ -11,7 +11,11 @@
 # the machine goes back 30 s after a call, so each call pays ~30 s of start):
 #   SKIP_INSTALL=1 STEPS="cudacheck cudabench" bash scripts/device_run.sh
 #       # every CUDA configuration against the host reference, compute-sanitizer, the variants'
-#       # timing table, Nsight Compute, SASS (~6 min; no JAX)
+#       # timing table, Nsight Compute, SASS (~6-8 min; no JAX)
+#   (then, on this machine, before the next call: if a variant that passed the check beats
+#   the library's choice -- the unit post-scale kernels, lut_gemm_unit.cuh, were written to --
+#   make it ManyTilesConfig / FewTilesConfig in ffi_kernels/lut_gemm.cuh, so that the JAX
+#   tests, the kernel table and the decode figures of the next call measure it)
 #   STEPS="gputests bench decode" bash scripts/device_run.sh
 #       # the JAX GPU tests, the kernel table (dense, reference, Pallas, CUDA), decode tok/s
 #   STEPS="tune model" bash scripts/device_run.sh
