@@ -98,3 +98,16 @@ def test_tuner_runs_and_writes_a_table(tmp_path):
     # smoke figures never go into the package's own table
     r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode != 0 and "give --table PATH" in r.stderr
+
+
+def test_pallas_sass_captures_the_triton_ir():
+    """scripts/pallas_sass.py's first half (no Triton needed): the Triton IR that Pallas lowers
+    for CUDA, captured as text through a private jax function that an upgrade may move."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import pallas_sass
+
+    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2,
+           **pallas_sass.VARIANTS["gather+post"]}
+    ir = pallas_sass.triton_ir(64, 512, 1, 64, "any4", cfg)
+    assert "tt.func" in ir and "tt.dot" in ir and "tt.load" in ir
+    assert "scf.for" in ir  # the K loop whose SASS the script counts
