@@ -125,6 +125,63 @@ __device__ __forceinline__ uint32_t byte_x4(uint32_t q, int j) {
   return (sh < 0 ? (q << -sh) : (q >> sh)) & 0x3FCu;
 }
 
+// One k-step's A fragment straight from the pair table (raw values in T): byte j of the
+// lane's code word q holds fragment elements 2j and 2j + 1, of row g + 8 (j & 1); pair_base
+// is row g's table (row g + 8 sits 8 KB further).
+__device__ __forceinline__ void pair_fragment(uint32_t q, uint32_t pair_base,
+                                              uint32_t (&a)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
+}
+
+// Post-scale: a run's partial sums pv = sum(v x) and p1 = sum(x) join the accumulator as
+// acc + s * pv + z * p1 (D rows: j < 2 row g, else g + 8). For identity activations the one
+// nonzero term is fmaf(s, v, z), the reference's rounding.
+template <int MT>
+__device__ __forceinline__ void post_scale_add(float (&acc)[MT][4], const float (&pv)[MT][4],
+                                               const float (&p1)[MT][4], float s_lo, float s_hi,
+                                               float z_lo, float z_hi) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float sc = j < 2 ? s_lo : s_hi;
+      const float zr = j < 2 ? z_lo : z_hi;
+      acc[mt][j] = fmaf(sc, pv[mt][j], fmaf(zr, p1[mt][j], acc[mt][j]));
+    }
+  }
+}
+
+// The block's epilogue: each warp's accumulators into shared memory, then warp 0 sums them
+// over the warps and stores its D elements (D column -> batch row, D row -> output feature).
+template <typename T, int MT, int kWarps>
+__device__ __forceinline__ void reduce_store(float (&red_s)[kWarps][32][MT * 4],
+                                             const float (&acc)[MT][4], T* __restrict__ y,
+                                             int M, int N, int tile, int m_base) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red_s[warp][lane][mt * 4 + j] = acc[mt][j];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int n0 = tile * kTileN + g;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red_s[w][lane][mt * 4 + j];
+        const int m = m_base + mt * 8 + 2 * t + (j & 1);
+        const int n = n0 + (j >= 2 ? 8 : 0);
+        if (m < M) y[static_cast<int64_t>(m) * N + n] = static_cast<T>(sum);
+      }
+    }
+  }
+}
+
 // One stage of a warp's loads: kStage chunks of codes and their rows' scales and zeros.
 template <int kStage>
 struct Stage {
@@ -241,12 +298,8 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
       }
 #pragma unroll
       for (int step = 0; step < 2; ++step) {
-        const uint32_t q = step == 0 ? st.q[u].x : st.q[u].y;
         uint32_t a[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
-        }
+        pair_fragment(step == 0 ? st.q[u].x : st.q[u].y, pair_base, a);
         const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -256,15 +309,7 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
           mma_16816<T>(p1[mt], ones, b);
         }
       }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // D rows: j < 2 row g, else g + 8
-          const float sc = j < 2 ? st.s_lo[u] : st.s_hi[u];
-          const float zr = j < 2 ? st.z_lo[u] : st.z_hi[u];
-          acc[mt][j] = fmaf(sc, pv[mt][j], fmaf(zr, p1[mt][j], acc[mt][j]));
-        }
-      }
+      post_scale_add<MT>(acc, pv, p1, st.s_lo[u], st.s_hi[u], st.z_lo[u], st.z_hi[u]);
     }
   };
 
@@ -364,27 +409,7 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     compute(st1, cb + kSpan);
   }
 
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) red_s[warp][lane][mt * 4 + j] = acc[mt][j];
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int n0 = tile * kTileN + g;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red_s[w][lane][mt * 4 + j];
-        const int m = m_base + mt * 8 + 2 * t + (j & 1);  // D column -> batch row
-        const int n = n0 + (j >= 2 ? 8 : 0);             // D row -> output feature
-        if (m < M) y[static_cast<int64_t>(m) * N + n] = static_cast<T>(sum);
-      }
-    }
-  }
+  reduce_store<T, MT, kWarps>(red_s, acc, y, M, N, tile, m_base);
 }
 
 // The launch configuration: table lookup, warps per block splitting K, chunks per stage.

@@ -110,15 +110,15 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
       for (int step = 0; step < 2; ++step) {
         const uint32_t q = step == 0 ? st.q[i].x : st.q[i].y;
         uint32_t a[4];
+        if constexpr (kLane) {  // byte j: fragment elements 2j, 2j + 1, row g + 8 (j & 1)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // byte j: fragment elements 2j, 2j + 1, row g + 8(j & 1)
-          if constexpr (kLane) {
+          for (int j = 0; j < 4; ++j) {
             const uint32_t h = j & 1 ? 2048 : 0;
             a[j] = pack2<T>(lds_f32((code_x128(q, 2 * j) | lane_base) + h),
                             lds_f32((code_x128(q, 2 * j + 1) | lane_base) + h));
-          } else {
-            a[j] = lds_u32((byte_x4(q, j) | pair_base) + (j & 1 ? 8192 : 0));
           }
+        } else {
+          pair_fragment(q, pair_base, a);
         }
         const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
@@ -130,15 +130,7 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
         }
       }
     }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // D rows: j < 2 row g, else g + 8
-        const float sc = j < 2 ? st.s_lo : st.s_hi;
-        const float zr = j < 2 ? st.z_lo : st.z_hi;
-        acc[mt][j] = fmaf(sc, pv[mt][j], fmaf(zr, p1[mt][j], acc[mt][j]));
-      }
-    }
+    post_scale_add<MT>(acc, pv, p1, st.s_lo, st.s_hi, st.z_lo, st.z_hi);
   };
 
   // The first stage is in flight while the tables are built.
@@ -173,27 +165,7 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     compute(st1, u + kWarps);
   }
 
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) red_s[warp][lane][mt * 4 + j] = acc[mt][j];
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int n0 = tile * kTileN + g;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red_s[w][lane][mt * 4 + j];
-        const int m = m_base + mt * 8 + 2 * t + (j & 1);  // D column -> batch row
-        const int n = n0 + (j >= 2 ? 8 : 0);             // D row -> output feature
-        if (m < M) y[static_cast<int64_t>(m) * N + n] = static_cast<T>(sum);
-      }
-    }
-  }
+  reduce_store<T, MT, kWarps>(red_s, acc, y, M, N, tile, m_base);
 }
 
 // Launch for any M and any group size (a multiple of 32): U = the largest of 4, 2, 1 that
