@@ -182,6 +182,38 @@ __device__ __forceinline__ void reduce_store(float (&red_s)[kWarps][32][MT * 4],
   }
 }
 
+// The tile's tables in shared memory, read once per block: the lane table lane_s
+// ([half][code][lane] floats, entry (h, c, l) = row l / 4 + 8h's value of code c) or the pair
+// table pair_s ([row][byte] = T-packed values of codes byte & 15 and byte >> 4, through the
+// float staging area raw_s [16][16]). The integer grid's value is code - int_offset. Ends with
+// a barrier: the tables are published when it returns.
+template <typename T, typename TT, bool kPair, int kThreads>
+__device__ __forceinline__ void build_tables(const TT* __restrict__ lut, int tile,
+                                             int int_offset, float* lane_s, uint32_t* pair_s,
+                                             float* raw_s) {
+  auto table_value = [&](int row, int code) {
+    return int_offset >= 0
+               ? static_cast<float>(code - int_offset)
+               : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
+  };
+  if constexpr (kPair) {
+    for (int i = threadIdx.x; i < kTileN * 16; i += kThreads) {
+      raw_s[i] = table_value(i / 16, i % 16);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileN * 256; i += kThreads) {
+      const int r = i / 256, b = i % 256;
+      pair_s[i] = pack2<T>(raw_s[r * 16 + (b & 15)], raw_s[r * 16 + (b >> 4)]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 2 * 16 * 32; i += kThreads) {
+      const int h = i / 512, code = (i / 32) % 16, l = i % 32;
+      lane_s[i] = table_value(l / 4 + 8 * h, code);
+    }
+  }
+  __syncthreads();
+}
+
 // One stage of a warp's loads: kStage chunks of codes and their rows' scales and zeros.
 template <int kStage>
 struct Stage {
@@ -379,28 +411,8 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   Stage<kStage> st0, st1;
   load(st0, warp);
 
-  auto table_value = [&](int row, int code) {
-    return int_offset >= 0
-               ? static_cast<float>(code - int_offset)
-               : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
-  };
-  if (kPair) {
-    for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
-      raw_s[kPair ? i / 16 : 0][i % 16] = table_value(i / 16, i % 16);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
-      const int r = i / 256, b = i % 256;
-      pair_s[kPair ? r * 256 + b : 0] =
-          pack2<T>(raw_s[kPair ? r : 0][b & 15], raw_s[kPair ? r : 0][b >> 4]);
-    }
-  } else {
-    for (int i = threadIdx.x; i < 2 * 16 * 32; i += kWarps * 32) {
-      const int h = i / 512, code = (i / 32) % 16, l = i % 32;
-      lane_s[(h * 16 + code) * 32 + l] = table_value(l / 4 + 8 * h, code);
-    }
-  }
-  __syncthreads();
+  build_tables<T, TT, kPair, kWarps * 32>(lut, tile, int_offset, lane_s, pair_s,
+                                         &raw_s[0][0]);
 
   for (int cb = warp; cb < chunks; cb += 2 * kSpan) {
     load(st1, cb + kSpan);  // guarded per chunk: nothing past the end is read

@@ -136,27 +136,8 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   // The first stage is in flight while the tables are built.
   UnitStage<U> st0, st1;
   load(st0, warp);
-  auto table_value = [&](int row, int code) {
-    return int_offset >= 0
-               ? static_cast<float>(code - int_offset)
-               : widen(__ldg(lut + static_cast<int64_t>(tile * kTileN + row) * 16 + code));
-  };
-  if constexpr (kLane) {
-    for (int i = threadIdx.x; i < 2 * 16 * 32; i += kWarps * 32) {
-      const int h = i / 512, code = (i / 32) % 16, l = i % 32;
-      lane_s[i] = table_value(l / 4 + 8 * h, code);
-    }
-  } else {
-    for (int i = threadIdx.x; i < kTileN * 16; i += kWarps * 32) {
-      raw_s[i / 16][i % 16] = table_value(i / 16, i % 16);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kTileN * 256; i += kWarps * 32) {
-      const int r = i / 256, b = i % 256;
-      pair_s[r * 256 + b] = pack2<T>(raw_s[r][b & 15], raw_s[r][b >> 4]);
-    }
-  }
-  __syncthreads();
+  build_tables<T, TT, !kLane, kWarps * 32>(lut, tile, int_offset, lane_s, pair_s,
+                                          &raw_s[0][0]);
 
   for (int u = warp; u < units; u += 2 * kWarps) {
     load(st1, u + kWarps);  // guarded per unit: nothing past the end is read
