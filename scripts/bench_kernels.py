@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from kernel_timing import copies_for, copy_bandwidth, time_per_call  # noqa: E402
 
+from any4_jax.kernels import pallas_gpu  # noqa: E402
+
 IMPLS = ("xla", "pallas", "cuda", "cpu")
 NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel",
          "pallas_unsplit": "Pallas select, no split",
@@ -39,9 +41,9 @@ NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU ker
 # Pallas variants timed beside the configured kernel ("pallas": tuning table or rule) at its
 # block sizes, so that their ratios come from one run (pallas_gpu.py): the select tree
 # without split K (the configuration of the first GPU timings) and the gather lookups
-PALLAS_VARIANTS = {"pallas_unsplit": {"lookup": "select", "post_scale": False, "split_k": 1},
-                   "pallas_gather": {"lookup": "gather", "post_scale": False},
-                   "pallas_gather_post": {"lookup": "gather", "post_scale": True}}
+PALLAS_VARIANTS = {"pallas_unsplit": {**pallas_gpu.VARIANTS["select"], "split_k": 1},
+                   "pallas_gather": pallas_gpu.VARIANTS["gather"],
+                   "pallas_gather_post": pallas_gpu.VARIANTS["gather+post"]}
 
 
 def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):

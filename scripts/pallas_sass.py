@@ -35,10 +35,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 import sass_count  # noqa: E402
 
-VARIANTS = {"select": {"lookup": "select", "post_scale": False},
-            "select+post": {"lookup": "select", "post_scale": True},
-            "gather": {"lookup": "gather", "post_scale": False},
-            "gather+post": {"lookup": "gather", "post_scale": True}}
+from any4_jax.kernels.pallas_gpu import VARIANTS  # noqa: E402
 
 _COMPILE = r"""
 import sys, triton

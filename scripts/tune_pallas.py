@@ -38,10 +38,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import _qweights  # noqa: E402
 from kernel_timing import copies_for, time_per_call  # noqa: E402
 
+from any4_jax.kernels import pallas_gpu  # noqa: E402
+
 CROSSOVER_MS = (32, 64, 128, 256)
-VARIANTS = {"select": {"lookup": "select", "post_scale": False},
-            "gather": {"lookup": "gather", "post_scale": False},
-            "gather+post": {"lookup": "gather", "post_scale": True}}
+# the lookup variants searched (select + post-scale is left out: no cheaper than select by
+# instruction count, pallas_sass.py)
+VARIANTS = {name: v for name, v in pallas_gpu.VARIANTS.items() if name != "select+post"}
 # the axes of the search, in order; each value overrides part of the configuration
 AXES = [("variant", list(VARIANTS.values())),
         ("split_k", [{"split_k": s} for s in (1, 2, 4, 8, 16)]),

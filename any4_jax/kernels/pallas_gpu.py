@@ -53,6 +53,9 @@ from any4_jax.quant.qweight import QuantizedWeight
 
 NAME = "any4_lut_matmul"
 LOOKUPS = ("select", "gather")
+# the lookup variants by name (config keys; tuner, benchmarks and SASS counts use these names)
+VARIANTS = {f"{lookup}{'+post' if post else ''}": {"lookup": lookup, "post_scale": post}
+            for lookup in LOOKUPS for post in (False, True)}
 
 
 def _lookup(codes, lut_rows, *, int_offset):
