@@ -6,7 +6,8 @@
 For each shape and M: median time of the reference path (`implementation="xla"`: dequantize,
 then a dense GEMM), the Pallas kernel (as configured, and at the same block sizes unless
 --no-pallas-variants: without split K, and with the gather lookups), the CUDA kernel when
-built, and a dense bf16 `x @ W.T`;
+built, and a dense bf16 `x @ W.T`; also the Pallas "pair" lookup, whose pair table (1 KB per row,
+`pallas_gpu.pair_table`) is prepared once per weight copy and counted in its bytes;
 achieved bytes/s of each quantized path (its own layout's codes + scales + zeros + table, plus
 activations and output) against the device's copy bandwidth measured here. Each
 implementation gets its weight layout prepared once, outside the timed call (as QuantDense
@@ -37,13 +38,16 @@ from any4_jax.kernels import pallas_gpu  # noqa: E402
 IMPLS = ("xla", "pallas", "cuda", "cpu")
 NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel",
          "pallas_unsplit": "Pallas select, no split",
-         "pallas_gather": "Pallas gather", "pallas_gather_post": "Pallas gather+post"}
+         "pallas_gather": "Pallas gather", "pallas_gather_post": "Pallas gather+post",
+         "pallas_pair": "Pallas pair+post"}
 # Pallas variants timed beside the configured kernel ("pallas": tuning table or rule) at its
 # block sizes, so that their ratios come from one run (pallas_gpu.py): the select tree
-# without split K (the configuration of the first GPU timings) and the gather lookups
+# without split K (the configuration of the first GPU timings), the gather lookups and the pair
+# lookup (with its prepared pair tables)
 PALLAS_VARIANTS = {"pallas_unsplit": {**pallas_gpu.VARIANTS["select"], "split_k": 1},
                    "pallas_gather": pallas_gpu.VARIANTS["gather"],
-                   "pallas_gather_post": pallas_gpu.VARIANTS["gather+post"]}
+                   "pallas_gather_post": pallas_gpu.VARIANTS["gather+post"],
+                   "pallas_pair": pallas_gpu.VARIANTS["pair+post"]}
 
 
 def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
@@ -110,6 +114,7 @@ def main():
         # each implementation reads its own layout, prepared once (as QuantDense does)
         prepared = {impl: [prepare(q, impl) for q in qws] for impl in IMPLS
                     if not can_use(impl, jnp.zeros((1, k), dt), qws[0])}
+        pairs = None  # the pair lookup's tables, made on first use
         for m in (int(s) for s in args.ms.split(",")):
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), dt)
             act = (x.size + m * n) * dt.itemsize
@@ -132,16 +137,23 @@ def main():
                     continue
                 ws = prepared[impl]
                 io = ws[0].nbytes() + act
+                cfg = None
+                if variant is not None:
+                    cfg = {**block_config(m=m, n=n, k=k, g=args.group_size), **variant}
+                    row[f"{col}_config"] = cfg
                 if variant is None:
                     def call(x, q, impl=impl):
                         return lut_matmul(x, q, implementation=impl)
+                elif variant["lookup"] == "pair":  # weight copies with their pair tables
+                    def call(x, qp, cfg=cfg):
+                        return lut_matmul_pallas(x, qp[0], config=cfg, pairs=qp[1])
                 else:
-                    cfg = {**block_config(m=m, n=n, k=k, g=args.group_size), **variant}
-                    row[f"{col}_config"] = cfg
-
                     def call(x, q, cfg=cfg):
                         return lut_matmul_pallas(x, q, config=cfg)
                 try:
+                    if variant is not None and variant["lookup"] == "pair":
+                        pairs = pairs or [(q, pallas_gpu.pair_table(q.lut)) for q in ws]
+                        ws, io = pairs, io + pairs[0][1].nbytes
                     t = time_per_call(call, x, ws, reps=args.reps)
                 except Exception as e:  # noqa: BLE001 - one failing kernel must not stop all
                     row[f"{col}_s"] = None

@@ -70,13 +70,16 @@ def triton_ir(n, k, m, g, fmt, config) -> str:
     qw = jax.eval_shape(lambda: random_qweight(jax.random.key(0), n, k, fmt=fmt,
                                                group_size=g))
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    f = jax.jit(lambda x, q: pallas_gpu.lut_matmul_pallas(x, q, config=config))
+    # the pair lookup reads a prepared pair table (an argument, like the weight)
+    pairs = (jax.ShapeDtypeStruct((n, 256), jnp.uint32) if config.get("lookup") == "pair"
+             else None)
+    f = jax.jit(lambda x, q, p: pallas_gpu.lut_matmul_pallas(x, q, config=config, pairs=p))
     reg.lowering.lower_jaxpr_to_triton_module = capture
     try:
         ctx = _abstract_h100()
         with ctx:
             export.export(f, platforms=["cuda"], disabled_checks=[
-                export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, qw)
+                export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, qw, pairs)
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
     if not captured:

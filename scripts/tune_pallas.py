@@ -42,8 +42,10 @@ from any4_jax.kernels import pallas_gpu  # noqa: E402
 
 CROSSOVER_MS = (32, 64, 128, 256)
 # the lookup variants searched (select + post-scale is left out: no cheaper than select by
-# instruction count, pallas_sass.py)
-VARIANTS = {name: v for name, v in pallas_gpu.VARIANTS.items() if name != "select+post"}
+# instruction count, pallas_sass.py; the pair lookup too: it needs a pair table prepared per
+# weight, which `lut_matmul`'s automatic path does not have; bench_kernels.py times it)
+VARIANTS = {name: v for name, v in pallas_gpu.VARIANTS.items()
+            if name not in ("select+post", "pair+post")}
 # the axes of the search, in order; each value overrides part of the configuration
 AXES = [("variant", list(VARIANTS.values())),
         ("split_k", [{"split_k": s} for s in (1, 2, 4, 8, 16)]),

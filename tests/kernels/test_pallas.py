@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from any4_jax.kernels import can_use, lut_matmul, pick
-from any4_jax.kernels.pallas_gpu import NAME, can_use_pallas, lut_matmul_pallas
+from any4_jax.kernels.pallas_gpu import NAME, can_use_pallas, lut_matmul_pallas, pair_table
 from any4_jax.kernels.reference import lut_matmul_reference
 from any4_jax.quant.qweight import random_qweight
 from any4_jax.shapes import LLAMA_SHAPES
@@ -40,7 +40,13 @@ VARIANTS = [{"lookup": "select", "post_scale": False, "split_k": 1},
             {"lookup": "gather", "post_scale": False, "split_k": 2},
             {"lookup": "gather", "post_scale": True, "split_k": 1},
             {"lookup": "gather", "post_scale": True, "split_k": 4},
-            {"lookup": "select", "post_scale": True, "split_k": 2}]
+            {"lookup": "select", "post_scale": True, "split_k": 2},
+            {"lookup": "pair", "post_scale": True, "split_k": 2}]
+
+
+def _pairs(variant, qw):
+    """The pair lookup's prepared table (None for the other lookups)."""
+    return pair_table(qw.lut) if variant["lookup"] == "pair" else None
 
 
 # each variant with a 16-bit table in x's dtype and one other (dtype, format) pair
@@ -49,7 +55,8 @@ _VARIANT_CASES = [(v, dt, fmt) for v, others in zip(VARIANTS, [
     [(jnp.float16, "any4"), (jnp.bfloat16, "int4")],
     [(jnp.bfloat16, "any4"), (jnp.float16, "nf4")],
     [(jnp.float16, "any4"), (jnp.bfloat16, "int4")],
-    [(jnp.bfloat16, "any4"), (jnp.float16, "int3")]], strict=True) for dt, fmt in others]
+    [(jnp.bfloat16, "any4"), (jnp.float16, "int3")],
+    [(jnp.bfloat16, "any4"), (jnp.float16, "any4")]], strict=True) for dt, fmt in others]
 
 
 @pytest.mark.parametrize(
@@ -64,7 +71,8 @@ def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
     qw = _qweight(rng, 64, 512, fmt=fmt, g=128, dtype=dtype)
     x = jnp.asarray(rng.standard_normal((5, 512)), dtype)
     cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, **variant}
-    y = lut_matmul_pallas(x, qw, interpret=True, config=cfg).astype(jnp.float32)
+    pairs = _pairs(variant, qw)
+    y = lut_matmul_pallas(x, qw, interpret=True, config=cfg, pairs=pairs).astype(jnp.float32)
     ref = lut_matmul_reference(x, qw).astype(jnp.float32)
     err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
     assert err < TOLERANCE[dtype], err
@@ -74,7 +82,7 @@ def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
     # adds the zero once, so the dequantized weight comes back exactly in the interpreter (on
     # a GPU, Triton may fuse that multiply-add where the reference rounds twice)
     eye = jnp.eye(512, dtype=dtype)[:96]
-    yi = lut_matmul_pallas(eye, qw, interpret=True, config=cfg)
+    yi = lut_matmul_pallas(eye, qw, interpret=True, config=cfg, pairs=pairs)
     np.testing.assert_array_equal(np.asarray(yi.astype(jnp.float32)),
                                   np.asarray(qw.dequantize(dtype).astype(jnp.float32))[:, :96].T)
 
@@ -90,6 +98,34 @@ def test_post_scale_falls_back_where_inexact(rng):
         y = lut_matmul_pallas(x, qw, interpret=True, config=cfg).astype(jnp.float32)
         ref = lut_matmul_reference(x, qw).astype(jnp.float32)
         assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-5
+
+
+def test_pair_table_and_lookup(rng):
+    """The pair table holds both weights of every code byte (low nibble in the low half); the
+    pair lookup gives the gather + post-scale result bit for bit (same raw values, same
+    arithmetic), falls back to gather where post-scaling does not apply, and its misuse is
+    named."""
+    qw = _qweight(rng, 64, 256, g=64, dtype=jnp.bfloat16)
+    pairs = pair_table(qw.lut)
+    assert pairs.shape == (64, 256) and pairs.dtype == jnp.uint32
+    bits = np.asarray(jax.lax.bitcast_convert_type(qw.lut, jnp.uint16)).astype(np.uint32)
+    b = np.arange(256)
+    np.testing.assert_array_equal(np.asarray(pairs), bits[:, b & 15] | bits[:, b >> 4] << 16)
+    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, "split_k": 2}
+    for dt in (jnp.bfloat16, jnp.float32):  # float32 x: no post-scale, the gather path
+        x = jnp.asarray(rng.standard_normal((3, 256)), dt)
+        y = lut_matmul_pallas(x, qw, interpret=True, config=cfg, pairs=pairs)
+        g = lut_matmul_pallas(x, qw, interpret=True,
+                              config={**cfg, "lookup": "gather", "post_scale": True})
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(g, np.float32))
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="lookup='pair' reads a pair table: pass pairs="):
+        lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "pair"})
+    with pytest.raises(ValueError, match=r"pairs must be the \[64, 256\] uint32 table"):
+        lut_matmul_pallas(x, qw, interpret=True, pairs=pairs[:32])
+    with pytest.raises(ValueError, match="pair tables hold 16-bit table values; this table is "
+                                         "float32"):
+        pair_table(qw.lut.astype(jnp.float32))
 
 
 def test_bad_configs_are_named(rng):
@@ -125,12 +161,12 @@ def _abstract_h100():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("fmt, g", [("any4", 64), ("int4", 128), ("nf4", 32)])
-@pytest.mark.parametrize("lookup", ["select", "gather"])
+@pytest.mark.parametrize("lookup", ["select", "gather", "pair"])
 def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
     """Lowers the kernel for the CUDA platform (Pallas -> Triton IR) without a GPU, so a change
-    that breaks GPU lowering fails CI on CPU machines: both lookups, the gather one with
-    post-scaling (its 16-bit paths: raw table values, magic-number integer codes) and split K
-    (the squeezed partials' block)."""
+    that breaks GPU lowering fails CI on CPU machines: every lookup, gather and pair with
+    post-scaling (its 16-bit paths: raw table values, magic-number integer codes, the pair
+    table's halves) and split K (the squeezed partials' block)."""
     from jax import export
 
     from any4_jax.kernels.tuning import block_config
@@ -138,12 +174,14 @@ def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
     qw = _qweight(rng, 256, 512, fmt=fmt, g=g, dtype=dtype)
     x = jnp.ones((3, 512), dtype)
     cfg = {**block_config(m=3, n=256, k=512, g=g), "lookup": lookup,
-           "post_scale": lookup == "gather", "split_k": 2 if lookup == "gather" else 1}
+           "post_scale": lookup != "select", "split_k": 1 if lookup == "select" else 2}
+    pairs = jnp.zeros((256, 256), jnp.uint32) if lookup == "pair" else None
     with _abstract_h100():
         exp = export.export(
-            jax.jit(lambda x, q: lut_matmul_pallas(x, q, config=cfg)), platforms=["cuda"],
+            jax.jit(lambda x, q, p: lut_matmul_pallas(x, q, config=cfg, pairs=p)),
+            platforms=["cuda"],
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(x, qw)
+        )(x, qw, pairs)
     text = exp.mlir_module()
     assert "__gpu$xla.gpu.triton" in text and f'name = "{NAME}"' in text
     assert exp.out_avals[0].shape == (3, 256) and exp.out_avals[0].dtype == dtype
@@ -203,7 +241,8 @@ def test_gpu_lookup_variants(rng, variant):
     qw = random_qweight(jax.random.key(int(rng.integers(2**31))), n, k, group_size=128)
     for m in (1, 16):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-        y = lut_matmul_pallas(x, qw, config=variant).astype(jnp.float32)
+        y = lut_matmul_pallas(x, qw, config=variant,
+                              pairs=_pairs(variant, qw)).astype(jnp.float32)
         ref = lut_matmul_reference(x, qw).astype(jnp.float32)
         err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
         assert err < TOLERANCE[jnp.bfloat16], (m, err)
