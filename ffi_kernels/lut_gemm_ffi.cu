@@ -108,18 +108,25 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemm, LutGemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()           // x [M, K]
-                                  .Arg<ffi::Buffer<ffi::U32>>()    // codes [N/16, K/32, 32, 2]
-                                  .Arg<ffi::AnyBuffer>()           // lut [N, 16]
-                                  .Arg<ffi::AnyBuffer>()           // scales [N/16, K/g, 16]
-                                  .Arg<ffi::AnyBuffer>()           // zeros [N/16, K/g, 16]
-                                  .Ret<ffi::AnyBuffer>()           // y [M, N]
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("int_offset"),
-                              // it only launches kernels on XLA's stream, allocates nothing and
-                              // never waits on the stream: XLA may capture it in a CUDA graph
-                              // with its neighbours instead of launching it from the host
+// The binding, shared by the two handler symbols below.
+#define ANY4_LUT_GEMM_BINDING                                                   \
+  ffi::Ffi::Bind()                                                              \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                 \
+      .Arg<ffi::AnyBuffer>()        /* x [M, K] */                              \
+      .Arg<ffi::Buffer<ffi::U32>>() /* codes [N/16, K/32, 32, 2] */             \
+      .Arg<ffi::AnyBuffer>()        /* lut [N, 16] */                           \
+      .Arg<ffi::AnyBuffer>()        /* scales [N/16, K/g, 16] */                \
+      .Arg<ffi::AnyBuffer>()        /* zeros [N/16, K/g, 16] */                 \
+      .Ret<ffi::AnyBuffer>()        /* y [M, N] */                              \
+      .Attr<int64_t>("group_size")                                              \
+      .Attr<int64_t>("int_offset")
+
+// It only launches kernels on XLA's stream, allocates nothing and never waits on the stream:
+// XLA may capture it in a CUDA graph (command buffer) with its neighbours instead of
+// launching it from the host.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemm, LutGemm, ANY4_LUT_GEMM_BINDING,
                               {ffi::Traits::kCmdBufferCompatible});
+
+// The same handler without that trait: XLA launches it from the host every time (what
+// ANY4_JAX_CUDA_COMMAND_BUFFER=0 registers; cuda_ffi.py), to compare the two on a GPU.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemmNoCommandBuffer, LutGemm, ANY4_LUT_GEMM_BINDING);

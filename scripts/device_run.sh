@@ -20,6 +20,9 @@
 #       # the JAX GPU tests, the kernel table (dense, reference, Pallas, CUDA), decode tok/s
 #   STEPS="tune model" bash scripts/device_run.sh
 #       # then copy tuning.json into any4_jax/kernels/ and commit it
+#   STEPS="overhead" bash scripts/device_run.sh
+#       # if time is left (~5 min): the JAX-level cost per CUDA call with and without CUDA
+#       # graphs (command buffers); if the trait costs time, drop it or make 0 the default
 # SKIP_INSTALL=1 skips the install for steps that need no JAX (cudacheck, cudabench).
 #
 # Seen on the H100 of this workplace (2026-11-23, jax 0.11.2): compute-sanitizer and Nsight
@@ -127,6 +130,32 @@ for step in $STEPS; do
       run bench "$W/bench_kernels.txt" python3 scripts/bench_kernels.py --out "$W" \
         ${BENCH_ARGS:-}
       grep -E "^\||warning|device" "$W/bench_kernels.txt" ;;
+    overhead)
+      # where the JAX-level CUDA time above the standalone one comes from (13-19 us per call
+      # once): the same small kernel table three ways, each its own process -- the handler
+      # command-buffer compatible (default), the handler without that trait
+      # (ANY4_JAX_CUDA_COMMAND_BUFFER=0: launched from the host), and XLA's command buffers off
+      # altogether; a small shape (per-call cost dominates) and gate_up. With
+      # DECODE_OVERHEAD=1 also decode tok/s with the CUDA kernel and the trait off.
+      OA=${OVERHEAD_ARGS:-"--shapes 4096x4096,llama3-8b/gate_up --ms 1,16 --reps 5 --no-pallas-variants"}
+      mkdir -p "$W/overhead_default" "$W/overhead_no_trait" "$W/overhead_no_cmdbuf"
+      T_overhead=${T_overhead:-150} run overhead "$W/overhead_default/bench.txt" \
+        python3 scripts/bench_kernels.py --out "$W/overhead_default" $OA
+      ANY4_JAX_CUDA_COMMAND_BUFFER=0 T_overhead=${T_overhead:-150} run overhead \
+        "$W/overhead_no_trait/bench.txt" \
+        python3 scripts/bench_kernels.py --out "$W/overhead_no_trait" $OA
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+        T_overhead=${T_overhead:-150} run overhead "$W/overhead_no_cmdbuf/bench.txt" \
+        python3 scripts/bench_kernels.py --out "$W/overhead_no_cmdbuf" $OA
+      for d in default no_trait no_cmdbuf; do
+        echo "--- $d"; grep -E "^\||rror" "$W/overhead_$d/bench.txt" | head -12
+      done
+      if [ "${DECODE_OVERHEAD:-0}" = 1 ]; then
+        ANY4_JAX_CUDA_COMMAND_BUFFER=0 run decode "$W/overhead_no_trait/decode.txt" \
+          python3 scripts/bench_decode.py --model llama3-8b --kernels cuda \
+          --out "$W/overhead_no_trait" ${DECODE_ARGS:-}
+        tail -6 "$W/overhead_no_trait/decode.txt"
+      fi ;;
     decode)
       run decode "$W/bench_decode.txt" python3 scripts/bench_decode.py --model llama3-8b \
         --out "$W" ${DECODE_ARGS:-}

@@ -81,13 +81,27 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return None, "the CUDA library cannot be used: " + "; ".join(problems) + f"; rebuild: {REBUILD}"
 
 
+def command_buffer_enabled() -> bool:
+    """Whether the handler registered declares itself command-buffer compatible (XLA may then
+    record it into a CUDA graph with its neighbours rather than launch it from the host):
+    yes unless $ANY4_JAX_CUDA_COMMAND_BUFFER is "0". Read once, when the target is
+    registered (first use in a process)."""
+    value = os.environ.get("ANY4_JAX_CUDA_COMMAND_BUFFER", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"ANY4_JAX_CUDA_COMMAND_BUFFER={value!r}: set it to 1 (the default: "
+                         "XLA may put the kernel into CUDA graphs) or 0 (launched from the host "
+                         "every call)")
+    return value == "1"
+
+
 @functools.cache
 def _register() -> str | None:
     """Loads the library and registers the FFI target; returns a reason on failure."""
     lib, why = _load()
     if lib is None:
         return why
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Any4LutGemm), platform="CUDA")
+    handler = lib.Any4LutGemm if command_buffer_enabled() else lib.Any4LutGemmNoCommandBuffer
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="CUDA")
     return None
 
 

@@ -159,6 +159,20 @@ def test_built_library_matches_the_sources():
     lib, why = cuda_ffi._load()
     assert why is None, why
     assert set(cuda_ffi.build_info(lib)) == {"sources", "jaxlib"}
+    # both handlers: command-buffer compatible (the default) and launched from the host
+    assert lib.Any4LutGemm and lib.Any4LutGemmNoCommandBuffer
+
+
+def test_command_buffer_switch(monkeypatch):
+    from any4_jax.kernels import cuda_ffi
+
+    monkeypatch.delenv("ANY4_JAX_CUDA_COMMAND_BUFFER", raising=False)
+    assert cuda_ffi.command_buffer_enabled()
+    monkeypatch.setenv("ANY4_JAX_CUDA_COMMAND_BUFFER", "0")
+    assert not cuda_ffi.command_buffer_enabled()
+    monkeypatch.setenv("ANY4_JAX_CUDA_COMMAND_BUFFER", "no")
+    with pytest.raises(ValueError, match="ANY4_JAX_CUDA_COMMAND_BUFFER='no': set it to 1"):
+        cuda_ffi.command_buffer_enabled()
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
