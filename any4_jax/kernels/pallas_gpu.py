@@ -2,7 +2,7 @@
 
 y[m, n] = sum_k x[m, k] * (lut[n, code[n, k]] * scale[n, k // g] + zero[n, k // g])
 
-Grid: (N / BN, M_padded / BM); each program owns a [BM, BN] output tile and walks K in
+Grid: (N / BN, M_padded / BM, split_k); each program owns a [BM, BN] output tile and walks K in
 blocks of BK (BK divides g, so one scale and one zero per row and block). Per block:
   1. load the packed codes [BN, BK/2] (uint8): element 2j is the low nibble, 2j+1 the high;
      instead of interleaving the nibbles, the activations come pre-split into even and odd
@@ -30,10 +30,12 @@ blocks of BK (BK divides g, so one scale and one zero per row and block). Per bl
        integer codes become floats by a magic-number OR. Only for 16-bit x with a table of
        x's dtype (otherwise the per-weight path runs). More accurate than the reference,
        which rounds each weight to x's dtype before the product;
-  4. two MMAs (even and odd halves) into a float32 accumulator.
+  4. two MMAs (even and odd halves) into a float32 accumulator, the weight block as the MMA's
+     16-row operand (acc [BN, BM] = W . x^T, transposed once at the store: fewer registers
+     and operand moves than x . W^T, as in tinygemm).
 Instruction counts per weight of the K loop on Llama-3-8B gate/up, M=1, sm_90, from the SASS
-(`scripts/pallas_sass.py`, no GPU): select 19.9, gather 12.6, gather + post-scale 10.8,
-pair + post-scale 5.7 (int4: 8.1 -> 6.3). Which is faster on a GPU is for
+(`scripts/pallas_sass.py`, no GPU): select 19.2, gather 12.3, gather + post-scale 9.3,
+pair + post-scale 5.5 (int4: 7.1 -> 5.2). Which is faster on a GPU is for
 `scripts/bench_kernels.py` / `scripts/tune_pallas.py` to measure; the rule of thumb keeps the
 select tree (the one variant timed so far), and `lut_matmul` does not make pair tables (a
 caller passes them to `lut_matmul_pallas`).
@@ -143,16 +145,16 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, *refs,
             return _gather(half, lut_ref, rows, int_offset=int_offset)
         return _lookup(half, lut_rows, int_offset=int_offset)
 
-    def dot(x, w):  # [BM, BK2] x [BN, BK2] -> [BM, BN] float32
-        return lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+    def dot(x, w):  # W . x^T: [BN, BK2] x [BM, BK2] -> [BN, BM] float32 (y transposed)
+        return lax.dot_general(w.astype(x.dtype), x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32, precision=precision)
 
     def post(acc, part, kb, grp):
-        # y += (x . t) * s + (sum x) * z for the block's [BM, BN] partial sums; the block sums
-        # of x come precomputed (an XLA reduction of the small activation matrix)
-        s = scales_ref[:, grp].astype(jnp.float32)[None, :]  # [1, BN]
-        z = zeros_ref[:, grp].astype(jnp.float32)[None, :]
-        return acc + part * s + xsum_ref[:, kb][:, None] * z
+        # y^T += (t . x^T) * s + z * (sum x) for the block's [BN, BM] partial sums; the block
+        # sums of x come precomputed (an XLA reduction of the small activation matrix)
+        s = scales_ref[:, pl.ds(grp, 1)].astype(jnp.float32)  # [BN, 1]
+        z = zeros_ref[:, pl.ds(grp, 1)].astype(jnp.float32)
+        return acc + part * s + xsum_ref[:, kb][None, :] * z
 
     def body(kb, acc):
         sl = pl.ds(kb * bk2, bk2)
@@ -177,8 +179,8 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, *refs,
             acc += dot(x, w)
         return acc
 
-    acc = lax.fori_loop(0, n_blocks, body, jnp.zeros((bm, bn), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    acc = lax.fori_loop(0, n_blocks, body, jnp.zeros((bn, bm), jnp.float32))
+    o_ref[...] = acc.T.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "int_offset", "interpret", "bm", "bn", "bk",
