@@ -5,9 +5,9 @@
 
 For each shape and M: median time of the reference path (`implementation="xla"`: dequantize,
 then a dense GEMM), the Pallas kernel (as configured, and at the same block sizes unless
---no-pallas-variants: without split K, and with the gather lookups), the CUDA kernel when
-built, and a dense bf16 `x @ W.T`; also the Pallas "pair" lookup, whose pair table (1 KB per row,
-`pallas_gpu.pair_table`) is prepared once per weight copy and counted in its bytes;
+--no-pallas-variants: the select tree with and without split K, gather without post-scaling,
+and the "pair" lookup, whose pair tables, 1 KB per row, are prepared once per weight copy and
+counted in its bytes), the CUDA kernel when built, and a dense bf16 `x @ W.T`;
 achieved bytes/s of each quantized path (its own layout's codes + scales + zeros + table, plus
 activations and output) against the device's copy bandwidth measured here. Each
 implementation gets its weight layout prepared once, outside the timed call (as QuantDense
@@ -37,16 +37,16 @@ from any4_jax.kernels import pallas_gpu  # noqa: E402
 
 IMPLS = ("xla", "pallas", "cuda", "cpu")
 NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel",
-         "pallas_unsplit": "Pallas select, no split",
-         "pallas_gather": "Pallas gather", "pallas_gather_post": "Pallas gather+post",
-         "pallas_pair": "Pallas pair+post"}
-# Pallas variants timed beside the configured kernel ("pallas": tuning table or rule) at its
-# block sizes, so that their ratios come from one run (pallas_gpu.py): the select tree
-# without split K (the configuration of the first GPU timings), the gather lookups and the pair
-# lookup (with its prepared pair tables)
+         "pallas_unsplit": "Pallas select, no split", "pallas_select": "Pallas select",
+         "pallas_gather": "Pallas gather", "pallas_pair": "Pallas pair+post"}
+# Pallas variants timed beside the configured kernel ("pallas": tuning table or rule, the rule
+# being gather + post-scale) at its block sizes, so that their ratios come from one run
+# (pallas_gpu.py): the select tree without split K (the configuration of the first GPU
+# timings) and with it, gather without post-scaling, and the pair lookup (with its prepared
+# pair tables)
 PALLAS_VARIANTS = {"pallas_unsplit": {**pallas_gpu.VARIANTS["select"], "split_k": 1},
+                   "pallas_select": pallas_gpu.VARIANTS["select"],
                    "pallas_gather": pallas_gpu.VARIANTS["gather"],
-                   "pallas_gather_post": pallas_gpu.VARIANTS["gather+post"],
                    "pallas_pair": pallas_gpu.VARIANTS["pair+post"]}
 
 

@@ -36,9 +36,10 @@ blocks of BK (BK divides g, so one scale and one zero per row and block). Per bl
 Instruction counts per weight of the K loop on Llama-3-8B gate/up, M=1, sm_90, from the SASS
 (`scripts/pallas_sass.py`, no GPU): select 19.2, gather 12.3, gather + post-scale 9.3,
 pair + post-scale 5.5 (int4: 7.1 -> 5.2). Which is faster on a GPU is for
-`scripts/bench_kernels.py` / `scripts/tune_pallas.py` to measure; the rule of thumb keeps the
-select tree (the one variant timed so far), and `lut_matmul` does not make pair tables (a
-caller passes them to `lut_matmul_pallas`).
+`scripts/bench_kernels.py` / `scripts/tune_pallas.py` to measure; the rule of thumb takes
+gather + post-scale (the cheapest without extra bytes; the select tree is the only variant
+timed so far), and `lut_matmul` does not make pair tables (a caller passes them to
+`lut_matmul_pallas`).
 The table, scales and zeros are read in their canonical [N, 16 | K/g] layout: a program loads
 its BN rows' 16 table entries once (one [BN, 1] column per entry) and one [BN, 1] column of
 scales and zeros per K block, so no per-call transpose or re-layout runs in XLA.

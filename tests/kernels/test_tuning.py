@@ -29,7 +29,7 @@ def test_entries_set_the_config_and_their_timings_are_ignored(rng, monkeypatch):
     assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 2e-2
 
 
-def test_rule_of_thumb_keeps_the_timed_lookup():
+def test_rule_of_thumb_takes_the_cheapest_lookup_without_extra_bytes():
     cfg = tuning.default_config(m=1, n=28672, k=4096, g=128)
-    assert cfg["lookup"] == "select" and cfg["post_scale"] is False
+    assert cfg["lookup"] == "gather" and cfg["post_scale"] is True
     assert set(cfg) == set(tuning.CONFIG_KEYS)
