@@ -138,16 +138,13 @@ for step in $STEPS; do
       # altogether; a small shape (per-call cost dominates) and gate_up. With
       # DECODE_OVERHEAD=1 also decode tok/s with the CUDA kernel and the trait off.
       OA=${OVERHEAD_ARGS:-"--shapes 4096x4096,llama3-8b/gate_up --ms 1,16 --reps 5 --no-pallas-variants"}
-      mkdir -p "$W/overhead_default" "$W/overhead_no_trait" "$W/overhead_no_cmdbuf"
-      T_overhead=${T_overhead:-150} run overhead "$W/overhead_default/bench.txt" \
-        python3 scripts/bench_kernels.py --out "$W/overhead_default" $OA
-      ANY4_JAX_CUDA_COMMAND_BUFFER=0 T_overhead=${T_overhead:-150} run overhead \
-        "$W/overhead_no_trait/bench.txt" \
-        python3 scripts/bench_kernels.py --out "$W/overhead_no_trait" $OA
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
-        T_overhead=${T_overhead:-150} run overhead "$W/overhead_no_cmdbuf/bench.txt" \
-        python3 scripts/bench_kernels.py --out "$W/overhead_no_cmdbuf" $OA
+      declare -A OVERHEAD_ENV=([default]="" [no_trait]="ANY4_JAX_CUDA_COMMAND_BUFFER=0"
+                               [no_cmdbuf]="XLA_FLAGS=--xla_gpu_enable_command_buffer=")
       for d in default no_trait no_cmdbuf; do
+        mkdir -p "$W/overhead_$d"
+        # shellcheck disable=SC2086  # the setting is one word or none
+        T_overhead=${T_overhead:-150} run overhead "$W/overhead_$d/bench.txt" \
+          env ${OVERHEAD_ENV[$d]} python3 scripts/bench_kernels.py --out "$W/overhead_$d" $OA
         echo "--- $d"; grep -E "^\||rror" "$W/overhead_$d/bench.txt" | head -12
       done
       if [ "${DECODE_OVERHEAD:-0}" = 1 ]; then

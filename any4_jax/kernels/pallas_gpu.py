@@ -150,31 +150,25 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, *refs,
         return lax.dot_general(w.astype(x.dtype), x, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32, precision=precision)
 
-    def post(acc, part, kb, grp):
-        # y^T += (t . x^T) * s + z * (sum x) for the block's [BN, BM] partial sums; the block
-        # sums of x come precomputed (an XLA reduction of the small activation matrix)
-        s = scales_ref[:, pl.ds(grp, 1)].astype(jnp.float32)  # [BN, 1]
-        z = zeros_ref[:, pl.ds(grp, 1)].astype(jnp.float32)
-        return acc + part * s + xsum_ref[:, kb][None, :] * z
-
     def body(kb, acc):
         sl = pl.ds(kb * bk2, bk2)
         packed = codes_ref[:, sl].astype(jnp.int32)  # [BN, BK2]
         grp = kb // blocks_per_group
         xe = xe_ref[:, sl]
         xo = xo_ref[:, sl]
-        if pair_ref is not None:  # one load per code byte: both weights' raw table values
-            w = pair_ref[rows, packed]  # uint32 [BN, BK2]
-            ve = lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), xe.dtype)
-            vo = lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), xe.dtype)
-            return post(acc, dot(xe, ve) + dot(xo, vo), kb, grp)
-        if post_scale:
-            # raw table values into the MMA; the block's scale and zero act on its partial
-            # sums: y += (x . t) * s + (sum x) * z, per output element instead of per weight
-            return post(acc, dot(xe, values(packed & 0xF)) + dot(xo, values(packed >> 4)),
-                        kb, grp)
         s = scales_ref[:, pl.ds(grp, 1)].astype(jnp.float32)  # [BN, 1]
         z = zeros_ref[:, pl.ds(grp, 1)].astype(jnp.float32)
+        if post_scale:
+            # raw table values into the MMA; the block's scale and zero act on its [BN, BM]
+            # partial sums, y^T += (t . x^T) * s + z * (sum x), per output element instead of
+            # per weight (the block sums of x come precomputed: an XLA reduction)
+            if pair_ref is not None:  # one load per code byte: both weights' raw values
+                w = pair_ref[rows, packed]  # uint32 [BN, BK2]
+                ve = lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), xe.dtype)
+                vo = lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), xe.dtype)
+            else:
+                ve, vo = values(packed & 0xF), values(packed >> 4)
+            return acc + (dot(xe, ve) + dot(xo, vo)) * s + xsum_ref[:, kb][None, :] * z
         for half, x in ((packed & 0xF, xe), (packed >> 4, xo)):
             w = values(half).astype(jnp.float32) * s + z  # [BN, BK2] f32
             acc += dot(x, w)
