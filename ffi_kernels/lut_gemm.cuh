@@ -33,7 +33,8 @@
 //   applied to its partial sums (see compute_post).
 // - kUnitPostScale, kUnitLanePostScale (likewise unmeasured): the same arithmetic in a kernel
 //   of its own that works by units of consecutive chunks of one group (lut_gemm_unit.cuh),
-//   with the pair table or the lane table.
+//   with the pair table or the lane table: the library's kernels "unit_pair" and "unit_lane"
+//   (launch_lut_gemm's `kernel`, below).
 // kLean (a Config flag, likewise unmeasured) forms table addresses with one LOP3 on a
 // runtime-aligned table and x addresses once per chunk: the same arithmetic, fewer instructions.
 //
@@ -511,17 +512,56 @@ inline int sm_count() {
   return count[dev];
 }
 
-// The library's entry point: the configuration by the number of 16-row tiles per SM.
-template <typename T>
-cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
+// The library's kernels, chosen per call (the FFI attribute "kernel"; the names are
+// any4_jax/kernels/cuda_ffi.py's KERNELS, in this order):
+// - kKernelScaled: lut_gemm_kernel, each weight scaled in float and rounded to T before the
+//   MMA (the reference's arithmetic; timed on an H100: ManyTilesConfig / FewTilesConfig);
+// - kKernelUnitPair: the unit post-scale kernel with the pair table (lut_gemm_unit.cuh);
+// - kKernelUnitLane: the unit post-scale kernel with the per-lane float table.
+// Each takes one configuration with many 16-row tiles per SM and one with few.
+enum Kernel : int { kKernelScaled = 0, kKernelUnitPair = 1, kKernelUnitLane = 2 };
+constexpr int kKernelCount = 3;
+
+// Unit kernels: 8 warps per tile where there are tiles enough (the lane table's 95 registers
+// capped at 80 for 3 blocks per SM, no spills), 16 with few tiles (K split finer), as for the
+// scaled kernel. Counted from SASS, not yet timed (docs/cuda_kernel_notes.md).
+using UnitPairManyConfig = Config<kUnitPostScale, 8, 1>;
+using UnitPairFewConfig = Config<kUnitPostScale, 16, 1>;
+using UnitLaneManyConfig = Config<kUnitLanePostScale, 8, 1, 3>;
+using UnitLaneFewConfig = Config<kUnitLanePostScale, 16, 1>;
+
+// Many when there are at least two 16-row tiles per SM.
+template <typename T, typename Many, typename Few>
+cudaError_t launch_by_tiles(cudaStream_t stream, const T* x, const uint2* codes,
                             const void* lut, const void* scales, const void* zeros,
                             int table_kind, T* y, int M, int N, int K, int group_size,
                             int int_offset) {
   return N / kTileN >= 2 * sm_count()
-             ? launch_config<T, ManyTilesConfig>(stream, x, codes, lut, scales, zeros,
-                                                 table_kind, y, M, N, K, group_size, int_offset)
-             : launch_config<T, FewTilesConfig>(stream, x, codes, lut, scales, zeros,
-                                                table_kind, y, M, N, K, group_size, int_offset);
+             ? launch_config<T, Many>(stream, x, codes, lut, scales, zeros, table_kind, y, M, N,
+                                      K, group_size, int_offset)
+             : launch_config<T, Few>(stream, x, codes, lut, scales, zeros, table_kind, y, M, N,
+                                     K, group_size, int_offset);
+}
+
+// The library's entry point: `kernel` (a Kernel; others are refused) and its configuration by
+// the number of 16-row tiles per SM. Unit kernels need tables exact in T: otherwise
+// (float32 tables, or 16-bit tables of the other type, unless the integer grid) launch_config
+// runs the scaled kernel's lane table instead.
+template <typename T>
+cudaError_t launch_lut_gemm(cudaStream_t stream, const T* x, const uint2* codes,
+                            const void* lut, const void* scales, const void* zeros,
+                            int table_kind, T* y, int M, int N, int K, int group_size,
+                            int int_offset, int kernel) {
+#define ANY4_BY_TILES(MANY, FEW)                                                             \
+  launch_by_tiles<T, MANY, FEW>(stream, x, codes, lut, scales, zeros, table_kind, y, M, N, K, \
+                                group_size, int_offset)
+  switch (kernel) {
+    case kKernelScaled: return ANY4_BY_TILES(ManyTilesConfig, FewTilesConfig);
+    case kKernelUnitPair: return ANY4_BY_TILES(UnitPairManyConfig, UnitPairFewConfig);
+    case kKernelUnitLane: return ANY4_BY_TILES(UnitLaneManyConfig, UnitLaneFewConfig);
+    default: return cudaErrorInvalidValue;
+  }
+#undef ANY4_BY_TILES
 }
 
 }  // namespace any4

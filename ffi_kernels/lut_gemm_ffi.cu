@@ -34,7 +34,8 @@ std::string dims_str(ffi::AnyBuffer::Dimensions d) {
 
 ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
                    ffi::AnyBuffer lut, ffi::AnyBuffer scales, ffi::AnyBuffer zeros,
-                   ffi::Result<ffi::AnyBuffer> y, int64_t group_size, int64_t int_offset) {
+                   ffi::Result<ffi::AnyBuffer> y, int64_t group_size, int64_t int_offset,
+                   int64_t kernel) {
   // Shapes were checked in Python; these checks guard against a mismatched caller.
   auto xd = x.dimensions();
   auto cd = codes.dimensions();
@@ -48,6 +49,11 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
     return ffi::Error::InvalidArgument(
         "any4_lut_gemm: K=" + std::to_string(K) + " does not match codes " + dims_str(cd) +
         " or group_size=" + std::to_string(group_size) + " is not a multiple of 32 dividing K");
+  }
+  if (kernel < 0 || kernel >= any4::kKernelCount) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm: kernel=" + std::to_string(kernel) +
+                                       " is not one of 0.." +
+                                       std::to_string(any4::kKernelCount - 1));
   }
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("any4_lut_gemm: y must have x's dtype");
@@ -86,15 +92,15 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
           lut.untyped_data(), scales.untyped_data(), zeros.untyped_data(), table_kind,
           reinterpret_cast<__nv_bfloat16*>(y->untyped_data()), static_cast<int>(M),
           static_cast<int>(N), static_cast<int>(K), static_cast<int>(group_size),
-          static_cast<int>(int_offset));
+          static_cast<int>(int_offset), static_cast<int>(kernel));
       break;
     case ffi::DataType::F16:
       err = any4::launch_lut_gemm<__half>(
           stream, reinterpret_cast<const __half*>(x.untyped_data()), c, lut.untyped_data(),
           scales.untyped_data(), zeros.untyped_data(), table_kind,
           reinterpret_cast<__half*>(y->untyped_data()), static_cast<int>(M), static_cast<int>(N),
-          static_cast<int>(K),
-          static_cast<int>(group_size), static_cast<int>(int_offset));
+          static_cast<int>(K), static_cast<int>(group_size), static_cast<int>(int_offset),
+          static_cast<int>(kernel));
       break;
     default:
       return ffi::Error::InvalidArgument("any4_lut_gemm: x must be bfloat16 or float16");
@@ -119,7 +125,8 @@ ffi::Error LutGemm(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> 
       .Arg<ffi::AnyBuffer>()        /* zeros [N/16, K/g, 16] */                 \
       .Ret<ffi::AnyBuffer>()        /* y [M, N] */                              \
       .Attr<int64_t>("group_size")                                              \
-      .Attr<int64_t>("int_offset")
+      .Attr<int64_t>("int_offset")                                              \
+      .Attr<int64_t>("kernel") /* any4::Kernel: scaled, unit pair, unit lane */
 
 // It only launches kernels on XLA's stream, allocates nothing and never waits on the stream:
 // XLA may capture it in a CUDA graph (command buffer) with its neighbours instead of

@@ -160,9 +160,12 @@ cudaError_t launch_unit(cudaStream_t stream, const T* x, const uint2* codes, con
   const int per_group = group_size / kChunkK;
   const int U = per_group % 4 == 0 ? 4 : per_group % 2 == 0 ? 2 : 1;
   const uint32_t magic = chunk_div_magic(per_group / U);
+  // two batch tiles (M > 8) hold twice the accumulators: at most 2 blocks per SM there (the
+  // lane table's U = 4 kernel spills under the 80-register cap of 3 blocks of 8 warps)
+  constexpr int kMinBlocks2 = kMinBlocks < 2 ? kMinBlocks : 2;
 #define ANY4_UNIT(MT_, U_)                                                                  \
-  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_, kLane, kMinBlocks><<<grid, block, 0, stream>>>( \
-      x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset)
+  lut_gemm_unit_kernel<T, TT, MT_, kWarps, U_, kLane, MT_ == 1 ? kMinBlocks : kMinBlocks2>   \
+      <<<grid, block, 0, stream>>>(x, codes, lut, scales, zeros, y, M, N, K, magic, int_offset)
   if (M <= 8) {
     if (U == 4) ANY4_UNIT(1, 4);
     else if (U == 2) ANY4_UNIT(1, 2);

@@ -2,6 +2,7 @@
 
     python scripts/bench_decode.py [--model llama3-8b] [--tokens 128] [--format any4]
                                    [--group-size 128] [--kernels dense,xla,pallas,cuda,cpu]
+                                   [--cuda-kernel scaled|unit_pair|unit_lane]
                                    [--quantize-lm-head] [--out benchmarks/results]
 
 A model of the preset's shapes with random weights (speed does not depend on the values; no
@@ -12,7 +13,10 @@ of `generate_ids` (batch 1, the KV cache of the model issue) after a short promp
 layers prepared once for it (`prepare_model`: the CUDA kernel reads its own layout); tokens/s
 excludes the first, compiling, step and is the median of --runs runs. The floor: bytes read per
 token (every weight but the embedding table, plus the KV cache) over the device's copy
-bandwidth measured here. Writes JSON named after the device and prints a markdown table.
+bandwidth measured here. The CUDA kernel runs the library's default kernel
+(`cuda_ffi.default_kernel()`), or the one --cuda-kernel names (one per process: a jitted decode
+step keeps the kernel it was traced with). Writes JSON named after the device and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--kernels", default=None,
                     help="default: dense,xla,pallas,cuda on a GPU, dense,xla,cpu on a CPU")
+    ap.add_argument("--cuda-kernel", default=None,
+                    help="the CUDA library's kernel (scaled, unit_pair, unit_lane; default: "
+                         "$ANY4_JAX_CUDA_KERNEL or the library's default)")
     ap.add_argument("--quantize-lm-head", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--out", default="benchmarks/results")
@@ -108,6 +115,13 @@ def main():
     unknown = set(kernels) - {"dense", "xla", "pallas", "cuda", "cpu"}
     if unknown:
         ap.error(f"--kernels: unknown {', '.join(sorted(unknown))}")
+    from any4_jax.kernels.cuda_ffi import KERNELS, default_kernel
+
+    if args.cuda_kernel is not None:
+        if args.cuda_kernel not in KERNELS:
+            ap.error(f"--cuda-kernel {args.cuda_kernel}: choose one of {', '.join(KERNELS)}")
+        os.environ["ANY4_JAX_CUDA_KERNEL"] = args.cuda_kernel  # read when the step is traced
+    cuda_kernel = default_kernel()
 
     dev = jax.devices()[0]
     bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
@@ -121,12 +135,14 @@ def main():
     n = 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "_")
-    path = Path(args.out) / f"decode_{args.model}_{name}.json"
+    suffix = f"_cuda_{args.cuda_kernel}" if args.cuda_kernel else ""
+    path = Path(args.out) / f"decode_{args.model}_{name}{suffix}.json"
 
     def save():  # after every row: a run cut short by a time limit keeps what it measured
         rec = {"model": args.model, "device": dev.device_kind, "platform": dev.platform,
                "jax": jax.__version__, "dtype": args.dtype, "format": args.format,
-               "group_size": args.group_size, "quantized_layers": n,
+               "group_size": args.group_size, "cuda_kernel": cuda_kernel,
+               "quantized_layers": n,
                "lm_head_quantized": args.quantize_lm_head, "prompt_tokens": args.prompt_len,
                "new_tokens": args.tokens, "copy_bandwidth_bytes_per_s": bw, "rows": rows,
                "command": "python scripts/bench_decode.py " + " ".join(sys.argv[1:])}
@@ -135,7 +151,8 @@ def main():
     def record(kernel, tok_s, note=None):
         b = bytes_per_token(model, mid)
         floor = bw / b
-        row = {"kernel": kernel, "tokens_per_s": tok_s, "bytes_per_token": b,
+        row = {"kernel": f"cuda ({cuda_kernel})" if kernel == "cuda" else kernel,
+               "tokens_per_s": tok_s, "bytes_per_token": b,
                "floor_tokens_per_s": floor, "fraction_of_floor": tok_s / floor if tok_s else None}
         if note:
             row["declined"] = note

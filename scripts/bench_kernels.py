@@ -7,7 +7,9 @@ For each shape and M: median time of the reference path (`implementation="xla"`:
 then a dense GEMM), the Pallas kernel (as configured, and at the same block sizes unless
 --no-pallas-variants: the select tree with and without split K, gather without post-scaling,
 and the "pair" lookup, whose pair tables, 1 KB per row, are prepared once per weight copy and
-counted in its bytes), the CUDA kernel when built, and a dense bf16 `x @ W.T`;
+counted in its bytes), the CUDA kernel when built (the default kernel, and unless
+--no-cuda-variants each of the library's kernels: scaled, unit_pair, unit_lane), and a dense
+bf16 `x @ W.T`;
 achieved bytes/s of each quantized path (its own layout's codes + scales + zeros + table, plus
 activations and output) against the device's copy bandwidth measured here. Each
 implementation gets its weight layout prepared once, outside the timed call (as QuantDense
@@ -38,7 +40,9 @@ from any4_jax.kernels import pallas_gpu  # noqa: E402
 IMPLS = ("xla", "pallas", "cuda", "cpu")
 NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU kernel",
          "pallas_unsplit": "Pallas select, no split", "pallas_select": "Pallas select",
-         "pallas_gather": "Pallas gather", "pallas_pair": "Pallas pair+post"}
+         "pallas_gather": "Pallas gather", "pallas_pair": "Pallas pair+post",
+         "cuda_scaled": "CUDA scaled", "cuda_unit_pair": "CUDA unit pair",
+         "cuda_unit_lane": "CUDA unit lane"}
 # Pallas variants timed beside the configured kernel ("pallas": tuning table or rule, the rule
 # being gather + post-scale) at its block sizes, so that their ratios come from one run
 # (pallas_gpu.py): the select tree without split K (the configuration of the first GPU
@@ -48,6 +52,9 @@ PALLAS_VARIANTS = {"pallas_unsplit": {**pallas_gpu.VARIANTS["select"], "split_k"
                    "pallas_select": pallas_gpu.VARIANTS["select"],
                    "pallas_gather": pallas_gpu.VARIANTS["gather"],
                    "pallas_pair": pallas_gpu.VARIANTS["pair+post"]}
+# The CUDA library's kernels (cuda_ffi.KERNELS), each timed beside the default one ("cuda")
+CUDA_VARIANTS = {"cuda_scaled": "scaled", "cuda_unit_pair": "unit_pair",
+                 "cuda_unit_lane": "unit_lane"}
 
 
 def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
@@ -66,6 +73,7 @@ def _qweights(n, k, fmt, g, copies, seed=0, dtype=jnp.bfloat16):
 
 def main():
     from any4_jax.kernels import can_use, lut_matmul, prepare
+    from any4_jax.kernels.cuda_ffi import default_kernel, lut_matmul_cuda
     from any4_jax.kernels.pallas_gpu import lut_matmul_pallas
     from any4_jax.kernels.tuning import block_config
     from any4_jax.shapes import LLAMA_SHAPES
@@ -82,6 +90,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-pallas-variants", action="store_true",
                     help="time only the configured Pallas kernel, not its lookup variants")
+    ap.add_argument("--no-cuda-variants", action="store_true",
+                    help="time only the default CUDA kernel, not each of the library's kernels")
     args = ap.parse_args()
     dt = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
 
@@ -95,7 +105,7 @@ def main():
     def save():  # after every row: a run cut short by a time limit keeps what it measured
         rec = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
                "dtype": dt.name, "copy_bandwidth_bytes_per_s": bw, "format": args.format,
-               "group_size": args.group_size, "rows": rows,
+               "group_size": args.group_size, "cuda_kernel": default_kernel(), "rows": rows,
                "command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])}
         path.write_text(json.dumps(rec, indent=2))
 
@@ -127,6 +137,8 @@ def main():
                       f"{100 * row['dense_bw_fraction']:.0f}% of copy bandwidth; not trusted",
                       file=sys.stderr)
             runs = [(impl, impl, None) for impl in IMPLS]
+            if not args.no_cuda_variants:
+                runs[3:3] = [(col, "cuda", v) for col, v in CUDA_VARIANTS.items()]
             if not args.no_pallas_variants:
                 runs[2:2] = [(col, "pallas", v) for col, v in PALLAS_VARIANTS.items()]
             for col, impl, variant in runs:
@@ -138,12 +150,15 @@ def main():
                 ws = prepared[impl]
                 io = ws[0].nbytes() + act
                 cfg = None
-                if variant is not None:
+                if impl == "pallas" and variant is not None:
                     cfg = {**block_config(m=m, n=n, k=k, g=args.group_size), **variant}
                     row[f"{col}_config"] = cfg
                 if variant is None:
                     def call(x, q, impl=impl):
                         return lut_matmul(x, q, implementation=impl)
+                elif impl == "cuda":
+                    def call(x, q, kernel=variant):
+                        return lut_matmul_cuda(x, q, kernel=kernel)
                 elif variant["lookup"] == "pair":  # weight copies with their pair tables
                     def call(x, qp, cfg=cfg):
                         return lut_matmul_pallas(x, qp[0], config=cfg, pairs=qp[1])
@@ -151,7 +166,7 @@ def main():
                     def call(x, q, cfg=cfg):
                         return lut_matmul_pallas(x, q, config=cfg)
                 try:
-                    if variant is not None and variant["lookup"] == "pair":
+                    if impl == "pallas" and variant is not None and variant["lookup"] == "pair":
                         pairs = pairs or [(q, pallas_gpu.pair_table(q.lut)) for q in ws]
                         ws, io = pairs, io + pairs[0][1].nbytes
                     t = time_per_call(call, x, ws, reps=args.reps)
@@ -172,7 +187,7 @@ def main():
     def us(t):
         return "-" if t is None else f"{t * 1e6:.1f}"
 
-    cols = [*IMPLS[:2], *PALLAS_VARIANTS, *IMPLS[2:]]
+    cols = [*IMPLS[:2], *PALLAS_VARIANTS, IMPLS[2], *CUDA_VARIANTS, *IMPLS[3:]]
     ran = [i for i in cols if any(r.get(f"{i}_s") is not None for r in rows)]
     fast = [i for i in ran if i != "xla"]
     head = (["shape (N x K)", "M", f"dense {dt.name} (us)"] + [f"{NAMES[i]} (us)" for i in ran]

@@ -10,14 +10,16 @@
 # A 30-minute GPU session, most important first (each line one call of at most ~9 minutes;
 # the machine goes back 30 s after a call, so each call pays ~30 s of start):
 #   SKIP_INSTALL=1 STEPS="cudacheck cudabench" bash scripts/device_run.sh
-#       # every CUDA configuration against the host reference, compute-sanitizer, the variants'
-#       # timing table, Nsight Compute, SASS (~6-8 min; no JAX)
-#   (then, on this machine, before the next call: if a variant that passed the check beats
-#   the library's choice -- the unit post-scale kernels, lut_gemm_unit.cuh, were written to --
-#   make it ManyTilesConfig / FewTilesConfig in ffi_kernels/lut_gemm.cuh, so that the JAX
-#   tests, the kernel table and the decode figures of the next call measure it)
+#       # every CUDA configuration and each of the library's three kernels (scaled, unit_pair,
+#       # unit_lane) against the host reference, compute-sanitizer, the variants' timing
+#       # table, Nsight Compute, SASS (~6-8 min; no JAX)
 #   STEPS="gputests bench decode" bash scripts/device_run.sh
-#       # the JAX GPU tests, the kernel table (dense, reference, Pallas, CUDA), decode tok/s
+#       # the JAX GPU tests (the default kernel on every shape, each of the three on a subset),
+#       # the kernel table (dense, reference, Pallas and its lookups, CUDA and its three
+#       # kernels), decode tok/s with the default CUDA kernel (DECODE_CUDA_KERNELS="scaled
+#       # unit_pair": also with those, CUDA only). The library's kernel is a runtime choice
+#       # (tuning.DEFAULT_CUDA_KERNEL, $ANY4_JAX_CUDA_KERNEL): no rebuild between calls; if
+#       # the default fails its tests, ANY4_JAX_CUDA_KERNEL=scaled for the later steps
 #   STEPS="tune model" bash scripts/device_run.sh
 #       # then copy tuning.json into any4_jax/kernels/ and commit it
 #   STEPS="overhead" bash scripts/device_run.sh
@@ -92,7 +94,7 @@ for step in $STEPS; do
       run cudacheck "$W/cudacheck.txt" "$BENCH_BIN" check
       tail -5 "$W/cudacheck.txt"
       for tool in memcheck racecheck; do
-        T_cudacheck=${T_sanitize:-120} run cudacheck "$W/sanitize_$tool.txt" \
+        T_cudacheck=${T_sanitize:-180} run cudacheck "$W/sanitize_$tool.txt" \
           compute-sanitizer --tool "$tool" --error-exitcode 1 "$BENCH_BIN" check lib
         tail -4 "$W/sanitize_$tool.txt"
       done ;;
@@ -137,7 +139,7 @@ for step in $STEPS; do
       # (ANY4_JAX_CUDA_COMMAND_BUFFER=0: launched from the host), and XLA's command buffers off
       # altogether; a small shape (per-call cost dominates) and gate_up. With
       # DECODE_OVERHEAD=1 also decode tok/s with the CUDA kernel and the trait off.
-      OA=${OVERHEAD_ARGS:-"--shapes 4096x4096,llama3-8b/gate_up --ms 1,16 --reps 5 --no-pallas-variants"}
+      OA=${OVERHEAD_ARGS:-"--shapes 4096x4096,llama3-8b/gate_up --ms 1,16 --reps 5 --no-pallas-variants --no-cuda-variants"}
       declare -A OVERHEAD_ENV=([default]="" [no_trait]="ANY4_JAX_CUDA_COMMAND_BUFFER=0"
                                [no_cmdbuf]="XLA_FLAGS=--xla_gpu_enable_command_buffer=")
       for d in default no_trait no_cmdbuf; do
@@ -156,7 +158,12 @@ for step in $STEPS; do
     decode)
       run decode "$W/bench_decode.txt" python3 scripts/bench_decode.py --model llama3-8b \
         --out "$W" ${DECODE_ARGS:-}
-      tail -15 "$W/bench_decode.txt" ;;
+      tail -15 "$W/bench_decode.txt"
+      for kern in ${DECODE_CUDA_KERNELS:-}; do  # one process per kernel (traced once)
+        run decode "$W/bench_decode_$kern.txt" python3 scripts/bench_decode.py \
+          --model llama3-8b --kernels cuda --cuda-kernel "$kern" --out "$W" ${DECODE_ARGS:-}
+        tail -4 "$W/bench_decode_$kern.txt"
+      done ;;
     tune)
       run tune "$W/tune.txt" python3 scripts/tune_pallas.py --write --reps 5 \
         --budget-s "${TUNE_BUDGET:-300}"

@@ -25,6 +25,14 @@ from any4_jax.kernels.cuda_layout import CudaWeight, layout_reasons, prepare_cud
 from any4_jax.quant.qweight import QuantizedWeight
 
 TARGET = "any4_lut_gemm"
+# The library's kernels (ffi_kernels/lut_gemm.cuh, enum Kernel, in this order), all on the same
+# prepared layout: "scaled" scales each weight in float and rounds it to x's dtype before the
+# MMA (the reference's arithmetic); "unit_pair" and "unit_lane" feed the raw table values to the
+# MMA and apply each group's scale and zero to its partial sums (post-scale: the weight is never
+# rounded, so slightly more accurate than the reference; identity activations still give the
+# dequantized weight exactly), looking up two codes per shared load from a pair table or one
+# per load from a conflict-free per-lane table.
+KERNELS = ("scaled", "unit_pair", "unit_lane")
 LIB_NAME = "libany4_cuda.so"
 REBUILD = ("`pip install --no-build-isolation -e .` or `python -m any4_jax.kernels.build_cuda` "
            "on a machine with nvcc")
@@ -81,6 +89,19 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return None, "the CUDA library cannot be used: " + "; ".join(problems) + f"; rebuild: {REBUILD}"
 
 
+def default_kernel() -> str:
+    """The kernel a call runs unless told otherwise: $ANY4_JAX_CUDA_KERNEL, else
+    `tuning.DEFAULT_CUDA_KERNEL`. Read when a call is traced (a jitted function keeps the
+    kernel it was traced with)."""
+    from any4_jax.kernels.tuning import DEFAULT_CUDA_KERNEL
+
+    value = os.environ.get("ANY4_JAX_CUDA_KERNEL") or DEFAULT_CUDA_KERNEL
+    if value not in KERNELS:
+        raise ValueError(f"ANY4_JAX_CUDA_KERNEL={value!r}: set it to one of "
+                         f"{', '.join(KERNELS)} (or unset it for {DEFAULT_CUDA_KERNEL!r})")
+    return value
+
+
 def command_buffer_enabled() -> bool:
     """Whether the handler registered declares itself command-buffer compatible (XLA may then
     record it into a CUDA graph with its neighbours rather than launch it from the host):
@@ -121,22 +142,30 @@ def can_use_cuda(x, qweight) -> list[str]:
     return reasons
 
 
-def _call(x2, cw: CudaWeight):
+def _call(x2, cw: CudaWeight, kernel: str):
     m = x2.shape[0]
     n, _ = cw.shape
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), x2.dtype),
                             vmap_method="sequential")(
         x2, cw.codes, cw.lut, cw.scales, cw.zeros,
-        group_size=np.int64(cw.group_size), int_offset=np.int64(cw.int_offset))
+        group_size=np.int64(cw.group_size), int_offset=np.int64(cw.int_offset),
+        kernel=np.int64(KERNELS.index(kernel)))
 
 
-def lut_matmul_cuda(x: jax.Array, w: QuantizedWeight | CudaWeight) -> jax.Array:
+def lut_matmul_cuda(x: jax.Array, w: QuantizedWeight | CudaWeight, *,
+                    kernel: str | None = None) -> jax.Array:
     """x: [..., K] bf16/f16 -> [..., N]. Pass a `prepare_cuda` result to skip the per-call
-    layout conversion (a QuantizedWeight is converted inside the call)."""
+    layout conversion (a QuantizedWeight is converted inside the call). kernel: one of
+    KERNELS, None for `default_kernel()`."""
+    if kernel is None:
+        kernel = default_kernel()
+    elif kernel not in KERNELS:
+        raise ValueError(f"lut_matmul_cuda: kernel={kernel!r}; choose one of "
+                         f"{', '.join(KERNELS)} or None (the default, {default_kernel()!r})")
     why = _register()
     if why:
         raise RuntimeError(why)
     cw = w if isinstance(w, CudaWeight) else prepare_cuda(w)
     n, k = cw.shape
     lead = x.shape[:-1]
-    return _call(x.reshape(-1, k), cw).reshape(*lead, n)
+    return _call(x.reshape(-1, k), cw, kernel).reshape(*lead, n)

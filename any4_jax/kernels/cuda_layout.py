@@ -151,10 +151,14 @@ def unprepare_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
     return out.reshape(n, k)
 
 
-def emulate(x: np.ndarray, cw: CudaWeight) -> np.ndarray:
+def emulate(x: np.ndarray, cw: CudaWeight, *, post_scale: bool = False) -> np.ndarray:
     """What the kernel computes, replayed from the prepared arrays (float32 result [M, N]):
-    decode each lane's nibbles by the fragment formula, look up / offset, apply the group's
-    scale and zero with one multiply-add, round to x's dtype, accumulate in float64."""
+    decode each lane's nibbles by the fragment formula, look up / offset, then
+    - post_scale False (the "scaled" kernel): apply the group's scale and zero with one
+      multiply-add, round to x's dtype, accumulate in float64;
+    - post_scale True (the unit kernels): the raw table values (exact in x's dtype there)
+      times x summed per group, then `s * sum(v x) + z * sum(x)` per group: the weight is
+      never rounded (float64 sums; the kernel's are float32, by the MMA)."""
     n, k = cw.shape
     codes = unprepare_codes(cw.codes, n, k).astype(np.int64)
     if cw.int_offset >= 0:
@@ -162,8 +166,16 @@ def emulate(x: np.ndarray, cw: CudaWeight) -> np.ndarray:
     else:
         vals = np.take_along_axis(np.asarray(cw.lut, np.float32), codes, axis=1)
     g = cw.group_size
+    xf = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+    if post_scale:
+        s = untile_groups(np.asarray(cw.scales, np.float64))  # [N, G]
+        z = untile_groups(np.asarray(cw.zeros, np.float64))
+        xg = xf.reshape(xf.shape[0], k // g, g)  # [M, G, g]
+        pv = np.einsum("mgj,ngj->mng", xg, vals.astype(np.float64).reshape(n, k // g, g))
+        p1 = xg.sum(axis=2)[:, None, :]  # [M, 1, G]
+        return (pv * s[None] + p1 * z[None]).sum(axis=2).astype(np.float32)
     s = np.repeat(untile_groups(np.asarray(cw.scales, np.float32)), g, axis=1)
     z = np.repeat(untile_groups(np.asarray(cw.zeros, np.float32)), g, axis=1)
     w = (vals.astype(np.float64) * s + z).astype(np.float32)  # fmaf: one rounding
     w = np.asarray(jnp.asarray(w).astype(x.dtype).astype(jnp.float32), np.float64)
-    return (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) @ w.T).astype(np.float32)
+    return (xf @ w.T).astype(np.float32)

@@ -1,5 +1,6 @@
 """Block sizes of the Pallas kernel, per shape, from `tuning.json` (written by
-`scripts/tune_pallas.py` on a GPU), with a rule-based fallback for shapes not in the table."""
+`scripts/tune_pallas.py` on a GPU), with a rule-based fallback for shapes not in the table;
+the CUDA library's default kernel; the row counts above which each kernel declines."""
 
 from __future__ import annotations
 
@@ -78,6 +79,17 @@ DEFAULT_DENSE_THRESHOLD = 128
 def dense_threshold(*, n: int, k: int) -> int:
     return int(_table().get(f"{n}x{k}:dense_threshold", DEFAULT_DENSE_THRESHOLD))
 
+
+# The CUDA library's kernel (cuda_ffi.KERNELS) that calls run unless $ANY4_JAX_CUDA_KERNEL or
+# the call says otherwise. "scaled" is the only one timed on a GPU so far (24-34% of copy
+# bandwidth on the Llama-3-8B shapes at M = 1, 0.9-1.3x the dense product:
+# docs/cuda_kernel_notes.md); the unit post-scale kernels issue 2.9 ("unit_pair") and 5.0
+# ("unit_lane") instructions per code against its 9.7 (counted from SASS), and by the shared
+# memory pipe (pair-table reads collide in banks ~3.5-way) the lane table is the one whose
+# floor on gate_up (~9 us issue) sits under the bytes' (~10.5 us): the rule picks it until a
+# GPU measures (`scripts/bench_kernels.py` times all three at the JAX level). If the GPU tests
+# find it failing, "scaled" is the measured fallback.
+DEFAULT_CUDA_KERNEL = "unit_lane"
 
 # The CUDA kernel is correct for any M (it re-reads the weight once per 16 rows of x), but
 # `implementation=None` sends more rows than this to the next implementation. A rule (the

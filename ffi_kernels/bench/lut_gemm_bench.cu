@@ -9,10 +9,11 @@
 // difference is the order of the split-K sums; post-scale variants also skip the rounding of
 // each weight). Also the device-to-device copy bandwidth (read +
 // write), the ceiling of a memory-bound kernel. `lut_gemm_bench profile` runs the variants that
-// matter for the next decision (v1, the library's choice, unit, post-scale, lean) once on
-// gate_up at M = 1 and 16 (for ncu; `profile all`: every variant). `lut_gemm_bench check` compares the library entry and every
-// configuration with a host reference on small awkward cases (identity activations bit for
-// bit); `check lib` the library entry only (the compute-sanitizer target).
+// matter for the next decision (v1, the library's kernels, unit, post-scale, lean) once on
+// gate_up at M = 1 and 16 (for ncu; `profile all`: every variant). `lut_gemm_bench check`
+// compares the library entry (each of its kernels) and every configuration with a host
+// reference on small awkward cases (identity activations bit for bit); `check lib` the library
+// entry only (the compute-sanitizer target).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -93,12 +94,12 @@ Launch cur(int int_offset = -1) {
   };
 }
 
-// the library's entry point (configuration by tiles per SM)
-Launch dispatch(int int_offset = -1) {
-  return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
-                      int K, int g) {
+// the library's entry point: one of its kernels (any4::Kernel), configuration by tiles per SM
+Launch dispatch(int kernel, int int_offset = -1) {
+  return [kernel, int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M,
+                              int N, int K, int g) {
     return any4::launch_lut_gemm<bf16>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
-                                       any4::kTableBF16, y, M, N, K, g, int_offset);
+                                       any4::kTableBF16, y, M, N, K, g, int_offset, kernel);
   };
 }
 
@@ -155,8 +156,16 @@ void* dev_copy(const std::vector<T>& v) {
   return p;
 }
 
-// The library's entry (configuration chosen by tiles per SM) rather than one configuration.
-struct Library {};
+// The library's entry with one of its kernels (configuration chosen by tiles per SM) rather
+// than one configuration.
+template <int kKernel>
+struct Library {
+  static constexpr int kernel = kKernel;
+};
+template <typename C>
+struct IsLibrary : std::false_type {};
+template <int kKernel>
+struct IsLibrary<Library<kKernel>> : std::true_type {};
 
 // One case: returns the relative error (norm), or a huge value if an output is not finite.
 // identity: x = the first M rows of the K x K identity, so y[m, n] = w[n, m] rounded to T, and
@@ -214,9 +223,10 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed,
   T* dy;
   CHECK(cudaMalloc(&dy, size_t(M) * N * sizeof(T)));
   CHECK(cudaMemset(dy, 0xFF, size_t(M) * N * sizeof(T)));  // NaN poison: every output written?
-  if constexpr (std::is_same<C, Library>::value) {
+  if constexpr (IsLibrary<C>::value) {
     CHECK(any4::launch_lut_gemm<T>(0, static_cast<const T*>(dx), static_cast<const uint2*>(dc),
-                                   dl, ds, dz, table_kind_of<TT>(), dy, M, N, K, g, off));
+                                   dl, ds, dz, table_kind_of<TT>(), dy, M, N, K, g, off,
+                                   C::kernel));
   } else {
     CHECK((any4::launch_config<T, C>(0, static_cast<const T*>(dx),
                                      static_cast<const uint2*>(dc), dl, ds, dz, table_kind_of<TT>(),
@@ -237,7 +247,7 @@ double check_case(int N, int K, int g, int M, bool int_grid, uint64_t seed,
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
-template <typename T, typename TT, typename C = Library>
+template <typename T, typename TT, typename C>
 int check_types(const char* name, double tol) {
   struct Case {
     int n, k, g;
@@ -274,8 +284,8 @@ int check_types(const char* name, double tol) {
   return failures;
 }
 
-// Every dtype pair through the library's entry; with `all`, also each configuration the
-// timing table compares, for bf16 / f16 activations with 16-bit and float32 tables.
+// One configuration the timing table compares (`check` without `lib`), for bf16 / f16
+// activations with 16-bit and float32 tables.
 template <typename C>
 int check_config(const char* cname) {
   int f = 0;
@@ -288,17 +298,29 @@ int check_config(const char* cname) {
   return f;
 }
 
+// Every dtype pair through one of the library's kernels.
+template <int kKernel>
+int check_library(const char* kname) {
+  using L = Library<kKernel>;
+  const std::string p = std::string("library ") + kname;
+  int f = 0;
+  f += check_types<bf16, bf16, L>((p + ": x bf16, tables bf16").c_str(), 7.8e-3);
+  f += check_types<__half, __half, L>((p + ": x f16, tables f16").c_str(), 9.7e-4);
+  f += check_types<bf16, float, L>((p + ": x bf16, tables f32").c_str(), 7.8e-3);
+  f += check_types<__half, float, L>((p + ": x f16, tables f32").c_str(), 9.7e-4);
+  f += check_types<bf16, __half, L>((p + ": x bf16, tables f16").c_str(), 7.8e-3);
+  f += check_types<__half, bf16, L>((p + ": x f16, tables bf16").c_str(), 9.7e-4);
+  return f;
+}
+
 int run_check(bool all) {
   // the bound: one ulp of T (2^-7 bf16, 2^-10 f16) relative, as the JAX GPU tests: the output's
   // rounding plus, for the post-scale variant, the weight rounding it skips (measured in numpy
   // emulation: 2.4e-3 bf16, 3e-4 f16); an indexing bug gives errors of order one
   int f = 0;
-  f += check_types<bf16, bf16>("library: x bf16, tables bf16", 7.8e-3);
-  f += check_types<__half, __half>("library: x f16, tables f16", 9.7e-4);
-  f += check_types<bf16, float>("library: x bf16, tables f32", 7.8e-3);
-  f += check_types<__half, float>("library: x f16, tables f32", 9.7e-4);
-  f += check_types<bf16, __half>("library: x bf16, tables f16", 7.8e-3);
-  f += check_types<__half, bf16>("library: x f16, tables bf16", 9.7e-4);
+  f += check_library<any4::kKernelScaled>("scaled");
+  f += check_library<any4::kKernelUnitPair>("unit pair");
+  f += check_library<any4::kKernelUnitLane>("unit lane");
   if (all) {
     using any4::Config;
     using any4::kLaneTable;
@@ -358,7 +380,9 @@ int main(int argc, char** argv) {
   using any4::kPairTable;
   std::vector<Variant> variants = {
       {"v1 (float table, 8w x 8)", v1()},
-      {"library (by tiles per SM)", dispatch()},
+      {"library scaled (by tiles per SM)", dispatch(any4::kKernelScaled)},
+      {"library unit pair (by tiles per SM)", dispatch(any4::kKernelUnitPair)},
+      {"library unit lane (by tiles per SM)", dispatch(any4::kKernelUnitLane)},
       {"unit post-scale 8w", cur<Config<any4::kUnitPostScale, 8, 1>>()},
       {"unit post-scale 16w", cur<Config<any4::kUnitPostScale, 16, 1>>()},
       {"unit post-scale 4w", cur<Config<any4::kUnitPostScale, 4, 1>>()},
@@ -384,7 +408,9 @@ int main(int argc, char** argv) {
   // the integer grid: checked against the first kernel's integer path
   std::vector<Variant> int_variants = {
       {"v1 int4", v1(8)},
-      {"library int4", dispatch(8)},
+      {"library scaled int4", dispatch(any4::kKernelScaled, 8)},
+      {"library unit pair int4", dispatch(any4::kKernelUnitPair, 8)},
+      {"library unit lane int4", dispatch(any4::kKernelUnitLane, 8)},
       {"lane int4 8w x 1", cur<Config<kLaneTable, 8, 1>>(8)},
       {"lean lane int4 8w x 1", cur<Config<kLaneTable, 8, 1, 1, true>>(8)},
       {"lean pair int4 16w x 1", cur<Config<kPairTable, 16, 1, 1, true>>(8)},

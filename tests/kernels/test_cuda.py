@@ -2,6 +2,7 @@
 arrays), the compile check, and the GPU runs (marker `gpu`)."""
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -50,6 +51,56 @@ def test_emulated_kernel_matches_reference(rng, fmt, dtype):
     eye = jnp.eye(256, dtype=dtype)
     w = np.asarray(qw.dequantize(dtype).astype(jnp.float32))
     np.testing.assert_array_equal(emulate(eye, cw), w.T)
+
+
+@pytest.mark.parametrize("fmt", ["any4", "int4"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("g", [32, 128])
+def test_post_scale_arithmetic_is_within_one_ulp_of_the_rounded_weight_product(rng, fmt, dtype,
+                                                                               g):
+    """The unit kernels' arithmetic (raw table values into the MMA, s * sum(v x) + z * sum(x)
+    per group, the weight never rounded) against what the GPU tests compare with: x @ W.T with
+    W rounded to x's dtype. The difference is that rounding: under the tests' one-ulp bound.
+    Identity activations give the dequantized weight exactly."""
+    k = 1024
+    qw = _qweight(rng, 64, k, fmt=fmt, g=g, dtype=dtype)
+    cw = prepare_cuda(qw)
+    x = jnp.asarray(rng.standard_normal((16, k)), dtype)
+    got = emulate(x, cw, post_scale=True)
+    want = emulate(x, cw)  # the rounded weight's product, float64 sums
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0 < err < 0.5 * float(jnp.finfo(dtype).eps), err
+    ref = np.asarray(lut_matmul_reference(x, qw).astype(jnp.float32))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOLERANCE[dtype]
+    eye = jnp.eye(64, k, dtype=dtype)
+    w = np.asarray(qw.dequantize(dtype).astype(jnp.float32))
+    out = jnp.asarray(emulate(eye, cw, post_scale=True)).astype(dtype).astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(out), w[:, :64].T)
+
+
+def test_cuda_kernel_choice(monkeypatch, rng):
+    from any4_jax.kernels import cuda_ffi, tuning
+
+    monkeypatch.delenv("ANY4_JAX_CUDA_KERNEL", raising=False)
+    assert tuning.DEFAULT_CUDA_KERNEL in cuda_ffi.KERNELS
+    assert cuda_ffi.default_kernel() == tuning.DEFAULT_CUDA_KERNEL
+    monkeypatch.setenv("ANY4_JAX_CUDA_KERNEL", "scaled")
+    assert cuda_ffi.default_kernel() == "scaled"
+    monkeypatch.setenv("ANY4_JAX_CUDA_KERNEL", "fast")
+    with pytest.raises(ValueError, match="ANY4_JAX_CUDA_KERNEL='fast': set it to one of "
+                                         "scaled, unit_pair, unit_lane"):
+        cuda_ffi.default_kernel()
+    monkeypatch.delenv("ANY4_JAX_CUDA_KERNEL")
+    # the names' order is the FFI attribute's value: ffi_kernels' enum Kernel
+    with open(os.path.join(ROOT, "ffi_kernels", "lut_gemm.cuh")) as fh:
+        src = fh.read()
+    enum = re.search(r"enum Kernel : int \{([^}]*)\}", src).group(1)
+    values = {re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower(): int(v)
+              for name, v in re.findall(r"kKernel(\w+) = (\d+)", enum)}
+    assert values == {name: i for i, name in enumerate(cuda_ffi.KERNELS)}
+    qw = _qweight(rng, 32, 128, g=32)
+    with pytest.raises(ValueError, match="kernel='unit'; choose one of scaled, unit_pair"):
+        cuda_ffi.lut_matmul_cuda(jnp.ones((1, 128), jnp.bfloat16), qw, kernel="unit")
 
 
 @pytest.mark.parametrize("wdt, tdt", [(jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16),
@@ -223,13 +274,10 @@ GPU_CASES = ([(name, "any4", g, dt) for name in LLAMA_SHAPES for g in (32, 64, 1
              + [(name, "int4", 128, jnp.bfloat16) for name in LLAMA_SHAPES])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name, fmt, g, dtype", GPU_CASES)
-def test_gpu_llama_shapes(rng, name, fmt, g, dtype):
-    """Every Llama shape, M in {1, 2, 3, 4, 8, 16, 33}, against x @ W.T in float32 with W the
-    dequantized weight rounded to x's dtype (what the kernel feeds its MMAs): the only error
-    left is the final rounding to x's dtype, so the bound is one ulp, far tighter than the
-    reference tolerance. One weight per case, so the suite fits a GPU session."""
+def _check_llama_shape(rng, name, fmt, g, dtype, ms, kernel=None):
+    """`kernel`'s output on one Llama shape for each M in `ms` against x @ W.T in float32 with
+    W the dequantized weight rounded to x's dtype, and identity rows (M = 64: four batch
+    blocks) against the dequantized weight exactly."""
     from any4_jax.kernels.cuda_ffi import TARGET, lut_matmul_cuda
 
     n, k = LLAMA_SHAPES[name]
@@ -239,22 +287,44 @@ def test_gpu_llama_shapes(rng, name, fmt, g, dtype):
     cw = prepare_cuda(qw)
     assert (cw.int_offset >= 0) == (fmt == "int4")
     w = qw.dequantize(dtype).astype(jnp.float32)
-    f = jax.jit(lut_matmul_cuda)
+    f = jax.jit(lambda x, cw: lut_matmul_cuda(x, cw, kernel=kernel))
     eps = float(jnp.finfo(dtype).eps)
-    for m in (1, 2, 3, 4, 8, 16, 33):
+    for m in ms:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
-        if m == 1:
+        if m == ms[0]:
             assert TARGET in f.lower(x, cw).as_text()  # the FFI kernel runs, not a fallback
         y = f(x, cw).astype(jnp.float32)
         want = jnp.matmul(x.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)
         err = float(jnp.linalg.norm(y - want) / jnp.linalg.norm(want))
-        assert err < eps, (m, err)
+        assert err < eps, (kernel, m, err)
         ref = lut_matmul_reference(x, qw).astype(jnp.float32)
         assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < TOLERANCE[dtype]
-    # identity rows: columns of the dequantized weight, exactly (M = 64: four batch blocks)
     eye = jnp.eye(64, k, dtype=dtype)
     np.testing.assert_array_equal(np.asarray(f(eye, cw).astype(jnp.float32)),
                                   np.asarray(w[:, :64].T))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, fmt, g, dtype", GPU_CASES)
+def test_gpu_llama_shapes(rng, name, fmt, g, dtype):
+    """Every Llama shape with the default kernel, M in {1, 2, 3, 4, 8, 16, 33}: the only error
+    left against the rounded-weight product is the final rounding to x's dtype (and, for the
+    post-scale kernels, the weight rounding they skip), so the bound is one ulp, far tighter
+    than the reference tolerance. One weight per case, so the suite fits a GPU session."""
+    _check_llama_shape(rng, name, fmt, g, dtype, (1, 2, 3, 4, 8, 16, 33))
+
+
+# Each of the library's kernels on both tile regimes (N = 14336: many 16-row tiles per SM;
+# N = 4096: few), every unit length (g / 32 = 1, 2, 4 chunks), f16 and the integer grid.
+KERNEL_CASES = [("llama3-8b/gate_up", "any4", g, jnp.bfloat16) for g in (32, 64, 128)] + [
+    ("llama3-8b/o", "any4", 128, jnp.float16), ("llama3-8b/down", "int4", 128, jnp.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["scaled", "unit_pair", "unit_lane"])
+@pytest.mark.parametrize("name, fmt, g, dtype", KERNEL_CASES)
+def test_gpu_each_kernel(rng, kernel, name, fmt, g, dtype):
+    _check_llama_shape(rng, name, fmt, g, dtype, (1, 3, 16, 33), kernel=kernel)
 
 
 @pytest.mark.parametrize("fmt, wdt", [("any4", jnp.bfloat16), ("int4", jnp.float16),
@@ -264,7 +334,13 @@ def test_ffi_call_exports_for_cuda_from_this_machine(rng, fmt, wdt):
     for the CUDA platform without a GPU: the custom call, its operand types and attributes."""
     from jax import export
 
-    from any4_jax.kernels.cuda_ffi import TARGET, _register, lut_matmul_cuda
+    from any4_jax.kernels.cuda_ffi import (
+        KERNELS,
+        TARGET,
+        _register,
+        default_kernel,
+        lut_matmul_cuda,
+    )
 
     why = _register()
     if why:
@@ -277,6 +353,12 @@ def test_ffi_call_exports_for_cuda_from_this_machine(rng, fmt, wdt):
     text = exp.mlir_module()
     assert f"@{TARGET}" in text or f'"{TARGET}"' in text
     assert "group_size = 64" in text and f"int_offset = {cw.int_offset}" in text
+    assert f"kernel = {KERNELS.index(default_kernel())}" in text
+    for i, kernel in enumerate(KERNELS):  # each kernel by its index in ffi_kernels' enum
+        exp_k = export.export(jax.jit(lambda x, cw, kernel=kernel: lut_matmul_cuda(
+            x, cw, kernel=kernel)), platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TARGET)])(x, cw)
+        assert f"kernel = {i} " in exp_k.mlir_module()
     tdt = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[wdt]
     assert f"tensor<48x16x{tdt}>" in text and "tensor<3x8x32x2xui32>" in text
     assert exp.out_avals[0].shape == (2, 3, 48) and exp.out_avals[0].dtype == jnp.bfloat16
