@@ -26,7 +26,9 @@ KERNELS = ("auto", "xla", "pallas", "cuda")
 def kernel_arg(p) -> None:
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="matmul implementation of quantized layers (auto: the best verified "
-                        "one for this machine; see `lut_matmul`)")
+                        "one for this machine; see `lut_matmul`); for cuda, "
+                        "$ANY4_JAX_CUDA_KERNEL picks the library's kernel (scaled, unit_pair, "
+                        "unit_lane)")
 
 
 def use_kernel(model, kernel: str) -> None:
