@@ -129,8 +129,13 @@ for step in $STEPS; do
         -k "not sharded" -m "not slow" -p no:cacheprovider
       tail -20 "$W/pytest_quant.txt" ;;
     bench)
+      # the goal shapes first (Llama-3-8B; every row is saved as it is measured):
+      # each row compiles ~11 programs, 5 of them Triton kernels, so all ten shapes need more
+      # than one step (BENCH_ARGS="--shapes llama3-70b/qkv_o,... --out $W/bench2" for the rest:
+      # a later --out wins, and the JSON keeps its name)
+      B8="--shapes llama3-8b/gate_up,llama3-8b/down,llama3-8b/qkv,llama3-8b/o"
       run bench "$W/bench_kernels.txt" python3 scripts/bench_kernels.py --out "$W" \
-        ${BENCH_ARGS:-}
+        ${BENCH_ARGS:-$B8}
       grep -E "^\||warning|device" "$W/bench_kernels.txt" ;;
     overhead)
       # where the JAX-level CUDA time above the standalone one comes from (13-19 us per call
