@@ -475,7 +475,7 @@ cudaError_t launch_typed(cudaStream_t stream, const T* x, const uint2* codes, co
 
 // The table type from the dtype tag. A pair-table configuration falls back to the lane table
 // where the table values are not exact in T (float32 tables, or 16-bit tables of the other
-// type, unless the integer grid).
+// type, unless the integer grid); a unit kernel wherever the tables are not of type T.
 template <typename T, typename C>
 cudaError_t launch_config(cudaStream_t stream, const T* x, const uint2* codes, const void* lut,
                           const void* scales, const void* zeros, int table_kind, T* y, int M,
@@ -487,14 +487,32 @@ cudaError_t launch_config(cudaStream_t stream, const T* x, const uint2* codes, c
                            static_cast<const TT*>(scales), static_cast<const TT*>(zeros), y, \
                            M, N, K, group_size, int_offset)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  // The unit kernels only for tables of T: the integer grid with other tables (a float32
+  // model's int4 weight, say) takes the lane table too, which halves the library's kernels
+  constexpr bool kUnit = C::kLookup == kUnitPostScale || C::kLookup == kUnitLanePostScale;
   switch (table_kind) {
     case kTableBF16:
-      return (kBf16 || int_grid) ? ANY4_LAUNCH(__nv_bfloat16, C)
-                                 : ANY4_LAUNCH(__nv_bfloat16, Lane);
+      if constexpr (kBf16) {
+        return ANY4_LAUNCH(__nv_bfloat16, C);
+      } else if constexpr (!kUnit) {
+        return int_grid ? ANY4_LAUNCH(__nv_bfloat16, C) : ANY4_LAUNCH(__nv_bfloat16, Lane);
+      } else {
+        return ANY4_LAUNCH(__nv_bfloat16, Lane);
+      }
     case kTableF16:
-      return (!kBf16 || int_grid) ? ANY4_LAUNCH(__half, C) : ANY4_LAUNCH(__half, Lane);
+      if constexpr (!kBf16) {
+        return ANY4_LAUNCH(__half, C);
+      } else if constexpr (!kUnit) {
+        return int_grid ? ANY4_LAUNCH(__half, C) : ANY4_LAUNCH(__half, Lane);
+      } else {
+        return ANY4_LAUNCH(__half, Lane);
+      }
     default:
-      return int_grid ? ANY4_LAUNCH(float, C) : ANY4_LAUNCH(float, Lane);
+      if constexpr (!kUnit) {
+        return int_grid ? ANY4_LAUNCH(float, C) : ANY4_LAUNCH(float, Lane);
+      } else {
+        return ANY4_LAUNCH(float, Lane);
+      }
   }
 #undef ANY4_LAUNCH
 }

@@ -40,7 +40,8 @@ def source_hash(root: str | None = None) -> str | None:
 def nvcc_command(out: str, include: str) -> list[str]:
     import jaxlib
 
-    cmd = ["nvcc", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared", "-I", include,
+    cmd = ["nvcc", "-std=c++17", "-O3", "--threads", "0", "-Xcompiler", "-fPIC", "-shared",
+           "-I", include,
            "-I", os.path.join(ROOT, "ffi_kernels"),
            f"-DANY4_SOURCES_SHA256={source_hash()}", f"-DANY4_JAXLIB_VERSION={jaxlib.__version__}"]
     for a in ARCHS:
