@@ -127,6 +127,13 @@ def main():
     bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
     print(f"device: {dev.device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
     config = found[0]
+    ks = {config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size}
+    bad = sorted(k for k in ks if k % args.group_size)
+    if bad:
+        ok = [g for g in (32, 64, 128, 256) if all(k % g == 0 for k in ks)]
+        ap.error(f"--group-size {args.group_size} does not divide the input width(s) "
+                 f"{', '.join(map(str, bad))} of {args.model}'s layers; use one of "
+                 f"{', '.join(map(str, ok))}")
     model = random_model(config, param_dtype=jnp.dtype(args.dtype))
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size,
                                                                 args.prompt_len)]

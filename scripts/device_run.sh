@@ -166,7 +166,7 @@ for step in $STEPS; do
       tail -15 "$W/bench_decode.txt"
       for kern in ${DECODE_CUDA_KERNELS:-}; do  # one process per kernel (traced once)
         run decode "$W/bench_decode_$kern.txt" python3 scripts/bench_decode.py \
-          --model llama3-8b --kernels cuda --cuda-kernel "$kern" --out "$W" ${DECODE_ARGS:-}
+          --model llama3-8b --out "$W" ${DECODE_ARGS:-} --kernels cuda --cuda-kernel "$kern"
         tail -4 "$W/bench_decode_$kern.txt"
       done ;;
     tune)
