@@ -129,12 +129,8 @@ def test_layout_errors_and_declines(rng):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.slow
 def test_cuda_sources_compile_for_sm80_and_sm90a():
-    from any4_jax.kernels import cuda_ffi
     from any4_jax.kernels.build_cuda import main
 
-    lib, why = cuda_ffi._load()
-    if lib is not None:  # `pip install` (CMake) compiled exactly these sources already
-        pytest.skip("the installed CUDA library was built from these sources (sm_80, sm_90a)")
     assert main(["--check"]) == 0
 
 
