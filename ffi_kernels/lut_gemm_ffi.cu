@@ -10,7 +10,8 @@
 namespace ffi = xla::ffi;
 
 // The build's identity (set by CMakeLists.txt / any4_jax/kernels/build_cuda.py as bare tokens):
-// the sha256 of the kernel sources and the jaxlib whose FFI headers it was built against.
+// the sha256 of the kernel sources and the jaxlib whose FFI headers it was built against, and
+// those headers' FFI API version (XLA refuses a handler whose version is newer than its own).
 #ifndef ANY4_SOURCES_SHA256
 #define ANY4_SOURCES_SHA256 unknown
 #endif
@@ -21,7 +22,8 @@ namespace ffi = xla::ffi;
 #define ANY4_STR(x) ANY4_STR2(x)
 
 extern "C" __attribute__((visibility("default"))) const char* Any4CudaBuildInfo() {
-  return "sources=" ANY4_STR(ANY4_SOURCES_SHA256) ";jaxlib=" ANY4_STR(ANY4_JAXLIB_VERSION);
+  return "sources=" ANY4_STR(ANY4_SOURCES_SHA256) ";jaxlib=" ANY4_STR(ANY4_JAXLIB_VERSION)
+         ";ffi_api=" ANY4_STR(XLA_FFI_API_MAJOR) "." ANY4_STR(XLA_FFI_API_MINOR);
 }
 
 namespace {

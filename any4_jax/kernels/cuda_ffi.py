@@ -6,7 +6,8 @@ present) or by `python -m any4_jax.kernels.build_cuda` in a source checkout; bot
 `any4_jax/_lib/`, and `$ANY4_JAX_CUDA_LIB` points elsewhere. It is loaded and its handler
 registered with XLA on first use, never at import. A library whose recorded source hash differs
 from the kernel sources of this checkout is refused (it would run other code than the tests
-check), with the command that rebuilds it.
+check), with the command that rebuilds it, and so is one built against a newer XLA FFI API than
+the running jaxlib's (XLA would refuse its handler).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import warnings
 
 import jax
@@ -59,6 +61,27 @@ def build_info(lib: ctypes.CDLL) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in fn().decode().split(";") if "=" in kv)
 
 
+def running_ffi_api() -> tuple[int, int] | None:
+    """(major, minor) of the running jaxlib's XLA FFI API, read from its own `c_api.h` (the
+    headers ship with the jaxlib they describe); None when they cannot be read."""
+    path = os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    found = [re.search(rf"#define XLA_FFI_API_{part}\s+(\d+)", text)
+             for part in ("MAJOR", "MINOR")]
+    return (int(found[0][1]), int(found[1][1])) if all(found) else None
+
+
+def ffi_api_compatible(built: str, running: tuple[int, int]) -> bool:
+    """XLA's rule for registering a handler built against FFI API `built` ("0.5"): the same
+    major version and a minor version no newer than the runtime's (older ones are accepted)."""
+    major, minor = (int(v) for v in built.split("."))
+    return major == running[0] and minor <= running[1]
+
+
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     """The library to use, or a reason why there is none."""
     found = [p for p in library_candidates() if os.path.isfile(p)]
@@ -81,7 +104,15 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         import jaxlib
 
         built = info.get("jaxlib", "unknown")
-        if built.split(".")[:2] != jaxlib.__version__.split(".")[:2]:
+        built_api, running = info.get("ffi_api"), running_ffi_api()
+        if built_api and running:
+            if not ffi_api_compatible(built_api, running):
+                problems.append(
+                    f"{path} was built against jaxlib {built} (XLA FFI API {built_api}), which "
+                    f"this jaxlib {jaxlib.__version__} (FFI API {running[0]}.{running[1]}) "
+                    "refuses to register")
+                continue
+        elif built.split(".")[:2] != jaxlib.__version__.split(".")[:2]:
             warnings.warn(f"{path} was built against jaxlib {built}, this is jaxlib "
                           f"{jaxlib.__version__}; if the FFI call fails, rebuild: {REBUILD}",
                           stacklevel=3)
@@ -122,7 +153,10 @@ def _register() -> str | None:
     if lib is None:
         return why
     handler = lib.Any4LutGemm if command_buffer_enabled() else lib.Any4LutGemmNoCommandBuffer
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="CUDA")
+    try:
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="CUDA")
+    except Exception as e:  # XLA's own refusal (a version or platform mismatch), in its words
+        return f"XLA refused the CUDA library's handler ({e}); rebuild: {REBUILD}"
     return None
 
 

@@ -1,6 +1,7 @@
 """The CUDA LUT GEMM: its weight layout and data flow on CPU (emulated from the prepared
 arrays), the compile check, and the GPU runs (marker `gpu`)."""
 
+import ctypes
 import os
 import re
 import shutil
@@ -184,6 +185,64 @@ def test_loader_refuses_a_stale_library_and_warns_on_another_jaxlib(tmp_path, mo
     assert lib is None and "not built" in why and "pip install" in why
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_loader_judges_the_ffi_api_version_the_library_was_built_against(tmp_path, monkeypatch):
+    """XLA refuses a handler built against a newer FFI API than its own (jax 0.12's headers under
+    jax 0.10: "the handler's API version (0.5) is incompatible with the framework's API version
+    (0.3)"); the loader says so before XLA does, and an older API loads without a warning."""
+    import warnings
+
+    from any4_jax.kernels import cuda_ffi
+    from any4_jax.kernels.build_cuda import source_hash
+
+    major, minor = cuda_ffi.running_ffi_api()
+    for i, (api, ok) in enumerate([(f"{major}.{minor + 1}", False), (f"{major + 1}.0", False),
+                                   (f"{major}.{minor}", True), (f"{major}.{minor - 1}", True)]):
+        (tmp_path / str(i)).mkdir()
+        monkeypatch.setenv("ANY4_JAX_CUDA_LIB", _fake_library(
+            tmp_path / str(i), f"sources={source_hash()};jaxlib=9.9.9;ffi_api={api}"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a compatible API: no jaxlib-version warning
+            lib, why = cuda_ffi._load()
+        if ok:
+            assert lib is not None and why is None, (api, why)
+        else:
+            assert lib is None and f"XLA FFI API {api}" in why and "refuses" in why, (api, why)
+            assert f"FFI API {major}.{minor})" in why and "rebuild" in why
+
+
+def test_running_ffi_api_is_the_installed_jaxlibs():
+    from any4_jax.kernels import cuda_ffi
+
+    major, minor = cuda_ffi.running_ffi_api()
+    assert major == 0 and minor >= 1  # jaxlib 0.10.2: (0, 3); 0.11.2: (0, 4); 0.12: (0, 5)
+    assert cuda_ffi.ffi_api_compatible(f"{major}.{minor}", (major, minor))
+    assert not cuda_ffi.ffi_api_compatible(f"{major}.{minor + 1}", (major, minor))
+
+
+def test_a_handler_xla_refuses_is_a_reason_not_a_crash(monkeypatch):
+    """Whatever XLA says when it refuses the handler becomes the reason `can_use` reports (so
+    `implementation=None` moves on to the next implementation), with the rebuild command."""
+    from any4_jax.kernels import cuda_ffi
+
+    class Lib:
+        Any4LutGemm = Any4LutGemmNoCommandBuffer = ctypes.cast(1, ctypes.c_void_p)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("INVALID_ARGUMENT: the handler's API version (0.5) is incompatible")
+
+    monkeypatch.setattr(cuda_ffi, "_load", lambda: (Lib(), None))
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    monkeypatch.setattr(jax.ffi, "pycapsule", lambda fn: fn)
+    cuda_ffi._register.cache_clear()
+    try:
+        why = cuda_ffi._register()
+    finally:
+        cuda_ffi._register.cache_clear()
+    assert why.startswith("XLA refused the CUDA library's handler (INVALID_ARGUMENT: the "
+                          "handler's API version (0.5)") and "build_cuda" in why
+
+
 def test_build_identity_covers_every_kernel_header():
     """The library's staleness check hashes HEADERS (build_cuda.py) and CMake hashes
     ANY4_CUDA_HEADERS: both must list every header the library can include, or an edit to one
@@ -211,7 +270,9 @@ def test_built_library_matches_the_sources():
         pytest.skip("the CUDA library is not built here")
     lib, why = cuda_ffi._load()
     assert why is None, why
-    assert set(cuda_ffi.build_info(lib)) == {"sources", "jaxlib"}
+    info = cuda_ffi.build_info(lib)
+    assert set(info) == {"sources", "jaxlib", "ffi_api"}
+    assert cuda_ffi.ffi_api_compatible(info["ffi_api"], cuda_ffi.running_ffi_api()), info
     # both handlers: command-buffer compatible (the default) and launched from the host
     assert lib.Any4LutGemm and lib.Any4LutGemmNoCommandBuffer
 
