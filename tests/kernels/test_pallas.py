@@ -238,11 +238,25 @@ def test_gpu_lookup_variants(rng, variant):
     """Every lookup / post-scale / split-K variant compiled by Triton and run on a Llama-3-8B
     shape (what the tuner may put in the table), against the reference."""
     n, k = LLAMA_SHAPES["llama3-8b/qkv"]
-    qw = random_qweight(jax.random.key(int(rng.integers(2**31))), n, k, group_size=128)
+    _check_m1_m16(rng, n, k, 128, lambda x, qw: lut_matmul_pallas(
+        x, qw, config=variant, pairs=_pairs(variant, qw)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g", [32, 1024])
+def test_gpu_group_size_extremes(rng, g):
+    """The ends of the issue's 32-1024 range compiled by Triton (the shape tests run g128; at
+    1024 a group spans several K blocks), with the configuration the rule picks."""
+    n, k = LLAMA_SHAPES["llama3-8b/o"]
+    _check_m1_m16(rng, n, k, g, lambda x, qw: lut_matmul(x, qw, implementation="pallas"))
+
+
+def _check_m1_m16(rng, n, k, g, fn):
+    """fn(x, qweight) against the reference on a random [n, k] weight at M = 1 and 16."""
+    qw = random_qweight(jax.random.key(int(rng.integers(2**31))), n, k, group_size=g)
     for m in (1, 16):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-        y = lut_matmul_pallas(x, qw, config=variant,
-                              pairs=_pairs(variant, qw)).astype(jnp.float32)
+        y = fn(x, qw).astype(jnp.float32)
         ref = lut_matmul_reference(x, qw).astype(jnp.float32)
         err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
         assert err < TOLERANCE[jnp.bfloat16], (m, err)
