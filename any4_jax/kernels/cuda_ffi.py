@@ -88,7 +88,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if not found:
         return None, (f"the CUDA library is not built ({' or '.join(library_candidates())} "
                       f"missing): run {REBUILD}")
-    expected = source_hash()
+    import jaxlib
+
+    expected, running = source_hash(), running_ffi_api()
     problems = []
     for path in found:
         try:
@@ -101,10 +103,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             problems.append(f"{path} was built from other kernel sources than this checkout's "
                             f"ffi_kernels/ (a stale build)")
             continue
-        import jaxlib
-
-        built = info.get("jaxlib", "unknown")
-        built_api, running = info.get("ffi_api"), running_ffi_api()
+        built, built_api = info.get("jaxlib", "unknown"), info.get("ffi_api")
         if built_api and running:
             if not ffi_api_compatible(built_api, running):
                 problems.append(
