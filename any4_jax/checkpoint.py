@@ -22,7 +22,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
+from tokenizers import Tokenizer as HFTok
+
+from any4_jax.models.llama.config import LlamaConfig
+from any4_jax.models.llama.modules import Llama
+from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
+from any4_jax.nn.layers import dense_layers, set_layer
+from any4_jax.nn.qdense import QuantDense
 
 FORMAT_VERSION = 1
 META_FILE = "any4.json"
@@ -59,12 +67,8 @@ def _save_tokenizer(tokenizer, directory: Path) -> dict:
 
 
 def _load_tokenizer(directory: str, info: dict):
-    from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
-
     if info.get("kind") == "transformers":
         return hf_tokenizer(directory)
-    from tokenizers import Tokenizer as HFTok
-
     f = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(f):
         raise CheckpointFormatError(f"{directory}: tokenizer.json missing")
@@ -74,18 +78,12 @@ def _load_tokenizer(directory: str, info: dict):
 
 
 def quantized_layer_meta(model) -> dict[str, dict]:
-    from any4_jax.quant.calibrate import dense_layers
-    from any4_jax.quant.qdense import QuantDense
-
     return {p: layer.meta() for p, layer in dense_layers(model) if isinstance(layer, QuantDense)}
 
 
 def _canonical_state(model) -> dict:
     """The model's state as a pure dict, with every QuantDense in the canonical layout (a
     layer prepared for a kernel is converted back, so checkpoints never depend on a kernel)."""
-    from any4_jax.quant.calibrate import dense_layers
-    from any4_jax.quant.qdense import QuantDense
-
     _, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
     for path, layer in dense_layers(model):
@@ -104,8 +102,6 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
     `metadata` (JSON-serialisable: quantization/calibration settings, source model, report)
     is stored under "run". Returns the final path.
     """
-    import orbax.checkpoint as ocp
-
     final = Path(path).absolute()
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; choose another --out or pass overwrite "
@@ -172,10 +168,6 @@ def read_metadata(path) -> dict:
 
 def abstract_quantized_model(config, param_dtype, layers: dict[str, dict]):
     """The model structure of a checkpoint, with shapes only (no memory)."""
-    from any4_jax.models.llama.modules import Llama
-    from any4_jax.quant.calibrate import set_layer
-    from any4_jax.quant.qdense import QuantDense
-
     def build():
         m = Llama(config, param_dtype=jnp.dtype(param_dtype), rngs=nnx.Rngs(0))
         for p, meta in layers.items():
@@ -187,10 +179,6 @@ def abstract_quantized_model(config, param_dtype, layers: dict[str, dict]):
 
 def load_quantized(path):
     """(model, config, tokenizer, metadata) from a checkpoint directory."""
-    import orbax.checkpoint as ocp
-
-    from any4_jax.models.llama.config import LlamaConfig
-
     path = os.path.abspath(path)
     meta = read_metadata(path)
     try:

@@ -14,8 +14,10 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from any4_jax.quant.calibrate import collect_inputs, get_layer
+from any4_jax.nn.layers import get_layer
+from any4_jax.ptq.calibrate import collect_inputs
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.formats import NF4_TABLE
 from any4_jax.quant.quantize import quantize_weight
@@ -33,8 +35,6 @@ class LayerError:
 def analyze(model, tokens: np.ndarray, paths: list[str], formats: list[str], *,
             group_size: int | None, statistic: str = "abs_of_mean", progress: bool = True):
     """Returns (list[LayerError], {path: {format: QuantizedWeight}} for the plots)."""
-    from tqdm.auto import tqdm
-
     inputs = collect_inputs(model, tokens, paths)
     results, qws = [], {}
     for p in tqdm(paths, desc="analyzing", unit="layer", disable=not progress):
@@ -69,6 +69,7 @@ def summary_table(results: list[LayerError], formats: list[str]) -> str:
 
 
 def plot_errors(results: list[LayerError], formats: list[str], path: str) -> str:
+    # matplotlib is slow to import and its backend is chosen here: only when plotting
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +100,7 @@ def plot_row_histogram(model, layer_path: str, row: int, qw_any, path: str, *,
                        group_size: int | None) -> str:
     """Histogram of one row's group-scaled weights (units of the 4-bit grid, [0, 15]) with the
     row's any4 table, the int4 grid and the nf4 table mapped onto the same range."""
+    # matplotlib is slow to import and its backend is chosen here: only when plotting
     import matplotlib
 
     matplotlib.use("Agg")

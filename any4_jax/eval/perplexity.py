@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 
 @dataclasses.dataclass
@@ -102,8 +103,6 @@ def perplexity(model, ids, *, seq_len: int = 2048, max_windows: int | None = Non
     t0 = time.perf_counter()
     step = _step.lower(graphdef, state, jnp.asarray(batches[0])).compile()
     compile_s = time.perf_counter() - t0
-
-    from tqdm.auto import tqdm
 
     out = []
     bar = tqdm(total=n, unit="win", desc=f"perplexity ({seq_len} tok/window)",

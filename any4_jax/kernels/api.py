@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from any4_jax import settings
 from any4_jax.kernels.cuda_layout import CudaWeight, prepare_cuda
 from any4_jax.kernels.reference import lut_matmul_reference
 from any4_jax.kernels.tuning import cuda_dense_threshold
@@ -38,7 +38,8 @@ class Implementation:
     fn: Callable[[jax.Array, QuantizedWeight], jax.Array]
     can_use: Callable[[jax.Array, QuantizedWeight], list[str]]
     # Picked by implementation=None only once it has passed its tests on real hardware
-    # (or with ANY4_JAX_UNVERIFIED_KERNELS=1); asking for it by name always works.
+    # (or with ANY4_JAX_UNVERIFIED_KERNELS=1; docs/kernels.md has the table); asking for it by
+    # name always works.
     verified: bool = True
 
 
@@ -73,7 +74,6 @@ def _lazy(module: str, name: str) -> Callable:
 # The kernel modules are imported (and their libraries built / loaded) on first use.
 _REGISTRY: dict[str, Implementation] = {
     "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
-    # Not yet run on a GPU (no GPU in the sessions that wrote them): see README.
     "pallas": Implementation("pallas", _lazy("any4_jax.kernels.pallas_gpu", "lut_matmul_pallas"),
                              _lazy("any4_jax.kernels.pallas_gpu", "can_use_pallas"),
                              verified=False),
@@ -83,18 +83,14 @@ _REGISTRY: dict[str, Implementation] = {
                           _lazy("any4_jax.kernels.cpu", "can_use_cpu")),
 }
 
-# Tried in this order when implementation=None; only registered ones count.
+# Tried in this order when implementation=None.
 PREFERENCE = ("cuda", "pallas", "cpu", "xla")
-KNOWN = ("xla", "pallas", "cuda", "cpu")
-
-
-def register(impl: Implementation) -> None:
-    """Adds a backend (the kernel modules call this when they are loaded)."""
-    _REGISTRY[impl.name] = impl
+KNOWN = tuple(_REGISTRY)  # the names `implementation` takes
 
 
 def available() -> list[str]:
-    return [name for name in PREFERENCE if name in _REGISTRY]
+    """Every implementation, in the order `implementation=None` tries them."""
+    return list(PREFERENCE)
 
 
 def prepare(qweight: Weight, implementation: str | None) -> Weight:
@@ -113,7 +109,7 @@ def pick(x: jax.Array, qweight: Weight) -> str:
     the CUDA kernel first; otherwise the first usable verified implementation in PREFERENCE
     (unverified ones too with ANY4_JAX_UNVERIFIED_KERNELS=1); "xla" always can. The CUDA
     kernel is skipped above `tuning.cuda_dense_threshold` rows of x."""
-    allow_unverified = os.environ.get("ANY4_JAX_UNVERIFIED_KERNELS") == "1"
+    allow_unverified = settings.unverified_kernels()
     order = available()
     if isinstance(qweight, CudaWeight) and "cuda" in order:
         order = ["cuda"] + [n for n in order if n != "cuda"]
@@ -132,9 +128,6 @@ def can_use(implementation: str, x: jax.Array, qweight: Weight) -> list[str]:
     """Why `implementation` cannot run this input: [] if it can."""
     reasons = _common_reasons(x, qweight)
     if implementation not in _REGISTRY:
-        if implementation in KNOWN:
-            return reasons + [f"the {implementation!r} implementation is not available in this "
-                              f"installation (available: {', '.join(available())})"]
         return reasons + [f"unknown implementation {implementation!r}; choose one of "
                           f"{', '.join(KNOWN)} or None for the best available"]
     if implementation != "cuda" and isinstance(qweight, CudaWeight):

@@ -4,9 +4,9 @@ For the small M of decoding, where the reference path dequantizes the whole weig
 on every call and then reads it again: this kernel reads the packed 4-bit codes once per four
 rows of x and dequantizes in registers (AVX-512: one permute looks up 16 table entries; AVX2
 and a scalar loop otherwise), rows of the weight spread over XLA's intra-op threads
-(`csrc/lut_gemm_cpu.cc`). Above `MAX_ROWS` rows of x the reference's dense GEMM is faster
-and this kernel declines. The library is compiled on first use into the cache
-(`any4_jax/cpu_build.py`); `ANY4_JAX_CPU_KERNEL=0` turns it off.
+(`ffi_kernels/lut_gemm_cpu.cc`). Above `MAX_ROWS` rows of x the reference's dense GEMM is
+faster and this kernel declines. The library is compiled on first use into the cache
+(`native.loader`); `ANY4_JAX_CPU_KERNEL=0` turns it off.
 
 Numerics follow the reference: the weight is `fma(lut[c], scale, zero)` in float32 rounded to
 x's dtype (bit for bit `dequantize(x.dtype)`, so identity activations give the dequantized
@@ -16,54 +16,40 @@ to x's dtype.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from any4_jax import settings
+from any4_jax.native import loader
 from any4_jax.quant.qweight import QuantizedWeight
 
 TARGET = "any4_lut_gemm_cpu"
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "lut_gemm_cpu.cc")
 # Rows of x above which the reference (dequantize once, XLA's GEMM) wins on the CPU: measured
-# with scripts/bench_kernels.py on the 2-core development machine (see README).
+# with scripts/bench_kernels.py on the 2-core development machine (docs/kernels.md).
 MAX_ROWS = 32
 
 
 @functools.cache
-def _library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    from any4_jax.cpu_build import build_library
-
-    path = build_library("lut_gemm_cpu", SOURCE, what="the CPU LUT GEMM",
-                         extra_flags=extra_flags)
-    return None if path is None else ctypes.cdll.LoadLibrary(path)
-
-
-@functools.cache
-def _registered() -> bool:
-    lib = _library()
-    if lib is None:
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Any4LutGemmCpu), platform="cpu")
-    return True
+def _registered() -> str | None:
+    return loader.register(loader.load_cpu("lut_gemm_cpu"), target=TARGET,
+                           symbol="Any4LutGemmCpu", platform="cpu", what="the CPU LUT GEMM")
 
 
 def _register() -> str | None:
     """Builds, loads and registers the handler (once); a reason when it cannot run."""
-    if os.environ.get("ANY4_JAX_CPU_KERNEL", "1") == "0":
+    if not settings.cpu_kernel_enabled():
         return "the CPU kernel is turned off (ANY4_JAX_CPU_KERNEL=0)"
-    if not _registered():
-        return "the CPU kernel could not be built (no C++ compiler, or the build failed)"
-    return None
+    why = _registered()
+    return None if why is None else f"the CPU kernel cannot run: {why}"
 
 
-def vector_width() -> int:
+def vector_width(extra_flags: tuple[str, ...] = ()) -> int:
     """Floats per vector in the built library: 16 (AVX-512), 8 (AVX2) or 0 (scalar)."""
-    lib = _library()
+    lib = loader.load_cpu("lut_gemm_cpu", extra_flags).lib
     return 0 if lib is None else int(lib.Any4LutGemmCpuVectorWidth())
 
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from any4_jax.quant.qweight import QuantizedWeight, pack_codes, unpack_codes
+from any4_jax.kernels.limits import multiple_reasons
+from any4_jax.quant.qweight import QuantizedWeight, WeightMeta, pack_codes, unpack_codes
 
 TILE_N, CHUNK_K = 16, 32
 
@@ -49,26 +50,31 @@ class CudaWeight:
     lut: jax.Array  # [N, 16] bfloat16, float16 or float32 (one dtype for the three)
     scales: jax.Array  # [N/16, K/g, 16]: tile-major (`tile_groups`)
     zeros: jax.Array  # [N/16, K/g, 16]
-    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-    group_size: int = dataclasses.field(metadata=dict(static=True))
-    int_offset: int = dataclasses.field(metadata=dict(static=True))  # -1: use the table
-    # the canonical QuantizedWeight's metadata, for `canonical()`
-    format: str = dataclasses.field(metadata=dict(static=True))
-    n_bit: int = dataclasses.field(metadata=dict(static=True))
-    symmetric: bool = dataclasses.field(metadata=dict(static=True))
-    dtype: str = dataclasses.field(metadata=dict(static=True))
-    table_dtype: str = dataclasses.field(metadata=dict(static=True))
+    meta: WeightMeta = dataclasses.field(metadata=dict(static=True))  # the canonical weight's
+    table_dtype: str = dataclasses.field(metadata=dict(static=True))  # the canonical lut's
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.meta.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.meta.group_size
+
+    @property
+    def int_offset(self) -> int:
+        """The integer grid's offset (the kernel skips the table), or -1: read the table."""
+        offset = self.meta.int_grid_offset()
+        return -1 if offset is None else offset
 
     def canonical(self) -> QuantizedWeight:
         """The canonical QuantizedWeight this was prepared from (bit-exact; jit-able)."""
         n, k = self.shape
         tdt = jnp.dtype(self.table_dtype)
-        return QuantizedWeight(
-            codes=_unprepare_codes_jnp(self.codes, n=n, k=k), lut=self.lut.astype(tdt),
-            scales=untile_groups(self.scales).astype(tdt),
-            zeros=untile_groups(self.zeros).astype(tdt), format=self.format,
-            n_bit=self.n_bit, group_size=self.group_size, symmetric=self.symmetric,
-            shape=self.shape, dtype=self.dtype)
+        return QuantizedWeight.from_meta(
+            self.meta, codes=_unprepare_codes_jnp(self.codes, n=n, k=k),
+            lut=self.lut.astype(tdt), scales=untile_groups(self.scales).astype(tdt),
+            zeros=untile_groups(self.zeros).astype(tdt))
 
     def nbytes(self) -> int:
         return sum(int(np.prod(a.shape)) * a.dtype.itemsize
@@ -88,14 +94,10 @@ def untile_groups(a):
 
 
 def layout_reasons(n: int, k: int, g: int) -> list[str]:
-    reasons = []
-    if n % TILE_N:
-        reasons.append(f"N={n} is not a multiple of {TILE_N}")
-    if k % CHUNK_K:
-        reasons.append(f"K={k} is not a multiple of {CHUNK_K}")
-    if g % CHUNK_K:
-        reasons.append(f"group_size={g} is not a multiple of {CHUNK_K}")
-    return reasons
+    """Why the layout cannot hold an [N, K] weight with groups of g: tiles of 16 rows and
+    chunks of 32 along K, each inside one group."""
+    return multiple_reasons(n=n, k=k, g=g, n_multiple=TILE_N, k_multiple=CHUNK_K,
+                            g_multiple=CHUNK_K)
 
 
 # The fragment order is a pure permutation of index bits: lane = 4g + t and nibble
@@ -135,9 +137,7 @@ def prepare_cuda(qw: QuantizedWeight) -> CudaWeight:
         tdt = jnp.dtype(jnp.float32)
     return CudaWeight(codes=_prepare_codes(qw.codes, n=n, k=k),
                       lut=qw.lut.astype(tdt), scales=tile_groups(qw.scales.astype(tdt)),
-                      zeros=tile_groups(qw.zeros.astype(tdt)), shape=(n, k),
-                      group_size=qw.group_size, int_offset=qw.int_grid_offset() or -1,
-                      format=qw.format, n_bit=qw.n_bit, symmetric=qw.symmetric, dtype=qw.dtype,
+                      zeros=tile_groups(qw.zeros.astype(tdt)), meta=qw.meta,
                       table_dtype=str(jnp.dtype(qw.lut.dtype)))
 
 

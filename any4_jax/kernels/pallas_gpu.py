@@ -34,12 +34,11 @@ blocks of BK (BK divides g, so one scale and one zero per row and block). Per bl
      16-row operand (acc [BN, BM] = W . x^T, transposed once at the store: fewer registers
      and operand moves than x . W^T, as in tinygemm).
 Instruction counts per weight of the K loop on Llama-3-8B gate/up, M=1, sm_90, from the SASS
-(`scripts/pallas_sass.py`, no GPU): select 19.2, gather 12.3, gather + post-scale 9.3,
-pair + post-scale 5.5 (int4: 7.1 -> 5.2). Which is faster on a GPU is for
-`scripts/bench_kernels.py` / `scripts/tune_pallas.py` to measure; the rule of thumb takes
-gather + post-scale (the cheapest without extra bytes; the select tree is the only variant
-timed so far), and `lut_matmul` does not make pair tables (a caller passes them to
-`lut_matmul_pallas`).
+(`scripts/sass_count.py pallas`, no GPU needed): select 19.2, gather 12.3, gather +
+post-scale 9.3, pair + post-scale 5.5 (int4: 7.1 -> 5.2). The rule of thumb
+(`tuning.default_config`) takes gather + post-scale, the cheapest without extra bytes; the
+tuner measures the others, and `lut_matmul` does not make pair tables (a caller passes them to
+`lut_matmul_pallas`). Measured times: docs/kernels.md.
 The table, scales and zeros are read in their canonical [N, 16 | K/g] layout: a program loads
 its BN rows' 16 table entries once (one [BN, 1] column per entry) and one [BN, 1] column of
 scales and zeros per K block, so no per-call transpose or re-layout runs in XLA.
@@ -51,19 +50,19 @@ in their default GPU backend for Pallas.
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from any4_jax.kernels.tuning import CONFIG_KEYS, block_config, dense_threshold
+from any4_jax.kernels.limits import multiple_reasons
+from any4_jax.kernels.tuning import PallasConfig, block_config, dense_threshold
 from any4_jax.quant.qweight import QuantizedWeight
 
 NAME = "any4_lut_matmul"
-LOOKUPS = ("select", "gather", "pair")
 # the lookup variants by name (config keys; tuner, benchmarks and SASS counts use these names).
 # "pair" reads a pair table (`pair_table`, passed as `pairs=`) and is a post-scale lookup only
 VARIANTS = {**{f"{lookup}{'+post' if post else ''}": {"lookup": lookup, "post_scale": post}
@@ -183,8 +182,6 @@ def _kernel(xe_ref, xo_ref, codes_ref, lut_ref, scales_ref, zeros_ref, *refs,
                                              "split_k"))
 def _call(x2, codes, lut, scales, zeros, pairs, *, g, int_offset, interpret, bm, bn, bk,
           num_warps, num_stages, lookup="select", post_scale=False, split_k=1):
-    from jax.experimental.pallas import triton as plgpu
-
     m, k = x2.shape
     n = codes.shape[0]
     mp = -(-m // bm) * bm
@@ -237,35 +234,29 @@ def _call(x2, codes, lut, scales, zeros, pairs, *, g, int_offset, interpret, bm,
     return out[:m]
 
 
-def _config(config: dict | None, *, m: int, n: int, k: int, g: int) -> dict:
-    """The tuning table's (or rule's) configuration for this shape, overridden by `config`
-    (any subset of CONFIG_KEYS), checked: every problem named, with the constraint."""
-    cfg = block_config(m=m, n=n, k=k, g=g)
-    unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown Pallas config keys {unknown}; known: {list(CONFIG_KEYS)}")
-    cfg.update(config or {})
-    bn, bk, s = cfg["bn"], cfg["bk"], cfg["split_k"]
-    problems = []
-    if cfg["lookup"] not in LOOKUPS:
-        problems.append(f"lookup={cfg['lookup']!r} is not one of {LOOKUPS}")
-    if n % bn:
-        problems.append(f"bn={bn} does not divide N={n}")
-    if g % bk:
-        problems.append(f"bk={bk} does not divide the group size {g} (one scale per block)")
-    if s < 1 or k % (s * g):
-        problems.append(f"split_k={s}: each split must cover whole groups, K={k} is not a "
-                        f"multiple of split_k x group_size = {s * g}")
+def _config(config: PallasConfig | None, overrides: dict, *, m: int, n: int, k: int,
+            g: int) -> PallasConfig:
+    """`config` (default: the tuning table's for this shape) with `overrides` applied, checked:
+    every problem named, with the constraint."""
+    if config is None:
+        config = block_config(m=m, n=n, k=k, g=g)
+    elif not isinstance(config, PallasConfig):
+        raise TypeError(f"config must be a PallasConfig, got {type(config).__name__}; pass "
+                        "single settings as keywords instead (e.g. lookup='select')")
+    cfg = config.replace(**overrides)
+    problems = cfg.problems(n=n, k=k, g=g)
     if problems:
-        raise ValueError("Pallas config " + json.dumps(cfg) + ": " + "; ".join(problems))
+        raise ValueError(f"{cfg}: " + "; ".join(problems))
     return cfg
 
 
 def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *, interpret: bool = False,
-                      config: dict | None = None, pairs: jax.Array | None = None) -> jax.Array:
-    """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests);
-    `config` overrides any of the tuning table's keys (`tuning.CONFIG_KEYS`: bm, bn, bk,
-    num_warps, num_stages, lookup "select" | "gather" | "pair", post_scale, split_k).
+                      config: PallasConfig | None = None, pairs: jax.Array | None = None,
+                      **overrides) -> jax.Array:
+    """x: [..., K] -> [..., N]; `interpret=True` runs the kernel on any backend (tests).
+    `config`: a `PallasConfig` (default: the tuning table's for this shape); `overrides`:
+    single fields of it by keyword (bm, bn, bk, num_warps, num_stages, lookup "select" |
+    "gather" | "pair", post_scale, split_k).
 
     `pairs`: the weight's `pair_table(qweight.lut)`, prepared once: the kernel then looks up
     both weights of a code byte with one load (lookup "pair", post-scale; unless `config`
@@ -279,30 +270,27 @@ def lut_matmul_pallas(x: jax.Array, qweight: QuantizedWeight, *, interpret: bool
         if tuple(pairs.shape) != (n, 256) or jnp.dtype(pairs.dtype) != jnp.dtype(jnp.uint32):
             raise ValueError(f"pairs must be the [{n}, 256] uint32 table pair_table(qweight.lut) "
                              f"of this weight; got {pairs.dtype} {tuple(pairs.shape)}")
-        config = {"lookup": "pair", "post_scale": True, **(config or {})}
-    cfg = _config(config, m=x2.shape[0], n=n, k=k, g=qweight.group_size)
-    if cfg["lookup"] == "pair" and pairs is None:
+        if config is None:
+            overrides = {"lookup": "pair", "post_scale": True, **overrides}
+    cfg = _config(config, overrides, m=x2.shape[0], n=n, k=k, g=qweight.group_size)
+    if cfg.lookup == "pair" and pairs is None:
         raise ValueError("lookup='pair' reads a pair table: pass pairs=pair_table(qweight.lut) "
                          "(from any4_jax.kernels.pallas_gpu; prepared once per weight), or use "
                          "lookup='gather'")
     y = _call(x2, qweight.codes, qweight.lut, qweight.scales, qweight.zeros, pairs,
               g=qweight.group_size, int_offset=qweight.int_grid_offset(), interpret=interpret,
-              **cfg)
+              **cfg.to_dict())
     return y.reshape(*lead, n)
 
 
 def can_use_pallas(x, qweight: QuantizedWeight, *, interpret: bool = False) -> list[str]:
     reasons = []
     n, k = qweight.shape
-    g = qweight.group_size
     if not interpret and jax.default_backend() != "gpu":
         reasons.append(f"the Pallas kernel needs a CUDA GPU (jax's backend is "
                        f"{jax.default_backend()!r})")
-    if g % 32:
-        reasons.append(f"group_size={g} is not a multiple of 32 (the kernel's smallest K "
-                       "block)")
-    if n % 16:
-        reasons.append(f"N={n} is not a multiple of 16")
+    reasons += multiple_reasons(n=n, g=qweight.group_size, n_multiple=16, g_multiple=32,
+                                why="the kernel's smallest tile")
     m = math.prod(x.shape[:-1])  # rows of x
     limit = dense_threshold(n=n, k=k)
     if m > limit:

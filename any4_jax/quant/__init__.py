@@ -1,15 +1,19 @@
-"""Quantization core: formats, group scaling, weighted k-means, matrix -> QuantizedWeight."""
+"""Quantization numerics: formats, group scaling, batched weighted k-means, and
+`quantize_weight`: one [N, K] matrix -> `QuantizedWeight` (the contract with the kernels).
+No flax, no kernels, no models."""
 
-from any4_jax.quant.config import KMeansConfig, QuantConfig
+from any4_jax.quant.config import DEFAULT_GROUP_SIZE, KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FORMAT_NAMES, parse_format
 from any4_jax.quant.quantize import quantize_weight, row_mesh
-from any4_jax.quant.qweight import QuantizedWeight, pack_codes, unpack_codes
+from any4_jax.quant.qweight import QuantizedWeight, WeightMeta, pack_codes, unpack_codes
 
 __all__ = [
+    "DEFAULT_GROUP_SIZE",
     "FORMAT_NAMES",
     "KMeansConfig",
     "QuantConfig",
     "QuantizedWeight",
+    "WeightMeta",
     "pack_codes",
     "parse_format",
     "quantize_weight",

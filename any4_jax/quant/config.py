@@ -7,9 +7,11 @@ import dataclasses
 import jax.numpy as jnp
 
 from any4_jax.quant.formats import FormatSpec, parse_format
+from any4_jax.quant.qweight import check_group_size
 
 KMEANS_INITS = ("kmeans++", "random", "int", "nf4")
 SAMPLE_WEIGHTINGS = ("none", "activations", "activations_x_scales")
+DEFAULT_GROUP_SIZE = 128  # the paper's and the reference release's
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,7 +59,7 @@ class QuantConfig:
     """
 
     format: str = "any4"
-    group_size: int | None = 128
+    group_size: int | None = DEFAULT_GROUP_SIZE
     symmetric: bool = False
     dtype: str | None = None
     sample_weighting: str = "activations_x_scales"
@@ -97,12 +99,7 @@ class QuantConfig:
     def resolve_group_size(self, k: int, *, name: str = "weight") -> int:
         """The group size for a row of length k, with an error that names the fix."""
         g = k if self.group_size is None else self.group_size
-        if k % g:
-            divisors = [d for d in (32, 64, 128, 192, 256, 512, 1024) if k % d == 0]
-            raise ValueError(
-                f"{name}: in_features {k=} is not divisible by group_size={g}; choose a group "
-                f"size that divides {k} (e.g. {divisors or [k]}) or group_size=None for whole rows"
-            )
+        check_group_size(k, g, name=name)
         return g
 
     def replace(self, **changes) -> QuantConfig:

@@ -2,45 +2,37 @@
 
 XLA:CPU runs the row-wise k-means as many small gathers and scans; a C++ loop over each row
 (radix sort, prefix sums in float64, prefix-sum k-means++ and Lloyd, rows split over
-threads) does the same work several times faster. The source (`csrc/kmeans_cpu.cc`) is
-compiled with the system C++ compiler against the installed jaxlib's FFI headers into the
-cache (`$ANY4_JAX_CACHE/lib`), once per source/jax version; without a compiler, or with
+threads) does the same work several times faster. The source (`ffi_kernels/kmeans_cpu.cc`)
+is compiled by `native.loader` on first use; without a compiler, or with
 ANY4_JAX_CPU_KMEANS=0, quantization uses the XLA implementation (same algorithm, float32
 prefix sums, different random streams: results agree in quality, not bit for bit).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from any4_jax import settings
+from any4_jax.native import loader
+
 TARGET = "any4_kmeans_rows"
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "kmeans_cpu.cc")
-
-
-@functools.cache
-def _library() -> str | None:
-    """Path of the compiled library (building it if needed), or None with a warning."""
-    if os.environ.get("ANY4_JAX_CPU_KMEANS", "1") == "0":
-        return None
-    from any4_jax.cpu_build import build_library
-
-    return build_library("kmeans_cpu", SOURCE, what="any-n k-means")
 
 
 @functools.cache
 def available() -> bool:
-    path = _library()
-    if path is None:
+    """Whether the compiled k-means runs here (built, loaded and registered, once)."""
+    if not settings.cpu_kmeans_enabled():
         return False
-    lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Any4KMeansRows), platform="cpu")
-    return True
+    why = loader.register(loader.load_cpu("kmeans_cpu"), target=TARGET,
+                          symbol="Any4KMeansRows", platform="cpu", what="the CPU k-means")
+    if why:
+        warnings.warn(f"{why}; any-n k-means runs on the (slower) XLA path", stacklevel=2)
+    return why is None
 
 
 def kmeans_rows_cpu(ws, sws, row_ids, init, *, k: int, max_iter: int, tol: float, seed: int,

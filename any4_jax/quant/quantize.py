@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
-from any4_jax.quant import scaling
+from any4_jax.quant import kmeans_cpu, scaling
 from any4_jax.quant.config import KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FormatSpec, int_grid_table
 from any4_jax.quant.kmeans import assign_sorted_codes, grid_init, kmeans_rows
+from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu
 from any4_jax.quant.qweight import QuantizedWeight, pack_codes
 from any4_jax.quant.rowsort import sort_rows_auto
 
@@ -37,7 +39,8 @@ def row_mesh(devices=None) -> Mesh:
 
 
 def validate_weight(w, *, name: str = "weight") -> jax.Array:
-    """Checks a weight is a finite 2-D float matrix with an even K; returns it as a jax Array."""
+    """Checks a weight is a finite 2-D float matrix; returns it as a jax Array (the group
+    size rule, which also wants K even, is `QuantConfig.resolve_group_size`'s)."""
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         raise TypeError(f"{name}: expected an array of shape [out_features, in_features], "
                         f"got {type(w).__name__}")
@@ -48,9 +51,6 @@ def validate_weight(w, *, name: str = "weight") -> jax.Array:
         )
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"{name}: expected a floating-point weight, got dtype {w.dtype}")
-    n, k = w.shape
-    if k % 2:
-        raise ValueError(f"{name}: in_features K={k} must be even (two 4-bit codes per byte)")
     w = jnp.asarray(w)
     bad = ~jnp.isfinite(w)
     count = int(jnp.sum(bad))
@@ -146,8 +146,6 @@ def _encode_any_rows(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
 def _encode_any_rows_cpu(ws, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
                          kmeans: KMeansConfig):
     """Learned tables with the compiled CPU k-means (it sorts the rows itself)."""
-    from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu
-
     k = spec.n_levels
     plusplus = kmeans.init == "kmeans++"
     if plusplus:
@@ -166,8 +164,6 @@ def _encode_any_rows_cpu(ws, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
 def _use_cpu_kmeans(kmeans: KMeansConfig) -> bool:
     if jax.default_backend() != "cpu" or kmeans.init == "random":
         return False
-    from any4_jax.quant import kmeans_cpu
-
     return kmeans_cpu.available()
 
 
@@ -244,8 +240,6 @@ def quantize_weight(
     outs = []
     starts = range(0, n, rows)
     if progress and n > rows:  # a bar only when there is more than one chunk
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc=f"{name} [{n}x{k}] {spec.name}", unit="chunk", leave=False)
     for start in starts:
         stop = min(start + rows, n)

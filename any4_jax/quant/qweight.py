@@ -19,6 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from any4_jax.quant.formats import int_grid_table
+
+
+def check_group_size(k: int, g: int, *, name: str = "weight") -> None:
+    """The one rule of group sizes: g divides K, and K is even (two codes per byte). A
+    ValueError that names the fix."""
+    if k % 2:
+        raise ValueError(f"{name}: in_features K={k} must be even (two 4-bit codes per byte)")
+    if k % g:
+        divisors = [d for d in (32, 64, 128, 192, 256, 512, 1024) if k % d == 0]
+        raise ValueError(
+            f"{name}: in_features {k=} is not divisible by group_size={g}; choose a group "
+            f"size that divides {k} (e.g. {divisors or [k]}) or group_size=None for whole rows")
+
 
 def pack_codes(codes: jax.Array) -> jax.Array:
     """codes: [..., K] integers in [0, 15] -> [..., K // 2] uint8, element 2j in the low nibble."""
@@ -33,6 +47,26 @@ def unpack_codes(packed: jax.Array) -> jax.Array:
     lo = packed & jnp.uint8(0x0F)
     hi = packed >> 4
     return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightMeta:
+    """The static description of one quantized [N, K] weight: what a QuantizedWeight's pytree
+    aux data holds, and what a prepared layout (`kernels.CudaWeight`) or a layer (`QuantDense`)
+    keeps of it, as this one object rather than copies of its fields.
+
+    dtype: the dtype `dequantize()` returns by default (the original weight's).
+    """
+
+    format: str
+    n_bit: int
+    group_size: int
+    symmetric: bool
+    shape: tuple[int, int]
+    dtype: str
+
+    def int_grid_offset(self) -> int | None:
+        return self.meta.int_grid_offset()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,8 +95,7 @@ class QuantizedWeight:
         """Raises a ValueError naming the field whose shape or dtype breaks the invariant."""
         n, k = self.shape
         g = self.group_size
-        if k % g or k % 2:
-            raise ValueError(f"QuantizedWeight: K={k} must be even and divisible by {g=}")
+        check_group_size(k, g, name="QuantizedWeight")
         lead = tuple(self.codes.shape[:-2])
         want = {
             "codes": (lead + (n, k // 2), {jnp.dtype(jnp.uint8)}),
@@ -87,6 +120,15 @@ class QuantizedWeight:
         return self
 
     @property
+    def meta(self) -> WeightMeta:
+        return WeightMeta(*(getattr(self, f) for f in self._META))
+
+    @classmethod
+    def from_meta(cls, meta: WeightMeta, *, codes, lut, scales, zeros) -> QuantizedWeight:
+        return cls(codes=codes, lut=lut, scales=scales, zeros=zeros,
+                   **dataclasses.asdict(meta))
+
+    @property
     def num_groups(self) -> int:
         return self.shape[1] // self.group_size
 
@@ -101,11 +143,7 @@ class QuantizedWeight:
                    for f in self._DATA)
 
     def int_grid_offset(self) -> int | None:
-        """For asymmetric int-n the table is exactly `code - 2^(n-1)`, so kernels can skip the
-        lookup; None for every table that has to be read."""
-        if self.format.startswith("int") and not self.symmetric:
-            return 2 ** (self.n_bit - 1)
-        return None
+        return self.meta.int_grid_offset()
 
     def bits_per_weight(self) -> float:
         n, k = self.shape
@@ -163,10 +201,7 @@ def random_qweight(key, n: int, k: int, *, fmt: str = "any4", group_size: int = 
     codes, sorted normal tables ("any4") or the integer grid ("int4"), scales in
     [0.002, 0.012) and zeros ~ 0.001 N(0, 1) varying per group. For kernel tests and benchmarks
     on large shapes, where quantizing a real matrix would cost more than what is measured."""
-    from any4_jax.quant.formats import int_grid_table
-
-    if k % group_size:
-        raise ValueError(f"random_qweight: group_size={group_size} must divide K={k}")
+    check_group_size(k, group_size, name="random_qweight")
     k1, k2, k3, k4 = jax.random.split(key, 4)
     codes = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
     if fmt == "any4":

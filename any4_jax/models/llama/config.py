@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
@@ -235,8 +237,6 @@ PUBLISHED_PARAMS = {
 
 def rope_inv_freq(config: LlamaConfig):
     """Per-pair inverse frequencies (numpy float32, [head_dim // 2]), Llama-3 scaled if set."""
-    import numpy as np
-
     hd = config.head_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32)
                                        / hd))

@@ -15,9 +15,10 @@ import re
 from collections.abc import Iterator
 
 import numpy as np
+from flax import serialization
 
-from any4_jax.models.llama.config import LlamaConfig
-from any4_jax.models.llama.params import abstract_model, assemble
+from any4_jax.models.llama.convert_hf import read_hf_config
+from any4_jax.models.llama.params import assemble
 from any4_jax.models.llama.safetensors_io import CheckpointError, indexed_shards
 
 SINGLE = "flax_model.msgpack"
@@ -77,8 +78,6 @@ def shard_files(path) -> list[str]:
 
 def read_shard(file: str) -> dict[str, np.ndarray]:
     """One msgpack file -> {"model/layers/0/...": array} (flattened with '/')."""
-    from flax import serialization
-
     with open(file, "rb") as fh:
         data = fh.read()
     try:
@@ -106,8 +105,6 @@ def load_flax_params(path) -> dict:
 
 def load_flax_model(path, *, param_dtype=None):
     """(model, config) from a HF Flax directory; param_dtype None keeps the stored dtype."""
-    from any4_jax.models.llama.convert_hf import read_hf_config
-
     path = os.fspath(path)
     config = read_hf_config(path)
     files = shard_files(path)
@@ -124,27 +121,3 @@ def load_flax_model(path, *, param_dtype=None):
             yield p, np.asarray(arr)
 
     return assemble(config, stream(), param_dtype=dtype, source=path), config
-
-
-def model_from_params(params: dict, config: LlamaConfig, *, param_dtype=None):
-    """Our Llama from a Linen-layout params tree whose kernels may be `QuantizedWeight`s
-    (from `quantize_params`): those layers become `QuantDense`."""
-    from any4_jax.quant.calibrate import set_layer
-    from any4_jax.quant.qdense import QuantDense
-    from any4_jax.quant.qweight import QuantizedWeight
-
-    flat = flatten(params if "model" in params else params.get("params", params))
-    quantized = {n: v for n, v in flat.items() if isinstance(v, QuantizedWeight)}
-    dense = [(flax_name_to_path(n), np.asarray(v)) for n, v in flat.items()
-             if n not in quantized and flax_name_to_path(n) is not None]
-    dtype = param_dtype or str(dense[0][1].dtype)
-    if config.tie_word_embeddings:
-        dense = [(p, a) for p, a in dense if p[0] != "lm_head"]
-    model = abstract_model(config, dtype)
-    for n, qw in quantized.items():
-        p = flax_name_to_path(n)
-        if p is None or p[-1] != "kernel":
-            raise ValueError(f"a QuantizedWeight sits at {n!r}, which is not a Dense kernel "
-                             "of the Llama")
-        set_layer(model, ".".join(str(x) for x in p[:-1]), QuantDense(qw))
-    return assemble(config, dense, param_dtype=dtype, source="params", model=model)

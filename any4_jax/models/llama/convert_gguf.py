@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+import gguf
 import numpy as np
 
 from any4_jax.models.llama.config import LlamaConfig
@@ -45,8 +46,6 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _reader(path: str):
-    import gguf
-
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
@@ -102,8 +101,6 @@ def gguf_config(fields: dict, *, name: str) -> LlamaConfig:
 def load_gguf_model(path: str | os.PathLike, *, param_dtype=None
                     ) -> tuple[object, LlamaConfig, Tokenizer]:
     """(model, config, tokenizer) from a GGUF file; param_dtype None = float32."""
-    import gguf
-
     path = os.fspath(path)
     reader = _reader(path)
     fields = _fields(reader)

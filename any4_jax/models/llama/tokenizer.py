@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTok
+
 
 class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` or a transformers tokenizer.
@@ -42,6 +45,7 @@ def hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = os.fspath(path)
     error = None
     try:
+        # transformers takes seconds to import: only for Hugging Face directories
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -54,8 +58,6 @@ def hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
         error = e
     f = os.path.join(path, "tokenizer.json")
     if os.path.isfile(f):
-        from tokenizers import Tokenizer as HFTok
-
         return Tokenizer(HFTok.from_file(f), bos_id=None, eos_ids=(), add_bos=False,
                          source=path)
     raise FileNotFoundError(
@@ -65,8 +67,6 @@ def hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 # llama.cpp pre-tokenizer names -> `tokenizers` pre-tokenizer builders.
 def _pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact"):
         # individual digits, then GPT-2's byte-level split
@@ -87,9 +87,6 @@ def _pre_tokenizer(pre: str):
 
 def gguf_tokenizer(fields: dict, *, source: str) -> Tokenizer:
     """Byte-level BPE from GGUF metadata (`tokenizer.ggml.*`), as llama.cpp builds it."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HFTok
-
     kind = fields.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(

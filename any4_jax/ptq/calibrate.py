@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
-from any4_jax.quant.qdense import QuantDense
+from any4_jax.nn.layers import get_layer, set_layer
 
 STATISTICS = ("abs_of_mean", "mean_of_abs")
 MODES = ("sequential", "offline")
@@ -92,44 +93,7 @@ def finalize(sums: dict[str, tuple], count: int, statistic: str) -> dict[str, np
     return out
 
 
-# --- layers and taps ----------------------------------------------------------------------
-
-def is_dense(node) -> bool:
-    if isinstance(node, QuantDense):
-        return True
-    k = getattr(node, "kernel", None)
-    return isinstance(node, nnx.Module) and isinstance(k, nnx.Param) and k.get_value().ndim == 2
-
-
-def dense_layers(module) -> list[tuple[str, nnx.Module]]:
-    """(dotted path, layer) of every Dense-like layer (a 2-D `kernel` Param, or a QuantDense)."""
-    out = []
-    for path, node in nnx.iter_graph(module):
-        if path and is_dense(node):
-            out.append((".".join(str(p) for p in path), node))
-    return out
-
-
-def _parent(module, path: str):
-    parts = path.split(".")
-    node = module
-    for p in parts[:-1]:
-        node = node[int(p)] if p.isdigit() else getattr(node, p)
-    return node, parts[-1]
-
-
-def get_layer(module, path: str):
-    parent, last = _parent(module, path)
-    return parent[int(last)] if last.isdigit() else getattr(parent, last)
-
-
-def set_layer(module, path: str, layer) -> None:
-    parent, last = _parent(module, path)
-    if last.isdigit():
-        parent[int(last)] = layer
-    else:
-        setattr(parent, last, layer)
-
+# --- taps ----------------------------------------------------------------------------------
 
 class _Tap:
     """Calls the wrapped layer and records its input."""
@@ -246,8 +210,6 @@ def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: 
     batches = embed_batches(model, tokens, batch_size)
     xs = [b[0] for b in batches]
     sums: dict = {}
-    from tqdm.auto import tqdm
-
     for i, block in enumerate(tqdm(model.layers, desc="calibrating", disable=not progress,
                                    leave=False)):
         taps = by_block.get(i, [])

@@ -17,22 +17,21 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
-from any4_jax.quant.calibrate import (
+from any4_jax.nn.layers import dense_layers, get_layer, set_layer
+from any4_jax.nn.qdense import QuantDense, QuantState
+from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     add_sums,
     call_groups,
     collect_offline,
-    dense_layers,
     embed_batches,
     finalize,
-    get_layer,
     group_by_block,
     run_block,
-    set_layer,
 )
 from any4_jax.quant.config import QuantConfig
-from any4_jax.quant.qdense import QuantDense, QuantState
 from any4_jax.quant.quantize import quantize_weight
 
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -68,11 +67,13 @@ def layer_configs(paths: list[str], config: QuantConfig,
 
 
 def _check_group_sizes(model, cfgs: dict[str, QuantConfig]) -> None:
+    """Every layer's group size against its K, all named at once, before any work."""
     bad = []
     for p, c in cfgs.items():
-        k = get_layer(model, p).kernel.shape[0]
-        if c.group_size is not None and k % c.group_size:
-            bad.append(f"{p} (K={k})")
+        try:
+            c.resolve_group_size(get_layer(model, p).kernel.shape[0], name=p)
+        except ValueError:
+            bad.append(f"{p} (K={get_layer(model, p).kernel.shape[0]})")
     if bad:
         gs = sorted({c.group_size for c in cfgs.values() if c.group_size})
         raise ValueError(
@@ -128,7 +129,7 @@ def quantize_model(model, config: QuantConfig | None = None, *,
 
     Activation statistics for any-n come from `stats` ({path: xbar [K]}, e.g. a file written
     by `any4 calibrate`), else from `tokens` ([n, t] calibration sequences, see
-    `calibrate.calibration_tokens`) with `calibration` (mode, statistic, batch size). Formats
+    `ptq.calibrate.calibration_tokens`) with `calibration` (mode, statistic, batch size). Formats
     that need none (int/nf4/fp4, any-n with sample_weighting="none") ignore both.
 
     in_place: replace the layers of `model` itself instead of a copy, so each dense kernel is
@@ -155,8 +156,6 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         if want_act and missing:
             raise ValueError(f"the calibration statistics lack {len(missing)} layers, e.g. "
                              f"{missing[:3]}; they were computed for another model")
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(paths), desc="quantizing", unit="layer", disable=not progress)
     reports: list[LayerReport] = []

@@ -1,4 +1,4 @@
-"""Build the CUDA FFI library against the installed jaxlib: `python -m any4_jax.kernels.build_cuda`.
+"""Build the CUDA FFI library against the installed jaxlib: `python -m any4_jax.native.build_cuda`.
 
 `pip install .` builds the same library through CMake (CMakeLists.txt, scikit-build-core); this
 module calls nvcc directly, for a quick rebuild in a source checkout (it writes
@@ -10,60 +10,46 @@ Without nvcc it says so and exits 0: CPU users lose nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCES = ["ffi_kernels/lut_gemm_ffi.cu"]
-HEADERS = ["ffi_kernels/lut_gemm.cuh", "ffi_kernels/lut_gemm_unit.cuh", "ffi_kernels/mma_bf16.cuh"]
-ARCHS = ["80", "90a"]
+import jax
+import jaxlib
 
+from any4_jax.native import sources
+from any4_jax.native.sources import CUDA_HEADERS, CUDA_SOURCES, source_hash
 
-def source_hash(root: str | None = None) -> str | None:
-    """sha256 of the kernel sources' sha256s (one hex line each, in name order): the rule of
-    CMakeLists.txt. None when the sources are not there (an installed wheel)."""
-    root = root or ROOT
-    lines = []
-    for f in sorted(SOURCES + HEADERS):
-        path = os.path.join(root, f)
-        if not os.path.isfile(path):
-            return None
-        with open(path, "rb") as fh:
-            lines.append(hashlib.sha256(fh.read()).hexdigest() + "\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+ARCHS = ["80", "90a"]  # the same as CMakeLists.txt's ANY4_JAX_CUDA_ARCHS
 
 
 def nvcc_command(out: str, include: str) -> list[str]:
-    import jaxlib
-
     cmd = ["nvcc", "-std=c++17", "-O3", "--threads", "0", "-Xcompiler", "-fPIC", "-shared",
            "-I", include,
-           "-I", os.path.join(ROOT, "ffi_kernels"),
+           "-I", os.path.join(sources.ROOT, "ffi_kernels"),
            f"-DANY4_SOURCES_SHA256={source_hash()}", f"-DANY4_JAXLIB_VERSION={jaxlib.__version__}"]
     for a in ARCHS:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    return cmd + [os.path.join(ROOT, s) for s in SOURCES] + ["-o", out]
+    return cmd + [os.path.join(sources.ROOT, s) for s in CUDA_SOURCES] + ["-o", out]
 
 
 def main(argv=None) -> int:
-    import jax
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="compile only, install nothing")
-    ap.add_argument("--out", default=os.path.join(ROOT, "any4_jax", "_lib", "libany4_cuda.so"))
+    ap.add_argument("--out", default=os.path.join(sources.ROOT, "any4_jax", "_lib",
+                                                  sources.CUDA_LIB_NAME))
     args = ap.parse_args(argv)
     if shutil.which("nvcc") is None:
         print("nvcc not found: the CUDA kernels are not built; lut_matmul uses the Pallas or "
               "XLA paths", file=sys.stderr)
         return 0
     if source_hash() is None:
-        print(f"the CUDA sources ({', '.join(SOURCES + HEADERS)}) are not under {ROOT}: this "
-              "is an installed wheel, not a source checkout. Build from the source tree "
-              "instead (`pip install --no-build-isolation .` there, with nvcc present).",
+        print(f"the CUDA sources ({', '.join(CUDA_SOURCES + CUDA_HEADERS)}) are not under "
+              f"{sources.ROOT}: this is an installed wheel, not a source checkout. Build from "
+              "the source tree instead (`pip install --no-build-isolation .` there, with nvcc "
+              "present).",
               file=sys.stderr)
         return 2
     include = jax.ffi.include_dir()
@@ -84,7 +70,7 @@ def main(argv=None) -> int:
             os.replace(args.out + ".tmp", args.out)
             print(f"built {args.out}", file=sys.stderr)
         else:
-            print(f"compiled {', '.join(SOURCES)} for sm_{', sm_'.join(ARCHS)}: ok",
+            print(f"compiled {', '.join(CUDA_SOURCES)} for sm_{', sm_'.join(ARCHS)}: ok",
                   file=sys.stderr)
     return 0
 

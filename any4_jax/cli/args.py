@@ -1,0 +1,131 @@
+"""Argument parsing shared by the subcommands: group sizes, formats, overrides, the model and
+kernel arguments. Each parser raises argparse's error with the flag and the accepted forms."""
+
+from __future__ import annotations
+
+import argparse
+
+from any4_jax.kernels.api import KNOWN as KERNEL_NAMES
+from any4_jax.ptq.quantize_model import DEFAULT_EXCLUDE
+from any4_jax.quant.config import KMEANS_INITS, SAMPLE_WEIGHTINGS
+from any4_jax.quant.formats import FORMAT_NAMES, parse_format
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", *KERNEL_NAMES)
+# SmolLM2-135M's hidden size is 576 = 9 x 64, which 128 (the library's default,
+# QuantConfig.group_size) does not divide: the model commands default to 64 so the embedded
+# model quantizes as it is; `quantize-matrix` keeps the library's default.
+MODEL_GROUP_SIZE = 64
+OVERRIDE_KEYS = ("format", "group_size", "symmetric", "sample_weighting", "dtype")
+
+
+def group_size(text: str, *, flag: str = "--group-size") -> int | None:
+    """An integer, or "row" / "none" for one group per row (None)."""
+    if text.strip().lower() in ("row", "none"):
+        return None
+    try:
+        g = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: an integer or 'row'") from e
+    if g < 1:
+        raise argparse.ArgumentTypeError(f"{flag} {g}: must be positive")
+    return g
+
+
+def formats(text: str) -> list[str]:
+    """A comma-separated list of format names, each checked."""
+    names = [t for t in (s.strip() for s in text.split(",")) if t]
+    for n in names:
+        try:
+            parse_format(n)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+    return names
+
+
+def override(text: str) -> tuple[str, dict]:
+    """'PATTERN:key=value[,key=value]' -> (pattern, {key: value})."""
+    pattern, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise argparse.ArgumentTypeError(
+            f"--override {text!r}: expected PATTERN:key=value[,key=value], e.g. "
+            "'down_proj:group_size=128'")
+    changes: dict = {}
+    for item in rest.split(","):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--override {text!r}: {item!r} is not key=value")
+        k = k.strip().replace("-", "_")
+        if k == "group_size":
+            changes[k] = group_size(v, flag=f"--override {text!r}: group_size")
+        elif k == "symmetric":
+            changes[k] = v.lower() in ("1", "true", "yes")
+        elif k in OVERRIDE_KEYS:
+            changes[k] = v
+        else:
+            raise argparse.ArgumentTypeError(
+                f"--override {text!r}: unknown key {k!r} ({', '.join(OVERRIDE_KEYS)})")
+    return pattern, changes
+
+
+def add_model(p, *, kernel: bool = True) -> None:
+    """The positional model and --dtype (and --kernel where quantized layers run)."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="a .gguf file, a Hugging Face directory or an any4 checkpoint "
+                        "(default: the embedded SmolLM2-135M-Instruct, see `any4 fetch`)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="parameter dtype (auto: float32 for GGUF, the checkpoint's own for HF)")
+    if kernel:
+        add_kernel(p)
+
+
+def add_kernel(p) -> None:
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="matmul implementation of quantized layers (auto: the best verified "
+                        "one for this machine; see `lut_matmul`); for cuda, "
+                        "$ANY4_JAX_CUDA_KERNEL picks the library's kernel (scaled, unit_pair, "
+                        "unit_lane)")
+
+
+def add_quant_settings(p) -> None:
+    """The QuantConfig / KMeansConfig fields of `any4 quantize`."""
+    p.add_argument("--format", default="any4", choices=FORMAT_NAMES)
+    p.add_argument("--group-size", type=group_size, default=MODEL_GROUP_SIZE,
+                   help=f"elements per group along K, or 'row' (default {MODEL_GROUP_SIZE}: "
+                        "the library's 128 does not divide SmolLM2's hidden size 576)")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--sample-weighting", choices=SAMPLE_WEIGHTINGS,
+                   default="activations_x_scales")
+    p.add_argument("--init", choices=KMEANS_INITS, default="kmeans++")
+    p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_calibration(p) -> None:
+    p.add_argument("--calibration", default="prompt",
+                   help="prompt (default: the built-in diverse prompt), none, or a text source "
+                        "(sensesensibility, a file path) for random windows")
+    p.add_argument("--calib-mode", choices=("sequential", "offline"), default="sequential")
+    p.add_argument("--statistic", choices=("abs_of_mean", "mean_of_abs"), default="abs_of_mean")
+    p.add_argument("--num-samples", type=int, default=128,
+                   help="windows of a calibration text (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=512,
+                   help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-seed", type=int, default=0)
+
+
+def add_layer_selection(p, *, overrides: bool = False) -> None:
+    p.add_argument("--include", action="append", help="fnmatch pattern of layers to quantize "
+                   "(repeatable; default all)")
+    p.add_argument("--exclude", action="append", default=None,
+                   help="pattern of layers to skip (repeatable; default lm_head)")
+    if overrides:
+        p.add_argument("--override", action="append", type=override,
+                       help="per-layer settings, e.g. 'down_proj:group_size=128' (repeatable)")
+
+
+def fix_defaults(args) -> None:
+    """Defaults argparse cannot express: --exclude's default is replaced, not appended to."""
+    if getattr(args, "exclude", "unset") is None:
+        args.exclude = list(DEFAULT_EXCLUDE)

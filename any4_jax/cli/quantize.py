@@ -1,0 +1,178 @@
+"""`any4 quantize` and `any4 calibrate`: whole-model quantization from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from any4_jax.checkpoint import directory_bytes, save_quantized
+from any4_jax.cli import args as cli_args
+from any4_jax.cli.model import load, use_kernel
+from any4_jax.eval.data import load_text
+from any4_jax.eval.perplexity import perplexity
+from any4_jax.ptq.calibrate import (
+    CalibrationConfig,
+    calibration_tokens,
+    collect_offline,
+    finalize,
+)
+from any4_jax.ptq.quantize_model import model_bytes, quantize_model, select_layers
+from any4_jax.quant.config import KMeansConfig, QuantConfig
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def calibration(args, tokenizer):
+    """(CalibrationConfig, tokens [n, t] or None, a description) from the --calibration flags."""
+    src = args.calibration
+    cfg = CalibrationConfig(
+        source="prompt" if src in ("prompt", "none") else "text", num_samples=args.num_samples,
+        seq_len=args.calib_seq_len, statistic=args.statistic, mode=args.calib_mode,
+        seed=args.calib_seed)
+    if src == "none":
+        return cfg, None, {"source": "none"}
+    text = None if src == "prompt" else load_text(src)[0]
+    tokens = calibration_tokens(tokenizer.encode, cfg, text)
+    desc = {"source": src, "mode": cfg.mode, "statistic": cfg.statistic,
+            "sequences": int(tokens.shape[0]), "tokens_per_sequence": int(tokens.shape[1])}
+    if src != "prompt":
+        desc.update(num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    return cfg, tokens, desc
+
+
+def _load_stats(path: str, statistic: str):
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--stats {path}: not a readable .npz file ({e})") from None
+    prefix = f"{statistic}/"
+    stats = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+    if not stats:
+        raise ValueError(f"--stats {path}: no {statistic!r} statistics inside (written by "
+                         "`any4 calibrate`?)")
+    return stats
+
+
+def _run_quantize(args) -> int:
+    qcfg = QuantConfig(format=args.format, group_size=args.group_size, symmetric=args.symmetric,
+                       sample_weighting=args.sample_weighting,
+                       kmeans=KMeansConfig(init=args.init, max_iter=args.max_iter, tol=args.tol,
+                                           seed=args.seed))
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite or choose another")
+    t0 = time.perf_counter()
+    lm = load(args)
+    dense_bytes = model_bytes(lm.model)["other"]
+    calib, tokens, calib_desc = calibration(args, lm.tokenizer)
+    stats = _load_stats(args.stats, args.statistic) if args.stats else None
+    if stats is not None:
+        calib_desc = {"source": f"stats file {args.stats}", "statistic": args.statistic}
+    overrides = dict(args.override or [])
+    if args.calibration == "none" and qcfg.spec.family == "any" and \
+            qcfg.sample_weighting != "none" and stats is None:
+        qcfg = qcfg.replace(sample_weighting="none")
+        _log("--calibration none: any-n k-means without sample weights")
+    qmodel, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, stats=stats,
+                                 include=args.include or ("*",), exclude=args.exclude,
+                                 overrides=overrides, in_place=True)
+    total_s = time.perf_counter() - t0
+    del lm.model
+    mb = model_bytes(qmodel)
+    n_q = sum(r.shape[0] * r.shape[1] for r in rep.layers)
+    bpw = 8 * mb["quantized"] / n_q
+    dense_q_bytes = sum(r.shape[0] * r.shape[1] for r in rep.layers) * jax.numpy.dtype(
+        qmodel.dtype).itemsize
+    print("| model | format | group | layers | bits/weight | memory MB (dense) | "
+          "calibration s | quantize s | total s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    mem = (mb["quantized"] + mb["other"]) / 2**20
+    print(f"| {os.path.basename(lm.source)} | {qcfg.format} | {qcfg.group_size or 'row'} | "
+          f"{len(rep.layers)} | {bpw:.3f} | {mem:.1f} ({dense_bytes / 2**20:.1f}) | "
+          f"{rep.calibration_seconds:.1f} | {rep.quantize_seconds:.1f} | {total_s:.1f} |")
+    _log(f"quantized layers: {n_q / 1e6:.1f}M weights, {mb['quantized'] / 2**20:.1f} MB "
+         f"(dense {qmodel.dtype}: {dense_q_bytes / 2**20:.1f} MB); unquantized arrays "
+         f"(embedding, norms): {mb['other'] / 2**20:.1f} MB")
+    record = {
+        "model": lm.source, "quantization": {**dataclasses.asdict(qcfg), "overrides": overrides,
+                                             "include": list(args.include or ["*"]),
+                                             "exclude": list(args.exclude)},
+        "calibration": calib_desc, "report": rep.to_dict(),
+        "seconds_total_with_load": total_s, "bits_per_weight": bpw,
+        "memory_bytes": {"model": mb["quantized"] + mb["other"], "dense_model": dense_bytes,
+                         "quantized_layers": mb["quantized"]},
+        "device": str(jax.devices()[0]),
+    }
+    if args.out:
+        final = save_quantized(args.out, qmodel, tokenizer=lm.tokenizer, metadata=record,
+                               overwrite=args.overwrite)
+        _log(f"wrote {final} ({directory_bytes(final) / 2**20:.1f} MB on disk)")
+    if args.eval:
+        use_kernel(qmodel, args.kernel)
+        ids = lm.tokenizer.encode(load_text(args.text)[0])
+        r = perplexity(qmodel, ids, seq_len=args.seq_len, max_windows=args.max_windows)
+        print(f"\nperplexity on {args.text} ({r.windows} x {r.seq_len} tokens): {r.ppl:.4f}")
+        record["eval"] = {"text": args.text, **r.to_dict()}
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(record, fh, indent=2, default=str)
+        _log(f"wrote {args.json_path}")
+    return 0
+
+
+def _run_calibrate(args) -> int:
+    if args.calibration == "none":
+        raise ValueError("--calibration none has nothing to compute")
+    lm = load(args)
+    calib, tokens, desc = calibration(args, lm.tokenizer)
+    paths = select_layers(lm.model, args.include or ("*",), args.exclude)
+    t0 = time.perf_counter()
+    sums, count = collect_offline(lm.model, tokens, paths, batch_size=calib.batch_size,
+                                  progress=True)
+    arrays = {}
+    for stat in ("abs_of_mean", "mean_of_abs"):
+        for k, v in finalize(sums, count, stat).items():
+            arrays[f"{stat}/{k}"] = v
+    meta = {"model": lm.source, "tokens": count, **desc}
+    arrays["__meta__"] = np.asarray(json.dumps(meta))
+    out = args.out
+    tmp = f"{out}.partial-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    _log(f"{len(paths)} layers, {count} tokens, {time.perf_counter() - t0:.1f} s; wrote {out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize every decoder Dense of a model",
+                       description="Quantize a model's decoder Dense layers (lm_head and the "
+                       "embedding excluded by default), optionally evaluate, save a checkpoint.")
+    cli_args.add_model(p)
+    cli_args.add_quant_settings(p)
+    cli_args.add_calibration(p)
+    p.add_argument("--stats", help="activation statistics from `any4 calibrate` (npz)")
+    cli_args.add_layer_selection(p, overrides=True)
+    p.add_argument("--out", help="write a checkpoint directory here")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval", action="store_true", help="evaluate perplexity afterwards")
+    p.add_argument("--text", default="prideprejudice")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--json", dest="json_path", help="write the run's record as JSON")
+    p.set_defaults(func=_run_quantize)
+
+    p = sub.add_parser("calibrate", help="save activation statistics for `quantize --stats`",
+                       description="One forward of the unquantized model (offline mode) over "
+                       "the calibration input; both statistics saved to an npz file.")
+    cli_args.add_model(p, kernel=False)
+    cli_args.add_calibration(p)
+    cli_args.add_layer_selection(p)
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.set_defaults(func=_run_calibrate)

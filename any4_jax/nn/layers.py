@@ -1,0 +1,48 @@
+"""Finding and replacing the Dense-like layers of an NNX model by dotted path.
+
+A Dense-like layer is a module with a 2-D `kernel` Param (the models' `Dense`) or a
+`QuantDense`; its path is the dotted attribute path, e.g. `layers.3.self_attn.q_proj`.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from any4_jax.nn.qdense import QuantDense
+
+
+def is_dense(node) -> bool:
+    if isinstance(node, QuantDense):
+        return True
+    k = getattr(node, "kernel", None)
+    return isinstance(node, nnx.Module) and isinstance(k, nnx.Param) and k.get_value().ndim == 2
+
+
+def dense_layers(module) -> list[tuple[str, nnx.Module]]:
+    """(dotted path, layer) of every Dense-like layer (a 2-D `kernel` Param, or a QuantDense)."""
+    out = []
+    for path, node in nnx.iter_graph(module):
+        if path and is_dense(node):
+            out.append((".".join(str(p) for p in path), node))
+    return out
+
+
+def _parent(module, path: str):
+    parts = path.split(".")
+    node = module
+    for p in parts[:-1]:
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    return node, parts[-1]
+
+
+def get_layer(module, path: str):
+    parent, last = _parent(module, path)
+    return parent[int(last)] if last.isdigit() else getattr(parent, last)
+
+
+def set_layer(module, path: str, layer) -> None:
+    parent, last = _parent(module, path)
+    if last.isdigit():
+        parent[int(last)] = layer
+    else:
+        setattr(parent, last, layer)
