@@ -78,7 +78,8 @@ def _load_tokenizer(directory: str, info: dict):
 
 
 def quantized_layer_meta(model) -> dict[str, dict]:
-    return {p: layer.meta() for p, layer in dense_layers(model) if isinstance(layer, QuantDense)}
+    return {p: layer.checkpoint_meta() for p, layer in dense_layers(model)
+            if isinstance(layer, QuantDense)}
 
 
 def _canonical_state(model) -> dict:

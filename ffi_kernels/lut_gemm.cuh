@@ -183,6 +183,101 @@ __device__ __forceinline__ void reduce_store(float (&red_s)[kWarps][32][MT * 4],
   }
 }
 
+// What a lane of either kernel (lut_gemm_kernel, lut_gemm_unit_kernel) knows before its
+// loop, set up here once so that the two cannot drift apart: its place (tile = blockIdx.x,
+// batch rows from blockIdx.y, fragment coordinates g = lane / 4, t = lane % 4), the tile's
+// codes, scales and zeros, its x rows, and the tables' place in shared memory.
+template <typename TT>
+struct Prologue {
+  int tile, m_base, warp, lane, g, t;
+  int chunks;                  // K / 32
+  const uint2* codes;          // this lane's word of the tile's chunk 0 (chunk c at + 32 c)
+  const TT *s, *z;             // the tile's [K/g, 16] scales and zeros, row g (g + 8 at + 8)
+  float* lane_s;               // the lane table [2][16][32]
+  uint32_t* pair_s;            // the pair table [16][256]
+  uint32_t lane_base;          // lane_s's shared address + 4 lane (+ code * 128 + half * 2 KB)
+  uint32_t pair_base;          // pair_s's shared address of row g (row g + 8 at + 8 KB)
+};
+
+// U: chunks per unit (the scaled kernel: 1), magic: chunk_div_magic(units per group).
+// kAlign: the tables at a runtime 2 KB (lane) / 1 KB (pair) alignment inside arrays that much
+// larger, so that base | offset == base + offset (the static alignment of a __shared__ array
+// is relative to the CTA's window, which sits after the 1 KB the driver reserves on sm_90, so
+// it cannot be relied on).
+template <int U, bool kAlign, int MT, typename TT>
+__device__ __forceinline__ void prologue(Prologue<TT>& p, const uint2* codes,
+                                         const TT* scales, const TT* zeros, int K,
+                                         uint32_t magic, float* lane_store,
+                                         uint32_t* pair_store) {
+  p.tile = blockIdx.x;
+  p.m_base = blockIdx.y * (8 * MT);
+  p.warp = threadIdx.x / 32;
+  p.lane = threadIdx.x % 32;
+  p.g = p.lane / 4;
+  p.t = p.lane % 4;
+  p.chunks = K / kChunkK;
+  p.codes = codes + static_cast<int64_t>(p.tile) * p.chunks * 32 + p.lane;
+  const int groups = div_chunks(p.chunks / U, magic);
+  p.s = scales + static_cast<int64_t>(p.tile) * groups * kTileN + p.g;
+  p.z = zeros + static_cast<int64_t>(p.tile) * groups * kTileN + p.g;
+  const uint32_t lane_raw = smem_addr(lane_store), pair_raw = smem_addr(pair_store);
+  const uint32_t lane_al = kAlign ? (lane_raw + 2047u) & ~2047u : lane_raw;
+  const uint32_t pair_al = kAlign ? (pair_raw + 1023u) & ~1023u : pair_raw;
+  p.lane_s = lane_store + (lane_al - lane_raw) / 4;
+  p.pair_s = pair_store + (pair_al - pair_raw) / 4;
+  p.lane_base = lane_al + 4 * p.lane;
+  p.pair_base = pair_al + 1024 * p.g;
+}
+
+// Word t of batch row m_base + 8 mt + g of x (row 0's where that row is past M: has_row false).
+template <int MT, typename T>
+__device__ __forceinline__ void x_rows(const T* x, int M, int K, int m_base, int g, int t,
+                                       const uint32_t* (&rows)[MT], bool (&has_row)[MT]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = m_base + mt * 8 + g;
+    has_row[mt] = m < M;
+    rows[mt] = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(has_row[mt] ? m : 0) * K) + t;
+  }
+}
+
+template <int MT>
+__device__ __forceinline__ void zero(float (&a)[MT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) a[mt][j] = 0.f;
+  }
+}
+
+// Post-scale's two MMAs per k-step: pv += A b (raw table values) and p1 += 1 b (the sum of x
+// that the zero multiplies).
+template <typename T>
+__device__ __forceinline__ void mma_post(float (&pv)[4], float (&p1)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  constexpr uint32_t kOne = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
+  const uint32_t ones[4] = {kOne, kOne, kOne, kOne};
+  mma_16816<T>(pv, a, b);
+  mma_16816<T>(p1, ones, b);
+}
+
+// A warp's loop over its items (chunks, or units of chunks) first, first + span, ... < end:
+// two register stages alternate, the loads of one in flight while the other is computed. The
+// first stage's loads are issued before build() (the tables), so they fly meanwhile.
+template <typename S, typename Load, typename Build, typename Compute>
+__device__ __forceinline__ void run_stages(int first, int end, int span, Load& load,
+                                           Build&& build, Compute& compute) {
+  S st0, st1;
+  load(st0, first);
+  build();
+  for (int i = first; i < end; i += 2 * span) {
+    load(st1, i + span);  // guarded per item: nothing past the end is read
+    compute(st0, i);
+    load(st0, i + 2 * span);
+    compute(st1, i + span);
+  }
+}
+
 // The tile's tables in shared memory, read once per block: the lane table lane_s
 // ([half][code][lane] floats, entry (h, c, l) = row l / 4 + 8h's value of code c) or the pair
 // table pair_s ([row][byte] = T-packed values of codes byte & 15 and byte >> 4, through the
@@ -235,27 +330,17 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                 uint32_t group_magic, int int_offset) {
   constexpr bool kPost = kLookup == kPairPostScale;
   constexpr bool kPair = kLookup != kLaneTable;  // the pair table (raw values, in T)
-  // Tables: kLean places them at a runtime-aligned address inside a slightly larger array
-  // (2 KB / 1 KB alignment, so that base | offset == base + offset: the static alignment of a
-  // __shared__ array is relative to the CTA's window, which sits after the 1 KB the driver
-  // reserves on sm_90, so it cannot be relied on)
+  // kLean: the tables at a runtime alignment (prologue's kAlign), hence the larger arrays
   __shared__ float lane_store[kPair ? 1 : 2 * 16 * 32 + (kLean ? 512 : 0)];
   __shared__ uint32_t pair_store[kPair ? kTileN * 256 + (kLean ? 256 : 0) : 1];
   __shared__ float raw_s[kPair ? kTileN : 1][16];
   __shared__ float red_s[kWarps][32][MT * 4];
 
-  const int tile = blockIdx.x;
-  const int m_base = blockIdx.y * (8 * MT);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int g = lane / 4;
-  const int t = lane % 4;
-  const int chunks = K / kChunkK;
-  const uint2* tile_codes = codes + static_cast<int64_t>(tile) * chunks * 32 + lane;
-  // this tile's scales / zeros: [K/g, 16]
-  const int groups = div_chunks(chunks, group_magic);
-  const TT* s_tile = scales + static_cast<int64_t>(tile) * groups * kTileN + g;
-  const TT* z_tile = zeros + static_cast<int64_t>(tile) * groups * kTileN + g;
+  Prologue<TT> p;
+  prologue<1, kLean, MT>(p, codes, scales, zeros, K, group_magic, lane_store, pair_store);
+  const uint32_t* xr[MT];
+  bool has_row[MT];
+  x_rows<MT>(x, M, K, p.m_base, p.g, p.t, xr, has_row);
 
   auto load = [&](Stage<kStage>& st, int cb) {
 #pragma unroll
@@ -263,11 +348,11 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
       const int c = cb + u * kWarps;
       st.q[u] = make_uint2(0u, 0u);
       st.s_lo[u] = st.z_lo[u] = st.s_hi[u] = st.z_hi[u] = 0.f;
-      if (c < chunks) {
-        st.q[u] = __ldg(tile_codes + c * 32);
+      if (c < p.chunks) {
+        st.q[u] = __ldg(p.codes + c * 32);
         const int o = div_chunks(c, group_magic) * kTileN;
-        const TT* sp = s_tile + o;
-        const TT* zp = z_tile + o;
+        const TT* sp = p.s + o;
+        const TT* zp = p.z + o;
         st.s_lo[u] = widen(__ldg(sp));
         st.z_lo[u] = widen(__ldg(zp));
         st.s_hi[u] = widen(__ldg(sp + 8));
@@ -276,70 +361,41 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     }
   };
 
-  // kLean: this lane's table base (lane table: [half][code][lane] -> base + code * 128 +
-  // half * 2048; pair table: row g's base, row g + 8 at + 8 KB) and x row (t-th word of a chunk)
-  const uint32_t lane_raw = smem_addr(lane_store), pair_raw = smem_addr(pair_store);
-  const uint32_t lane_al = kLean ? (lane_raw + 2047u) & ~2047u : lane_raw;
-  const uint32_t pair_al = kLean ? (pair_raw + 1023u) & ~1023u : pair_raw;
-  float* const lane_s = lane_store + (lane_al - lane_raw) / 4;        // [2][16][32]
-  uint32_t* const pair_s = pair_store + (pair_al - pair_raw) / 4;     // [16][256]
-  const uint32_t lane_base = lane_al + 4 * lane;
-  const uint32_t pair_base = pair_al + (kPair ? 1024 * g : 0);
-  const uint32_t* x_rows[MT];
-  bool has_row[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int m = m_base + mt * 8 + g;
-    has_row[mt] = m < M;
-    x_rows[mt] = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(has_row[mt] ? m : 0) *
-                                                           K) + t;
-  }
-
   // kLean: the B fragment of batch tile mt for k-step `step` of chunk c (zeros past M)
   auto load_b = [&](int mt, int c, int step, uint32_t (&b)[2]) {
     b[0] = b[1] = 0u;
     if (has_row[mt]) {  // words c * 16 + step * 8 + t (+ 4) of the row
-      const uint32_t* xc = x_rows[mt] + c * 16 + step * 8;
+      const uint32_t* xc = xr[mt] + c * 16 + step * 8;
       b[0] = __ldg(xc);
       b[1] = __ldg(xc + 4);
     }
   };
 
   float acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
-  }
+  zero<MT>(acc);
 
   // kPairPostScale: the MMA takes the raw table values straight from the pair table (one
   // shared load is one A register), and the chunk's scale and zero are applied to its partial
   // sums: y += s * sum_k(v_k x_k) + z * sum_k(x_k), the second sum by an MMA with an all-ones A.
   // No per-weight arithmetic; more accurate than the reference (no rounding of w to T), and
   // still exact for identity activations (the one nonzero term is fmaf(s, v, z)).
-  constexpr uint32_t kOnes = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
   auto compute_post = [&](const Stage<kStage>& st, int cb) {
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int c = cb + u * kWarps;
-      if (c >= chunks) break;
+      if (c >= p.chunks) break;
       float pv[MT][4], p1[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) pv[mt][j] = p1[mt][j] = 0.f;
-      }
+      zero<MT>(pv);
+      zero<MT>(p1);
 #pragma unroll
       for (int step = 0; step < 2; ++step) {
         uint32_t a[4];
-        pair_fragment(step == 0 ? st.q[u].x : st.q[u].y, pair_base, a);
-        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+        pair_fragment(step == 0 ? st.q[u].x : st.q[u].y, p.pair_base, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           uint32_t b[2];
           load_b(mt, c, step, b);
-          mma_16816<T>(pv[mt], a, b);
-          mma_16816<T>(p1[mt], ones, b);
+          mma_post<T>(pv[mt], p1[mt], a, b);
         }
       }
       post_scale_add<MT>(acc, pv, p1, st.s_lo[u], st.s_hi[u], st.z_lo[u], st.z_hi[u]);
@@ -350,7 +406,7 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 #pragma unroll
     for (int u = 0; u < kStage; ++u) {
       const int c = cb + u * kWarps;
-      if (c >= chunks) break;
+      if (c >= p.chunks) break;
 #pragma unroll
       for (int step = 0; step < 2; ++step) {
         const uint32_t q = step == 0 ? st.q[u].x : st.q[u].y;
@@ -363,27 +419,27 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
           float v0, v1;
           if (kLean && kPair) {
             const float2 v =
-                unpack2<T>(lds_u32((byte_x4(q, j) | pair_base) + (h ? 8 * 1024 : 0)));
+                unpack2<T>(lds_u32((byte_x4(q, j) | p.pair_base) + (h ? 8 * 1024 : 0)));
             v0 = v.x;
             v1 = v.y;
           } else if (kLean) {
-            v0 = lds_f32((code_x128(q, 2 * j) | lane_base) + (h ? 2048 : 0));
-            v1 = lds_f32((code_x128(q, 2 * j + 1) | lane_base) + (h ? 2048 : 0));
+            v0 = lds_f32((code_x128(q, 2 * j) | p.lane_base) + (h ? 2048 : 0));
+            v1 = lds_f32((code_x128(q, 2 * j + 1) | p.lane_base) + (h ? 2048 : 0));
           } else if (kPair) {
-            const float2 v =
-                unpack2<T>(pair_s[kPair ? (g + 8 * h) * 256 + ((q >> (8 * j)) & 0xFF) : 0]);
+            const float2 v = unpack2<T>(
+                p.pair_s[kPair ? (p.g + 8 * h) * 256 + ((q >> (8 * j)) & 0xFF) : 0]);
             v0 = v.x;
             v1 = v.y;
           } else {
-            v0 = lane_s[(h * 16 + ((q >> (8 * j)) & 0xF)) * 32 + lane];
-            v1 = lane_s[(h * 16 + ((q >> (8 * j + 4)) & 0xF)) * 32 + lane];
+            v0 = p.lane_s[(h * 16 + ((q >> (8 * j)) & 0xF)) * 32 + p.lane];
+            v1 = p.lane_s[(h * 16 + ((q >> (8 * j + 4)) & 0xF)) * 32 + p.lane];
           }
           a[j] = pack2<T>(fmaf(v0, s, z), fmaf(v1, s, z));
         }
-        const int k0 = c * kChunkK + step * 16 + 2 * t;
+        const int k0 = c * kChunkK + step * 16 + 2 * p.t;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const int m = m_base + mt * 8 + g;
+          const int m = p.m_base + mt * 8 + p.g;
           uint32_t b[2] = {0u, 0u};
           if (kLean) {
             load_b(mt, c, step, b);
@@ -407,22 +463,15 @@ lut_gemm_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
     }
   };
 
-  // The first stage is in flight while the tables are built.
-  constexpr int kSpan = kWarps * kStage;
-  Stage<kStage> st0, st1;
-  load(st0, warp);
+  run_stages<Stage<kStage>>(
+      p.warp, p.chunks, kWarps * kStage, load,
+      [&] {
+        build_tables<T, TT, kPair, kWarps * 32>(lut, p.tile, int_offset, p.lane_s, p.pair_s,
+                                               &raw_s[0][0]);
+      },
+      compute);
 
-  build_tables<T, TT, kPair, kWarps * 32>(lut, tile, int_offset, lane_s, pair_s,
-                                         &raw_s[0][0]);
-
-  for (int cb = warp; cb < chunks; cb += 2 * kSpan) {
-    load(st1, cb + kSpan);  // guarded per chunk: nothing past the end is read
-    compute(st0, cb);
-    load(st0, cb + 2 * kSpan);
-    compute(st1, cb + kSpan);
-  }
-
-  reduce_store<T, MT, kWarps>(red_s, acc, y, M, N, tile, m_base);
+  reduce_store<T, MT, kWarps>(red_s, acc, y, M, N, p.tile, p.m_base);
 }
 
 // The launch configuration: table lookup, warps per block splitting K, chunks per stage.

@@ -37,73 +37,45 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
                      const TT* __restrict__ lut, const TT* __restrict__ scales,
                      const TT* __restrict__ zeros, T* __restrict__ y, int M, int N, int K,
                      uint32_t units_per_group_magic, int int_offset) {
-  // the pair table [16 rows][256 byte values] at a runtime 1 KB alignment, or the lane table
-  // [2 halves][16 codes][32 lanes] at 2 KB (base | offset == base + offset, see lut_gemm.cuh's
-  // kLean)
+  // the pair table [16 rows][256 byte values] or the lane table [2 halves][16 codes][32 lanes],
+  // at a runtime alignment (prologue's kAlign), hence the larger arrays
   __shared__ uint32_t pair_store[kLane ? 1 : kTileN * 256 + 256];
   __shared__ float lane_store[kLane ? 2 * 16 * 32 + 512 : 1];
   __shared__ float raw_s[kLane ? 1 : kTileN][16];
   __shared__ float red_s[kWarps][32][MT * 4];
 
-  const int tile = blockIdx.x;
-  const int m_base = blockIdx.y * (8 * MT);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int g = lane / 4;
-  const int t = lane % 4;
-  const int chunks = K / kChunkK;
-  const int units = chunks / U;
-  const int groups = div_chunks(units, units_per_group_magic);
-  const uint2* tile_codes = codes + static_cast<int64_t>(tile) * chunks * 32 + lane;
-  const TT* s_tile = scales + static_cast<int64_t>(tile) * groups * kTileN + g;
-  const TT* z_tile = zeros + static_cast<int64_t>(tile) * groups * kTileN + g;
+  Prologue<TT> p;
+  prologue<U, true, MT>(p, codes, scales, zeros, K, units_per_group_magic, lane_store,
+                        pair_store);
+  const uint32_t* xr[MT];  // no predicates: rows past M read row 0 (see the top)
+  bool has_row[MT];
+  x_rows<MT>(x, M, K, p.m_base, p.g, p.t, xr, has_row);
+  const int units = p.chunks / U;
 
   auto load = [&](UnitStage<U>& st, int u) {
     if (u < units) {
-      const uint2* cp = tile_codes + u * (U * 32);
+      const uint2* cp = p.codes + u * (U * 32);
 #pragma unroll
       for (int i = 0; i < U; ++i) st.q[i] = __ldg(cp + i * 32);
       const int o = div_chunks(u, units_per_group_magic) * kTileN;
-      st.s_lo = widen(__ldg(s_tile + o));
-      st.s_hi = widen(__ldg(s_tile + o + 8));
-      st.z_lo = widen(__ldg(z_tile + o));
-      st.z_hi = widen(__ldg(z_tile + o + 8));
+      st.s_lo = widen(__ldg(p.s + o));
+      st.s_hi = widen(__ldg(p.s + o + 8));
+      st.z_lo = widen(__ldg(p.z + o));
+      st.z_hi = widen(__ldg(p.z + o + 8));
     }
   };
 
-  const uint32_t pair_raw = smem_addr(pair_store), lane_raw = smem_addr(lane_store);
-  const uint32_t pair_al = (pair_raw + 1023u) & ~1023u;
-  const uint32_t lane_al = (lane_raw + 2047u) & ~2047u;
-  uint32_t* const pair_s = pair_store + (pair_al - pair_raw) / 4;  // [16][256]
-  float* const lane_s = lane_store + (lane_al - lane_raw) / 4;     // [2][16][32]
-  const uint32_t pair_base = pair_al + 1024 * g;                    // row g; g + 8 at +8 KB
-  const uint32_t lane_base = lane_al + 4 * lane;                    // + code * 128 + h * 2 KB
-  const uint32_t* x_rows[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int m = m_base + mt * 8 + g;
-    x_rows[mt] = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(m < M ? m : 0) * K) +
-                 t;
-  }
-
   float acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[mt][j] = 0.f;
-  }
+  zero<MT>(acc);
 
-  constexpr uint32_t kOnes = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
   auto compute = [&](const UnitStage<U>& st, int u) {
     if (u >= units) return;
     float pv[MT][4], p1[MT][4];
+    zero<MT>(pv);
+    zero<MT>(p1);
     const uint32_t* xu[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      xu[mt] = x_rows[mt] + u * (U * 16);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) pv[mt][j] = p1[mt][j] = 0.f;
-    }
+    for (int mt = 0; mt < MT; ++mt) xu[mt] = xr[mt] + u * (U * 16);
 #pragma unroll
     for (int i = 0; i < U; ++i) {
 #pragma unroll
@@ -114,39 +86,32 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const uint32_t h = j & 1 ? 2048 : 0;
-            a[j] = pack2<T>(lds_f32((code_x128(q, 2 * j) | lane_base) + h),
-                            lds_f32((code_x128(q, 2 * j + 1) | lane_base) + h));
+            a[j] = pack2<T>(lds_f32((code_x128(q, 2 * j) | p.lane_base) + h),
+                            lds_f32((code_x128(q, 2 * j + 1) | p.lane_base) + h));
           }
         } else {
-          pair_fragment(q, pair_base, a);
+          pair_fragment(q, p.pair_base, a);
         }
-        const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const uint32_t b[2] = {__ldg(xu[mt] + i * 16 + step * 8),
                                  __ldg(xu[mt] + i * 16 + step * 8 + 4)};
-          mma_16816<T>(pv[mt], a, b);
-          mma_16816<T>(p1[mt], ones, b);
+          mma_post<T>(pv[mt], p1[mt], a, b);
         }
       }
     }
     post_scale_add<MT>(acc, pv, p1, st.s_lo, st.s_hi, st.z_lo, st.z_hi);
   };
 
-  // The first stage is in flight while the tables are built.
-  UnitStage<U> st0, st1;
-  load(st0, warp);
-  build_tables<T, TT, !kLane, kWarps * 32>(lut, tile, int_offset, lane_s, pair_s,
-                                          &raw_s[0][0]);
+  run_stages<UnitStage<U>>(
+      p.warp, units, kWarps, load,
+      [&] {
+        build_tables<T, TT, !kLane, kWarps * 32>(lut, p.tile, int_offset, p.lane_s, p.pair_s,
+                                                &raw_s[0][0]);
+      },
+      compute);
 
-  for (int u = warp; u < units; u += 2 * kWarps) {
-    load(st1, u + kWarps);  // guarded per unit: nothing past the end is read
-    compute(st0, u);
-    load(st0, u + 2 * kWarps);
-    compute(st1, u + kWarps);
-  }
-
-  reduce_store<T, MT, kWarps>(red_s, acc, y, M, N, tile, m_base);
+  reduce_store<T, MT, kWarps>(red_s, acc, y, M, N, p.tile, p.m_base);
 }
 
 // Launch for any M and any group size (a multiple of 32): U = the largest of 4, 2, 1 that

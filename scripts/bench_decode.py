@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_timing import copy_bandwidth  # noqa: E402
+from any4_jax.timing import copy_bandwidth
 
 
 def random_qweight(key, n: int, k: int, fmt: str, g: int, dtype):
@@ -44,9 +43,8 @@ def random_qweight(key, n: int, k: int, fmt: str, g: int, dtype):
 
 def quantize_randomly(model, fmt: str, g: int, *, lm_head: bool, seed: int = 0) -> int:
     """Replaces the decoder Dense layers (and lm_head) in place; returns how many."""
-    from any4_jax.quant.calibrate import get_layer, set_layer
-    from any4_jax.quant.model_quant import DEFAULT_EXCLUDE, select_layers
-    from any4_jax.quant.qdense import QuantDense
+    from any4_jax.nn import QuantDense, get_layer, set_layer
+    from any4_jax.ptq.quantize_model import DEFAULT_EXCLUDE, select_layers
 
     paths = select_layers(model, exclude=() if lm_head else DEFAULT_EXCLUDE)
     key = jax.random.key(seed)
@@ -87,7 +85,7 @@ def decode_speed(model, prompt, tokens: int, runs: int) -> float:
 def main():
     from any4_jax.models.llama.config import PRESETS
     from any4_jax.models.llama.params import random_model
-    from any4_jax.quant.qdense import prepare_model
+    from any4_jax.nn import prepare_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b",

@@ -29,8 +29,8 @@ PROMPT = "It is a truth universally acknowledged, that a single man in possessio
 
 def _ours(args, ids):
     from any4_jax.eval.perplexity import perplexity
+    from any4_jax.loading import load_model
     from any4_jax.models.llama.generate import generate
-    from any4_jax.models.load import load_model
 
     lm = load_model(param_dtype=args.dtype)
     r = perplexity(lm.model, ids, seq_len=args.seq_len, max_windows=args.windows,
@@ -87,7 +87,7 @@ def main():
     args = ap.parse_args()
 
     from any4_jax.eval.data import load_text
-    from any4_jax.models.load import load_model
+    from any4_jax.loading import load_model
 
     text, _ = load_text("prideprejudice")
     ids = load_model().tokenizer.encode(text)

@@ -30,10 +30,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
-    from any4_jax.models.load import load_model
-    from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens
-    from any4_jax.quant.config import QuantConfig
-    from any4_jax.quant.model_quant import quantize_model
+    from any4_jax.loading import load_model
+    from any4_jax.ptq import CalibrationConfig, calibration_tokens, quantize_model
+    from any4_jax.quant import QuantConfig
 
     t0 = time.perf_counter()
     if args.model == "smollm2":

@@ -66,11 +66,12 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   # an install that failed (e.g. an older scikit-build-core there) must not stop the checks
   python3 -c "import any4_jax" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import jax; print(jax.__version__, jax.devices())" >> "$W/gpu.txt" 2>&1
-  if ! python3 -c "from any4_jax.kernels.cuda_ffi import _load; lib, why = _load(); \
-      print(why or 'CUDA library ok'); raise SystemExit(lib is None)" > "$W/build_cuda.txt" 2>&1
+  if ! python3 -c "from any4_jax.native.loader import load_cuda; lib = load_cuda(); \
+      print(lib.reason or 'CUDA library ok'); raise SystemExit(lib.lib is None)" \
+      > "$W/build_cuda.txt" 2>&1
   then
     # fallback: nvcc directly (any4_jax/_lib/libany4_cuda.so in the source tree)
-    python3 -m any4_jax.kernels.build_cuda >> "$W/build_cuda.txt" 2>&1
+    python3 -m any4_jax.native.build_cuda >> "$W/build_cuda.txt" 2>&1
   fi
   cat "$W/build_cuda.txt"
 fi
@@ -134,7 +135,7 @@ for step in $STEPS; do
       # than one step (BENCH_ARGS="--shapes llama3-70b/qkv_o,... --out $W/bench2" for the rest:
       # a later --out wins, and the JSON keeps its name)
       B8="--shapes llama3-8b/gate_up,llama3-8b/down,llama3-8b/qkv,llama3-8b/o"
-      run bench "$W/bench_kernels.txt" python3 scripts/bench_kernels.py --out "$W" \
+      run bench "$W/bench_kernels.txt" python3 scripts/kernel_bench.py bench --out "$W" \
         ${BENCH_ARGS:-$B8}
       grep -E "^\||warning|device" "$W/bench_kernels.txt" ;;
     overhead)
@@ -151,7 +152,8 @@ for step in $STEPS; do
         mkdir -p "$W/overhead_$d"
         # shellcheck disable=SC2086  # the setting is one word or none
         T_overhead=${T_overhead:-150} run overhead "$W/overhead_$d/bench.txt" \
-          env ${OVERHEAD_ENV[$d]} python3 scripts/bench_kernels.py --out "$W/overhead_$d" $OA
+          env ${OVERHEAD_ENV[$d]} python3 scripts/kernel_bench.py bench --out "$W/overhead_$d" \
+          $OA
         echo "--- $d"; grep -E "^\||rror" "$W/overhead_$d/bench.txt" | head -12
       done
       if [ "${DECODE_OVERHEAD:-0}" = 1 ]; then
@@ -170,7 +172,7 @@ for step in $STEPS; do
         tail -4 "$W/bench_decode_$kern.txt"
       done ;;
     tune)
-      run tune "$W/tune.txt" python3 scripts/tune_pallas.py --write --reps 5 \
+      run tune "$W/tune.txt" python3 scripts/kernel_bench.py tune --write --reps 5 \
         --budget-s "${TUNE_BUDGET:-300}"
       tail -30 "$W/tune.txt"
       cp any4_jax/kernels/tuning.json "$W/" 2>/dev/null ;;
@@ -186,7 +188,7 @@ for step in $STEPS; do
       # Nsight Compute on the JAX kernels (segfaulted under JAX on this workplace's H100)
       run profile "$W/ncu.txt" ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
-        python3 scripts/profile_kernels.py ${PROFILE_ARGS:-}
+        python3 scripts/kernel_bench.py profile ${PROFILE_ARGS:-}
       grep -E "Duration|DRAM Throughput" "$W/ncu.txt" | head -60 ;;
     *) echo "unknown step $step" ;;
   esac

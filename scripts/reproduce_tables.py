@@ -105,9 +105,8 @@ def command_of(r: dict, windows: int) -> str:
 def run_row(lm, ids, r: dict, windows: int) -> dict:
     from any4_jax.eval.data import load_text
     from any4_jax.eval.perplexity import perplexity
-    from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens
-    from any4_jax.quant.config import KMeansConfig, QuantConfig
-    from any4_jax.quant.model_quant import quantize_model
+    from any4_jax.ptq import CalibrationConfig, calibration_tokens, quantize_model
+    from any4_jax.quant import KMeansConfig, QuantConfig
 
     qcfg = QuantConfig(format=r["format"], group_size=None if r["group"] == "row" else r["group"],
                        sample_weighting=r["weighting"],
@@ -137,7 +136,7 @@ def main():
 
     from any4_jax.eval.data import load_text
     from any4_jax.eval.perplexity import perplexity
-    from any4_jax.models.load import load_model
+    from any4_jax.loading import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

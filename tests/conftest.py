@@ -72,6 +72,6 @@ def transformers_smollm2(smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
-    from any4_jax.models.load import load_model
+    from any4_jax.loading import load_model
 
     return load_model(smollm2_path)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from any4_jax import assets
-from any4_jax.eval import rdata_lazyload
+from any4_jax.assets import rdata as rdata_lazyload
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from any4_jax import checkpoint as ck
 from any4_jax.eval.perplexity import perplexity
-from any4_jax.models.load import load_model
+from any4_jax.loading import load_model
 from tests.tiny_lm import quantized_tiny, tiny_model
 
 
@@ -95,7 +95,7 @@ def test_missing_state_directory(quantized, tmp_path):
 
 
 def test_sizes(quantized):
-    from any4_jax.quant.model_quant import model_bytes
+    from any4_jax.ptq.quantize_model import model_bytes
 
     qm, _ = quantized
     b = model_bytes(qm)

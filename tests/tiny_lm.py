@@ -29,9 +29,9 @@ def tiny_model(seed: int = 0, **changes):
 def quantized_tiny(down_proj_format: str = "nf4"):
     """(the tiny model quantized to any4 g32, calibrated on the built-in prompt, with its
     down_proj layers in `down_proj_format`; the byte tokenizer)."""
-    from any4_jax.quant.calibrate import CalibrationConfig, calibration_tokens
+    from any4_jax.ptq.calibrate import CalibrationConfig, calibration_tokens
+    from any4_jax.ptq.quantize_model import quantize_model
     from any4_jax.quant.config import QuantConfig
-    from any4_jax.quant.model_quant import quantize_model
 
     tok = byte_tokenizer()
     toks = calibration_tokens(tok.encode, CalibrationConfig())

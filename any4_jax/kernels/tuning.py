@@ -9,7 +9,7 @@ import functools
 import json
 import os
 
-_TABLE = os.path.join(os.path.dirname(__file__), "tuning.json")
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuning.json")
 LOOKUPS = ("select", "gather", "pair")
 
 
@@ -73,9 +73,9 @@ FIELDS = tuple(f.name for f in dataclasses.fields(PallasConfig))
 
 @functools.cache
 def _table() -> dict:
-    if not os.path.isfile(_TABLE):
+    if not os.path.isfile(TABLE_PATH):
         return {}
-    with open(_TABLE) as fh:
+    with open(TABLE_PATH) as fh:
         return json.load(fh).get("entries", {})
 
 

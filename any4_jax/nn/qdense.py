@@ -88,7 +88,7 @@ class QuantDense(nnx.Module):
             y = y + self.bias[...].astype(y.dtype)
         return y if out_dtype is None else y.astype(out_dtype)
 
-    def meta(self) -> dict:
+    def checkpoint_meta(self) -> dict:
         """What `placeholder` needs to rebuild this layer's shapes (for checkpoint restore)."""
         m = self.meta
         return {"format": m.format, "n_bit": m.n_bit, "group_size": m.group_size,

@@ -66,7 +66,11 @@ class WeightMeta:
     dtype: str
 
     def int_grid_offset(self) -> int | None:
-        return self.meta.int_grid_offset()
+        """For asymmetric int-n the table is exactly `code - 2^(n-1)`, so kernels can skip the
+        lookup; None for every table that has to be read."""
+        if self.format.startswith("int") and not self.symmetric:
+            return 2 ** (self.n_bit - 1)
+        return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

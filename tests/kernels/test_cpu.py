@@ -15,7 +15,8 @@ import pytest
 from any4_jax.kernels import can_use, lut_matmul, pick
 from any4_jax.kernels import cpu as cpu_kernel
 from any4_jax.kernels.reference import lut_matmul_reference
-from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
+from any4_jax.native import loader
+from tests.kernels.base import TOLERANCE, LutMatmulBase, make_qweight
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernel runs on the CPU"),
@@ -38,8 +39,9 @@ VARIANTS = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2")}
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request):
-    lib = cpu_kernel._library(VARIANTS[request.param])
-    assert lib is not None
+    loaded = loader.load_cpu("lut_gemm_cpu", VARIANTS[request.param])
+    assert loaded.lib is not None, loaded.reason
+    lib = loaded.lib
     target = f"{cpu_kernel.TARGET}_{request.param}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.Any4LutGemmCpu), platform="cpu")
     assert lib.Any4LutGemmCpuVectorWidth() == {"avx2": 8, "scalar": 0}[request.param]
@@ -49,7 +51,7 @@ def variant(request):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("g, k", [(32, 256), (64, 192), (24, 96)])  # 24: not a vector multiple
 def test_instruction_set_variants(rng, variant, dtype, g, k):
-    qw = _qweight(rng, 40, k, fmt="any4", g=g, dtype=dtype)
+    qw = make_qweight(rng, 40, k, fmt="any4", g=g, dtype=dtype)
     for m in (1, 5):
         x = jnp.asarray(rng.standard_normal((m, k)), dtype)
         y = cpu_kernel._call(x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=g,
@@ -66,7 +68,7 @@ def test_instruction_set_variants(rng, variant, dtype, g, k):
 
 
 def test_dispatch_small_m_to_the_kernel_and_large_m_to_the_reference(rng):
-    qw = _qweight(rng, 64, 256, g=64, dtype=jnp.float32)
+    qw = make_qweight(rng, 64, 256, g=64, dtype=jnp.float32)
     small = jnp.ones((2, 3, 256), jnp.float32)  # M = 6
     assert pick(small, qw) == "cpu"
     big = jnp.ones((cpu_kernel.MAX_ROWS + 1, 256), jnp.float32)
@@ -81,7 +83,7 @@ def test_dispatch_small_m_to_the_kernel_and_large_m_to_the_reference(rng):
 
 def test_turned_off_by_environment(rng, monkeypatch):
     monkeypatch.setenv("ANY4_JAX_CPU_KERNEL", "0")
-    qw = _qweight(rng, 32, 128, g=32, dtype=jnp.float32)
+    qw = make_qweight(rng, 32, 128, g=32, dtype=jnp.float32)
     x = jnp.ones((1, 128), jnp.float32)
     assert any("ANY4_JAX_CPU_KERNEL=0" in r for r in can_use("cpu", x, qw))
     assert pick(x, qw) == "xla"
@@ -94,10 +96,10 @@ def test_many_independent_calls_in_one_jit_finish():
     very case). In a subprocess with a timeout, so a regression fails instead of hanging CI."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
-        from tests.kernels.test_lut_matmul import _qweight
+        from tests.kernels.base import make_qweight
         from any4_jax.kernels.cpu import lut_matmul_cpu
         rng = np.random.default_rng(0)
-        qw = _qweight(rng, 2048, 2048, g=128, dtype=jnp.float32)
+        qw = make_qweight(rng, 2048, 2048, g=128, dtype=jnp.float32)
         qws = [jax.tree.map(lambda a: a + 0 if a.dtype != jnp.uint8 else a ^ 0, qw)
                for _ in range(64)]  # 64 copies: one call each, all independent
         x = jnp.asarray(rng.standard_normal((1, 2048)), jnp.float32)

@@ -1,11 +1,8 @@
 """The CUDA LUT GEMM: its weight layout and data flow on CPU (emulated from the prepared
 arrays), the compile check, and the GPU runs (marker `gpu`)."""
 
-import ctypes
 import os
 import re
-import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +19,12 @@ from any4_jax.kernels.cuda_layout import (
 from any4_jax.kernels.reference import lut_matmul_reference
 from any4_jax.quant.qweight import random_qweight, unpack_codes
 from any4_jax.shapes import LLAMA_SHAPES
-from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
+from tests.kernels.base import TOLERANCE, LutMatmulBase, make_qweight
 
 
 @pytest.mark.parametrize("n, k, g", [(16, 32, 32), (48, 128, 64), (64, 512, 256)])
 def test_layout_round_trip_and_fragment_positions(rng, n, k, g):
-    qw = _qweight(rng, n, k, g=g)
+    qw = make_qweight(rng, n, k, g=g)
     cw = prepare_cuda(qw)
     assert cw.codes.shape == (n // 16, k // 32, 32, 2) and cw.codes.dtype == jnp.uint32
     codes = np.asarray(unpack_codes(qw.codes))
@@ -40,7 +37,7 @@ def test_layout_round_trip_and_fragment_positions(rng, n, k, g):
 @pytest.mark.parametrize("fmt", ["any4", "int4", "nf4", "int3"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_emulated_kernel_matches_reference(rng, fmt, dtype):
-    qw = _qweight(rng, 64, 256, fmt=fmt, g=64, dtype=dtype)
+    qw = make_qweight(rng, 64, 256, fmt=fmt, g=64, dtype=dtype)
     cw = prepare_cuda(qw)
     assert (cw.int_offset >= 0) == fmt.startswith("int")
     x = jnp.asarray(rng.standard_normal((5, 256)), dtype)
@@ -64,7 +61,7 @@ def test_post_scale_arithmetic_is_within_one_ulp_of_the_rounded_weight_product(r
     W rounded to x's dtype. The difference is that rounding: under the tests' one-ulp bound.
     Identity activations give the dequantized weight exactly."""
     k = 1024
-    qw = _qweight(rng, 64, k, fmt=fmt, g=g, dtype=dtype)
+    qw = make_qweight(rng, 64, k, fmt=fmt, g=g, dtype=dtype)
     cw = prepare_cuda(qw)
     x = jnp.asarray(rng.standard_normal((16, k)), dtype)
     got = emulate(x, cw, post_scale=True)
@@ -99,7 +96,7 @@ def test_cuda_kernel_choice(monkeypatch, rng):
     values = {re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower(): int(v)
               for name, v in re.findall(r"kKernel(\w+) = (\d+)", enum)}
     assert values == {name: i for i, name in enumerate(cuda_ffi.KERNELS)}
-    qw = _qweight(rng, 32, 128, g=32)
+    qw = make_qweight(rng, 32, 128, g=32)
     with pytest.raises(ValueError, match="kernel='unit'; choose one of scaled, unit_pair"):
         cuda_ffi.lut_matmul_cuda(jnp.ones((1, 128), jnp.bfloat16), qw, kernel="unit")
 
@@ -107,7 +104,7 @@ def test_cuda_kernel_choice(monkeypatch, rng):
 @pytest.mark.parametrize("wdt, tdt", [(jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16),
                                       (jnp.float32, jnp.float32)])
 def test_prepared_tables_keep_16bit_dtypes_and_emulate_with_bf16_activations(rng, wdt, tdt):
-    qw = _qweight(rng, 32, 128, g=32, dtype=wdt)
+    qw = make_qweight(rng, 32, 128, g=32, dtype=wdt)
     cw = prepare_cuda(qw)
     assert cw.lut.dtype == cw.scales.dtype == cw.zeros.dtype == tdt
     assert cw.nbytes() == qw.nbytes() if wdt != jnp.float32 else cw.nbytes() > 0
@@ -120,191 +117,14 @@ def test_prepared_tables_keep_16bit_dtypes_and_emulate_with_bf16_activations(rng
 def test_layout_errors_and_declines(rng):
     assert layout_reasons(40, 64, 32) == ["N=40 is not a multiple of 16"]
     assert "group_size=16" in " ".join(layout_reasons(32, 64, 16))
-    qw = _qweight(rng, 32, 128, g=32)
+    qw = make_qweight(rng, 32, 128, g=32)
     reasons = can_use("cuda", jnp.ones((2, 128), jnp.float32), qw)
     assert any("bfloat16 or float16" in r for r in reasons)
     if jax.default_backend() != "gpu":
         assert any("needs a CUDA GPU" in r for r in reasons)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.slow
-def test_cuda_sources_compile_for_sm80_and_sm90a():
-    from any4_jax.kernels.build_cuda import main
-
-    assert main(["--check"]) == 0
-
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.slow
-def test_standalone_kernel_bench_compiles(tmp_path):
-    """ffi_kernels/bench/lut_gemm_bench.cu (variants, host-reference check, sanitizer target)
-    is a GPU-machine tool: compiling it here keeps it in step with the kernel header. Device
-    code unoptimised and to PTX only (-Xcicc -O0, code=compute_90a): the C++ and CUDA front
-    end checks everything, in about half the time of a build through ptxas (the library's
-    own build runs ptxas on the kernels it ships)."""
-    r = subprocess.run(["nvcc", "-std=c++17", "-O1", "-Xcicc", "-O0",
-                        "-gencode", "arch=compute_90a,code=compute_90a",
-                        "-I", os.path.join(ROOT, "ffi_kernels"),
-                        os.path.join(ROOT, "ffi_kernels", "bench", "lut_gemm_bench.cu"),
-                        "-o", str(tmp_path / "lut_gemm_bench")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-def _fake_library(tmp_path, info: str) -> str:
-    """A shared library that records `info` as its build identity (and holds no kernel)."""
-    src = tmp_path / "fake.cc"
-    body = 'extern "C" const char* Any4CudaBuildInfo() { return "INFO"; }\n'
-    src.write_text(body.replace("INFO", info))
-    out = str(tmp_path / "libfake.so")
-    subprocess.run(["g++", "-shared", "-fPIC", str(src), "-o", out], check=True)
-    return out
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
-def test_loader_refuses_a_stale_library_and_warns_on_another_jaxlib(tmp_path, monkeypatch):
-    import jaxlib
-
-    from any4_jax.kernels import cuda_ffi
-    from any4_jax.kernels.build_cuda import source_hash
-
-    monkeypatch.setenv("ANY4_JAX_CUDA_LIB", _fake_library(tmp_path, "sources=0123;jaxlib=0.1.0"))
-    lib, why = cuda_ffi._load()
-    assert lib is None and "stale" in why and "build_cuda" in why
-    (tmp_path / "b").mkdir()
-    monkeypatch.setenv("ANY4_JAX_CUDA_LIB",
-                       _fake_library(tmp_path / "b", f"sources={source_hash()};jaxlib=0.1.0"))
-    with pytest.warns(UserWarning, match=f"jaxlib 0.1.0, this is jaxlib {jaxlib.__version__}"):
-        lib, why = cuda_ffi._load()
-    assert lib is not None and why is None
-    monkeypatch.setenv("ANY4_JAX_CUDA_LIB", str(tmp_path / "missing.so"))
-    lib, why = cuda_ffi._load()
-    assert lib is None and "not built" in why and "pip install" in why
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
-def test_loader_judges_the_ffi_api_version_the_library_was_built_against(tmp_path, monkeypatch):
-    """XLA refuses a handler built against a newer FFI API than its own (jax 0.12's headers under
-    jax 0.10: "the handler's API version (0.5) is incompatible with the framework's API version
-    (0.3)"); the loader says so before XLA does, and an older API loads without a warning."""
-    import warnings
-
-    from any4_jax.kernels import cuda_ffi
-    from any4_jax.kernels.build_cuda import source_hash
-
-    major, minor = cuda_ffi.running_ffi_api()
-    for i, (api, ok) in enumerate([(f"{major}.{minor + 1}", False), (f"{major + 1}.0", False),
-                                   (f"{major}.{minor}", True), (f"{major}.{minor - 1}", True)]):
-        (tmp_path / str(i)).mkdir()
-        monkeypatch.setenv("ANY4_JAX_CUDA_LIB", _fake_library(
-            tmp_path / str(i), f"sources={source_hash()};jaxlib=9.9.9;ffi_api={api}"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a compatible API: no jaxlib-version warning
-            lib, why = cuda_ffi._load()
-        if ok:
-            assert lib is not None and why is None, (api, why)
-        else:
-            assert lib is None and f"XLA FFI API {api}" in why and "refuses" in why, (api, why)
-            assert f"FFI API {major}.{minor})" in why and "rebuild" in why
-
-
-def test_running_ffi_api_is_the_installed_jaxlibs():
-    from any4_jax.kernels import cuda_ffi
-
-    major, minor = cuda_ffi.running_ffi_api()
-    assert major == 0 and minor >= 1  # jaxlib 0.10.2: (0, 3); 0.11.2: (0, 4); 0.12: (0, 5)
-    assert cuda_ffi.ffi_api_compatible(f"{major}.{minor}", (major, minor))
-    assert not cuda_ffi.ffi_api_compatible(f"{major}.{minor + 1}", (major, minor))
-
-
-def test_a_handler_xla_refuses_is_a_reason_not_a_crash(monkeypatch):
-    """Whatever XLA says when it refuses the handler becomes the reason `can_use` reports (so
-    `implementation=None` moves on to the next implementation), with the rebuild command."""
-    from any4_jax.kernels import cuda_ffi
-
-    class Lib:
-        Any4LutGemm = Any4LutGemmNoCommandBuffer = ctypes.cast(1, ctypes.c_void_p)
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("INVALID_ARGUMENT: the handler's API version (0.5) is incompatible")
-
-    monkeypatch.setattr(cuda_ffi, "_load", lambda: (Lib(), None))
-    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
-    monkeypatch.setattr(jax.ffi, "pycapsule", lambda fn: fn)
-    cuda_ffi._register.cache_clear()
-    try:
-        why = cuda_ffi._register()
-    finally:
-        cuda_ffi._register.cache_clear()
-    assert why.startswith("XLA refused the CUDA library's handler (INVALID_ARGUMENT: the "
-                          "handler's API version (0.5)") and "build_cuda" in why
-
-
-def test_build_identity_covers_every_kernel_header():
-    """The library's staleness check hashes HEADERS (build_cuda.py) and CMake hashes
-    ANY4_CUDA_HEADERS: both must list every header the library can include, or an edit to one
-    leaves a stale build unnoticed."""
-    import re
-
-    from any4_jax.kernels.build_cuda import HEADERS
-
-    on_disk = sorted(f"ffi_kernels/{f}" for f in os.listdir(os.path.join(ROOT, "ffi_kernels"))
-                     if f.endswith((".cuh", ".h")))
-    assert sorted(HEADERS) == on_disk
-    with open(os.path.join(ROOT, "CMakeLists.txt")) as fh:
-        cmake = re.search(r"set\(ANY4_CUDA_HEADERS([^)]*)\)", fh.read())[1].split()
-    assert sorted(cmake) == on_disk
-
-
-def test_built_library_matches_the_sources():
-    """A library that `pip install` (CMake) or build_cuda left behind is the one of these
-    sources; in CI (nvcc present) the install has built it."""
-    from any4_jax.kernels import cuda_ffi
-
-    if not any(os.path.isfile(p) for p in cuda_ffi.library_candidates()):
-        if shutil.which("nvcc") and os.environ.get("CI_EXPECT_CUDA_LIB") == "1":
-            pytest.fail("nvcc is present but `pip install` built no CUDA library")
-        pytest.skip("the CUDA library is not built here")
-    lib, why = cuda_ffi._load()
-    assert why is None, why
-    info = cuda_ffi.build_info(lib)
-    assert set(info) == {"sources", "jaxlib", "ffi_api"}
-    assert cuda_ffi.ffi_api_compatible(info["ffi_api"], cuda_ffi.running_ffi_api()), info
-    # both handlers: command-buffer compatible (the default) and launched from the host
-    assert lib.Any4LutGemm and lib.Any4LutGemmNoCommandBuffer
-
-
-def test_command_buffer_switch(monkeypatch):
-    from any4_jax.kernels import cuda_ffi
-
-    monkeypatch.delenv("ANY4_JAX_CUDA_COMMAND_BUFFER", raising=False)
-    assert cuda_ffi.command_buffer_enabled()
-    monkeypatch.setenv("ANY4_JAX_CUDA_COMMAND_BUFFER", "0")
-    assert not cuda_ffi.command_buffer_enabled()
-    monkeypatch.setenv("ANY4_JAX_CUDA_COMMAND_BUFFER", "no")
-    with pytest.raises(ValueError, match="ANY4_JAX_CUDA_COMMAND_BUFFER='no': set it to 1"):
-        cuda_ffi.command_buffer_enabled()
-
-
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
-@pytest.mark.parametrize("mode", ["OFF", "AUTO", "ON"])
-def test_cmake_without_nvcc(tmp_path, mode):
-    """CPU-only installs: AUTO and OFF configure without CUDA; ON asks for nvcc."""
-    path = [d for d in os.environ["PATH"].split(os.pathsep)
-            if not os.path.exists(os.path.join(d, "nvcc"))]
-    env = dict(os.environ, PATH=os.pathsep.join(path))
-    env.pop("CUDACXX", None)
-    r = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "b"),
-                        f"-DANY4_JAX_CUDA={mode}"],
-                       env=env, capture_output=True, text=True)
-    if mode == "ON":
-        assert r.returncode != 0 and "ANY4_JAX_CUDA=ON but no CUDA compiler" in r.stderr
-    else:
-        assert r.returncode == 0, r.stderr
-        assert "CUDA kernels not built" in r.stdout
 
 
 @pytest.mark.gpu
@@ -322,7 +142,7 @@ def test_gpu_float32_tables_with_16bit_activations(rng):
     """A float32 model's tables stay float32 in the layout (the kernel's table_kind path)."""
     from any4_jax.kernels.cuda_ffi import lut_matmul_cuda
 
-    qw = _qweight(rng, 64, 512, g=64, dtype=jnp.float32)
+    qw = make_qweight(rng, 64, 512, g=64, dtype=jnp.float32)
     cw = prepare_cuda(qw)
     assert cw.scales.dtype == jnp.float32
     for dtype in (jnp.bfloat16, jnp.float16):
@@ -408,7 +228,7 @@ def test_ffi_call_exports_for_cuda_from_this_machine(rng, fmt, wdt):
     why = _register()
     if why:
         pytest.skip(why)
-    qw = _qweight(rng, 48, 256, fmt=fmt, g=64, dtype=wdt)
+    qw = make_qweight(rng, 48, 256, fmt=fmt, g=64, dtype=wdt)
     cw = prepare_cuda(qw)
     x = jnp.ones((2, 3, 256), jnp.bfloat16)
     exp = export.export(jax.jit(lut_matmul_cuda), platforms=["cuda"],
@@ -427,11 +247,3 @@ def test_ffi_call_exports_for_cuda_from_this_machine(rng, fmt, wdt):
     assert exp.out_avals[0].shape == (2, 3, 48) and exp.out_avals[0].dtype == jnp.bfloat16
 
 
-def test_build_cuda_outside_a_source_checkout_says_so(monkeypatch, capsys):
-    from any4_jax.kernels import build_cuda
-
-    if shutil.which("nvcc") is None:
-        pytest.skip("without nvcc build_cuda stops earlier, with its own message")
-    monkeypatch.setattr(build_cuda, "ROOT", "/nonexistent")
-    assert build_cuda.main(["--check"]) == 2
-    assert "not a source checkout" in capsys.readouterr().err

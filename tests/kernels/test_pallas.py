@@ -9,9 +9,10 @@ import pytest
 from any4_jax.kernels import can_use, lut_matmul, pick
 from any4_jax.kernels.pallas_gpu import NAME, can_use_pallas, lut_matmul_pallas, pair_table
 from any4_jax.kernels.reference import lut_matmul_reference
+from any4_jax.kernels.tuning import PallasConfig, block_config
 from any4_jax.quant.qweight import random_qweight
 from any4_jax.shapes import LLAMA_SHAPES
-from tests.kernels.test_lut_matmul import TOLERANCE, LutMatmulBase, _qweight
+from tests.kernels.base import TOLERANCE, LutMatmulBase, make_qweight
 
 
 class TestPallasInterpret(LutMatmulBase):
@@ -27,7 +28,7 @@ class TestPallasInterpret(LutMatmulBase):
 @pytest.mark.parametrize("g", [32, 128, 512, 1024])  # the issue asks for 32-1024
 @pytest.mark.parametrize("m", [1, 20])
 def test_interpret_against_reference(rng, fmt, g, m):
-    qw = _qweight(rng, 128, 1024, fmt=fmt, g=g, dtype=jnp.bfloat16)
+    qw = make_qweight(rng, 128, 1024, fmt=fmt, g=g, dtype=jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
     y = lut_matmul_pallas(x, qw, interpret=True)
     ref = lut_matmul_reference(x, qw)
@@ -68,9 +69,9 @@ def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
     with and without split K (float32 partials summed after the kernel), two K blocks per
     group (the scale applies per block), ragged M: within the dtype's tolerance of the
     reference, and, without post-scaling, within float32 summation order of it."""
-    qw = _qweight(rng, 64, 512, fmt=fmt, g=128, dtype=dtype)
+    qw = make_qweight(rng, 64, 512, fmt=fmt, g=128, dtype=dtype)
     x = jnp.asarray(rng.standard_normal((5, 512)), dtype)
-    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, **variant}
+    cfg = PallasConfig(bm=16, bn=32, bk=64, num_warps=4, num_stages=2, **variant)
     pairs = _pairs(variant, qw)
     y = lut_matmul_pallas(x, qw, interpret=True, config=cfg, pairs=pairs).astype(jnp.float32)
     ref = lut_matmul_reference(x, qw).astype(jnp.float32)
@@ -90,9 +91,9 @@ def test_lookup_variants_against_reference(rng, variant, dtype, fmt):
 def test_post_scale_falls_back_where_inexact(rng):
     """A bf16 table with f16 activations (the table is not exact in f16) and f32 activations
     keep the per-weight dequantization: the result equals the reference's arithmetic."""
-    qw = _qweight(rng, 32, 256, g=64, dtype=jnp.bfloat16)
-    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2,
-           "lookup": "gather", "post_scale": True}
+    qw = make_qweight(rng, 32, 256, g=64, dtype=jnp.bfloat16)
+    cfg = PallasConfig(bm=16, bn=32, bk=64, num_warps=4, num_stages=2, lookup="gather",
+                       post_scale=True)
     for dt in (jnp.float16, jnp.float32):
         x = jnp.asarray(rng.standard_normal((3, 256)), dt)
         y = lut_matmul_pallas(x, qw, interpret=True, config=cfg).astype(jnp.float32)
@@ -105,22 +106,23 @@ def test_pair_table_and_lookup(rng):
     pair lookup gives the gather + post-scale result bit for bit (same raw values, same
     arithmetic), falls back to gather where post-scaling does not apply, and its misuse is
     named."""
-    qw = _qweight(rng, 64, 256, g=64, dtype=jnp.bfloat16)
+    qw = make_qweight(rng, 64, 256, g=64, dtype=jnp.bfloat16)
     pairs = pair_table(qw.lut)
     assert pairs.shape == (64, 256) and pairs.dtype == jnp.uint32
     bits = np.asarray(jax.lax.bitcast_convert_type(qw.lut, jnp.uint16)).astype(np.uint32)
     b = np.arange(256)
     np.testing.assert_array_equal(np.asarray(pairs), bits[:, b & 15] | bits[:, b >> 4] << 16)
-    cfg = {"bm": 16, "bn": 32, "bk": 64, "num_warps": 4, "num_stages": 2, "split_k": 2}
+    cfg = PallasConfig(bm=16, bn=32, bk=64, num_warps=4, num_stages=2, split_k=2)
     for dt in (jnp.bfloat16, jnp.float32):  # float32 x: no post-scale, the gather path
         x = jnp.asarray(rng.standard_normal((3, 256)), dt)
-        y = lut_matmul_pallas(x, qw, interpret=True, config=cfg, pairs=pairs)
-        g = lut_matmul_pallas(x, qw, interpret=True,
-                              config={**cfg, "lookup": "gather", "post_scale": True})
+        y = lut_matmul_pallas(x, qw, interpret=True, config=cfg.replace(lookup="pair"),
+                              pairs=pairs)
+        g = lut_matmul_pallas(x, qw, interpret=True, config=cfg, lookup="gather",
+                              post_scale=True)
         np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(g, np.float32))
     x = jnp.ones((1, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="lookup='pair' reads a pair table: pass pairs="):
-        lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "pair"})
+        lut_matmul_pallas(x, qw, interpret=True, lookup="pair")
     with pytest.raises(ValueError, match=r"pairs must be the \[64, 256\] uint32 table"):
         lut_matmul_pallas(x, qw, interpret=True, pairs=pairs[:32])
     with pytest.raises(ValueError, match="pair tables hold 16-bit table values; this table is "
@@ -129,17 +131,21 @@ def test_pair_table_and_lookup(rng):
 
 
 def test_bad_configs_are_named(rng):
-    qw = _qweight(rng, 32, 256, g=64)
+    qw = make_qweight(rng, 32, 256, g=64)
     x = jnp.ones((1, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="lookup='onehot' is not one of"):
-        lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "onehot"})
-    with pytest.raises(ValueError, match="unknown Pallas config keys \\['block_n'\\]"):
-        lut_matmul_pallas(x, qw, interpret=True, config={"block_n": 32})
+        lut_matmul_pallas(x, qw, interpret=True, lookup="onehot")
+    with pytest.raises(ValueError, match="unknown Pallas settings \\['block_n'\\]"):
+        lut_matmul_pallas(x, qw, interpret=True, block_n=32)
+    with pytest.raises(ValueError, match="bn=0 must be a positive integer"):
+        PallasConfig(bm=16, bn=0, bk=64)
+    with pytest.raises(TypeError, match="config must be a PallasConfig, got dict"):
+        lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "gather"})
     with pytest.raises(ValueError, match="bn=48 does not divide N=32.*bk=128 does not divide "
                                          "the group size 64.*split_k=8: each split"):
-        lut_matmul_pallas(x, qw, interpret=True, config={"bn": 48, "bk": 128, "split_k": 8})
-    # a partial config keeps the table's other keys
-    y = lut_matmul_pallas(x, qw, interpret=True, config={"lookup": "gather", "split_k": 2})
+        lut_matmul_pallas(x, qw, interpret=True, bn=48, bk=128, split_k=8)
+    # single settings keep the table's others
+    y = lut_matmul_pallas(x, qw, interpret=True, lookup="gather", split_k=2)
     np.testing.assert_allclose(np.asarray(y, np.float32),
                                np.asarray(lut_matmul_reference(x, qw), np.float32),
                                rtol=2e-2, atol=1e-2)
@@ -169,12 +175,10 @@ def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
     table's halves) and split K (the squeezed partials' block)."""
     from jax import export
 
-    from any4_jax.kernels.tuning import block_config
-
-    qw = _qweight(rng, 256, 512, fmt=fmt, g=g, dtype=dtype)
+    qw = make_qweight(rng, 256, 512, fmt=fmt, g=g, dtype=dtype)
     x = jnp.ones((3, 512), dtype)
-    cfg = {**block_config(m=3, n=256, k=512, g=g), "lookup": lookup,
-           "post_scale": lookup != "select", "split_k": 1 if lookup == "select" else 2}
+    cfg = block_config(m=3, n=256, k=512, g=g).replace(
+        lookup=lookup, post_scale=lookup != "select", split_k=1 if lookup == "select" else 2)
     pairs = jnp.zeros((256, 256), jnp.uint32) if lookup == "pair" else None
     with _abstract_h100():
         exp = export.export(
@@ -188,7 +192,7 @@ def test_exports_for_cuda_from_this_machine(rng, dtype, fmt, g, lookup):
 
 
 def test_declines_in_words(rng):
-    qw = _qweight(rng, 64, 256, g=64)
+    qw = make_qweight(rng, 64, 256, g=64)
     reasons = can_use_pallas(jnp.ones((2, 256), jnp.bfloat16), qw)
     if jax.default_backend() != "gpu":
         assert any("needs a CUDA GPU" in r for r in reasons)
@@ -239,7 +243,7 @@ def test_gpu_lookup_variants(rng, variant):
     shape (what the tuner may put in the table), against the reference."""
     n, k = LLAMA_SHAPES["llama3-8b/qkv"]
     _check_m1_m16(rng, n, k, 128, lambda x, qw: lut_matmul_pallas(
-        x, qw, config=variant, pairs=_pairs(variant, qw)))
+        x, qw, pairs=_pairs(variant, qw), **variant))
 
 
 @pytest.mark.gpu

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from any4_jax import QuantConfig, QuantizedWeight
-from any4_jax.functional import Calibration, model_from_params, quantize_params
 from any4_jax.models.llama.convert_flax import (
     flatten,
     load_flax_model,
@@ -22,6 +21,7 @@ from any4_jax.models.llama.convert_flax import (
     unflatten,
 )
 from any4_jax.models.llama.safetensors_io import CheckpointError
+from any4_jax.ptq.functional import Calibration, model_from_params, quantize_params
 from tests.models.hf_tiny import VOCAB, tiny_hf_model, torch_logits
 
 pytest.importorskip("torch")
@@ -139,8 +139,8 @@ def test_quantize_params_is_functional(tmp_path):
 
 def test_quantize_params_any4_with_statistics_and_by_running_the_model(tmp_path):
     from any4_jax.models.llama.config import LlamaConfig
-    from any4_jax.quant.calibrate import collect_offline, finalize
-    from any4_jax.quant.model_quant import quantize_model, select_layers
+    from any4_jax.ptq.calibrate import collect_offline, finalize
+    from any4_jax.ptq.quantize_model import quantize_model, select_layers
 
     hf = tiny_hf_model("llama")
     path = write_flax_checkpoint(hf, tmp_path / "ck")
@@ -169,8 +169,8 @@ def test_quantize_params_any4_with_statistics_and_by_running_the_model(tmp_path)
 def test_quantize_save_load_eval_round_trip(tmp_path):
     from any4_jax.checkpoint import save_quantized
     from any4_jax.eval.perplexity import perplexity
-    from any4_jax.models.load import load_model
-    from any4_jax.quant.model_quant import quantize_model
+    from any4_jax.loading import load_model
+    from any4_jax.ptq.quantize_model import quantize_model
     from tests.tiny_lm import byte_tokenizer
 
     hf = tiny_hf_model("llama")

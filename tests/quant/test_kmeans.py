@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from any4_jax import KMeansConfig, QuantConfig, quantize_weight, row_mesh
+from any4_jax.quant import KMeansConfig, QuantConfig, quantize_weight, row_mesh
 from any4_jax.quant.kmeans import kmeans_rows, sort_rows, weighted_sse
 from any4_jax.quant.rowsort import sort_rows_host
 

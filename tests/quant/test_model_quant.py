@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from any4_jax.models.llama.modules import Dense
-from any4_jax.quant.calibrate import (
+from any4_jax.nn.qdense import QuantDense
+from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     calibration_tokens,
     call_groups,
     collect_offline,
-    dense_layers,
     finalize,
 )
+from any4_jax.nn import dense_layers
+from any4_jax.ptq.quantize_model import quantize_model, select_layers
 from any4_jax.quant.config import QuantConfig
-from any4_jax.quant.model_quant import quantize_model, select_layers
-from any4_jax.quant.qdense import QuantDense
 from tests.tiny_lm import byte_tokenizer, tiny_model
 
 ANY4 = QuantConfig(format="any4", group_size=32)

@@ -9,10 +9,9 @@ from flax import nnx
 
 from any4_jax import checkpoint as ck
 from any4_jax.kernels import CudaWeight, lut_matmul, pick, prepare
-from any4_jax.models.load import load_model
-from any4_jax.quant.calibrate import dense_layers
-from any4_jax.quant.qdense import QuantDense, prepare_model
-from tests.kernels.test_lut_matmul import _qweight
+from any4_jax.loading import load_model
+from any4_jax.nn import QuantDense, dense_layers, prepare_model
+from tests.kernels.base import make_qweight
 from tests.tiny_lm import quantized_tiny
 
 FIELDS = ("codes", "lut", "scales", "zeros")
@@ -32,7 +31,7 @@ def quantized():
 
 @pytest.mark.parametrize("fmt", ["any4", "int4"])
 def test_prepare_and_lut_matmul_on_a_prepared_weight(rng, fmt):
-    qw = _qweight(rng, 32, 128, fmt=fmt, g=32, dtype=jnp.bfloat16)
+    qw = make_qweight(rng, 32, 128, fmt=fmt, g=32, dtype=jnp.bfloat16)
     cw = prepare(qw, "cuda")
     assert isinstance(cw, CudaWeight) and prepare(cw, "cuda") is cw
     _same(prepare(cw, "xla"), qw)

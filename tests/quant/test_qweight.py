@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from any4_jax import QuantConfig, QuantizedWeight, pack_codes, quantize_weight, row_mesh
+from any4_jax.quant import QuantConfig, QuantizedWeight, pack_codes, quantize_weight, row_mesh
 from any4_jax.quant.qweight import unpack_codes
 
 

@@ -1,24 +1,27 @@
-"""lut_matmul: one test base, one subclass per implementation (only "xla" exists so far)."""
+"""The shared kernel test base: one battery of `lut_matmul` tests that every implementation's
+test module subclasses (reference, CPU, Pallas interpret/GPU, CUDA), and its helpers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from any4_jax import KMeansConfig, QuantConfig, quantize_weight
-from any4_jax.kernels import can_use, lut_matmul
+from any4_jax.kernels import lut_matmul
+from any4_jax.quant import KMeansConfig, QuantConfig, quantize_weight
 
 # ||y - y_ref|| / ||y_ref|| against a float64 product of the same dequantized weight.
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
 
 
-def _qweight(rng, n, k, fmt="any4", g=64, dtype=jnp.bfloat16):
+def make_qweight(rng, n, k, fmt="any4", g=64, dtype=jnp.bfloat16):
     # t-distributed rows with a per-row spread, so scales and zeros vary from group to group
     w = rng.standard_t(4, size=(n, k)) * rng.uniform(0.5, 2.0, size=(n, 1)) * 0.02
     return quantize_weight(jnp.asarray(w, dtype), QuantConfig(format=fmt, group_size=g))
 
 
 class LutMatmulBase:
+    """Subclass per implementation; override `run` to call a backend directly."""
+
     implementation: str
 
     def run(self, x, qw):
@@ -27,7 +30,7 @@ class LutMatmulBase:
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
     @pytest.mark.parametrize("m", [1, 3, 16, 33])
     def test_against_float64(self, rng, dtype, m):
-        qw = _qweight(rng, 96, 256, dtype=dtype)
+        qw = make_qweight(rng, 96, 256, dtype=dtype)
         x = jnp.asarray(rng.standard_normal((m, 256)), dtype)
         y = self.run(x, qw)
         assert y.shape == (m, 96) and y.dtype == dtype
@@ -39,7 +42,7 @@ class LutMatmulBase:
     @pytest.mark.parametrize("fmt", ["int4", "nf4", "fp4", "fp4_e2m1", "any4", "any3", "any2"])
     @pytest.mark.parametrize("g", [32, 64, 128, 256])
     def test_identity_activations_return_the_weight(self, rng, fmt, g):
-        qw = _qweight(rng, 64, 256, fmt=fmt, g=g, dtype=jnp.float32)
+        qw = make_qweight(rng, 64, 256, fmt=fmt, g=g, dtype=jnp.float32)
         y = self.run(jnp.eye(256, dtype=jnp.float32), qw)  # y[m, n] = w[n, m]
         np.testing.assert_array_equal(np.asarray(y), np.asarray(qw.dequantize()).T)
 
@@ -52,35 +55,13 @@ class LutMatmulBase:
         np.testing.assert_array_equal(self.run(x, any4), self.run(x, int4))
 
     def test_leading_dims_jit_and_vmap(self, rng):
-        qw = _qweight(rng, 32, 128)
+        qw = make_qweight(rng, 32, 128)
         x = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.bfloat16)
         y = jax.jit(self.run)(x, qw)
         assert y.shape == (2, 3, 32)
         np.testing.assert_array_equal(y[1], self.run(x[1], qw))
-        layers = [_qweight(rng, 32, 128) for _ in range(3)]
+        layers = [make_qweight(rng, 32, 128) for _ in range(3)]
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
         ys = jax.vmap(self.run, in_axes=(None, 0))(x[0], stacked)
         for i, layer in enumerate(layers):
             np.testing.assert_array_equal(ys[i], self.run(x[0], layer))
-
-
-class TestXla(LutMatmulBase):
-    implementation = "xla"
-
-
-def test_default_picks_a_usable_implementation(rng):
-    qw = _qweight(rng, 32, 128)
-    x = jnp.ones((2, 128), jnp.bfloat16)
-    np.testing.assert_array_equal(lut_matmul(x, qw), lut_matmul(x, qw, implementation="xla"))
-
-
-def test_reasons_are_words(rng):
-    qw = _qweight(rng, 32, 128)
-    assert can_use("xla", jnp.ones((2, 128), jnp.bfloat16), qw) == []
-    reasons = can_use("xla", jnp.ones((2, 64), jnp.int32), qw)
-    assert any("last dim must be K=128" in r for r in reasons)
-    assert any("int32 is not one of" in r for r in reasons)
-    assert any("unknown implementation 'triton'" in r
-               for r in can_use("triton", jnp.ones((2, 128)), qw))
-    with pytest.raises(ValueError, match="cannot run: x has shape"):
-        lut_matmul(jnp.ones((2, 64), jnp.bfloat16), qw)
