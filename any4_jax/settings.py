@@ -11,7 +11,7 @@ allowed ones is an error that names the variable and its values.
   ANY4_JAX_CUDA_LIB=PATH        the CUDA FFI library to load (default: the package's _lib/)
   ANY4_JAX_CUDA_KERNEL=NAME     the CUDA library's kernel: scaled, unit_pair or unit_lane
   ANY4_JAX_CUDA_COMMAND_BUFFER=0  register the CUDA handler without the command-buffer trait
-  ANY4_JAX_UNVERIFIED_KERNELS=1 let `implementation=None` pick kernels not yet verified on a GPU
+  ANY4_JAX_UNVERIFIED_KERNELS=1 let `implementation=None` pick kernels marked unverified
   CXX                           the C++ compiler for the CPU libraries (default g++, then c++)
 """
 

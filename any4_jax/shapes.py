@@ -1,4 +1,4 @@
-"""Real Llama weight shapes (N x K = out_features x in_features), DESIGN.md s.6.
+"""Real Llama weight shapes (N x K = out_features x in_features), docs/design.md s.6.
 
 Shared by tests, benchmarks and kernel tuning so that they all talk about the same matrices.
 """

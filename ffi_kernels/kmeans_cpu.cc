@@ -1,5 +1,5 @@
 // Weighted 1-D k-means on every row of a matrix, on the CPU, as an XLA FFI handler
-// (DESIGN.md s.4 "Weighted k-means"). Compiled on first use by any4_jax/quant/kmeans_cpu.py.
+// (docs/design.md s.4 "Weighted k-means"). Compiled on first use by any4_jax/quant/kmeans_cpu.py.
 //
 // Per row: radix-sort the values carrying their weights; prefix sums (double) of w, w x,
 // w x^2 centred on the row's mid-range; k-means++ seeding (weighted, greedy, 2 + floor(ln k)

@@ -216,8 +216,8 @@ __device__ __forceinline__ void prologue(Prologue<TT>& p, const uint2* codes,
   p.g = p.lane / 4;
   p.t = p.lane % 4;
   p.chunks = K / kChunkK;
-  p.codes = codes + static_cast<int64_t>(p.tile) * p.chunks * 32 + p.lane;
   const int groups = div_chunks(p.chunks / U, magic);
+  p.codes = codes + static_cast<int64_t>(p.tile) * p.chunks * 32 + p.lane;
   p.s = scales + static_cast<int64_t>(p.tile) * groups * kTileN + p.g;
   p.z = zeros + static_cast<int64_t>(p.tile) * groups * kTileN + p.g;
   const uint32_t lane_raw = smem_addr(lane_store), pair_raw = smem_addr(pair_store);

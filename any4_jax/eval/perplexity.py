@@ -1,4 +1,4 @@
-"""Perplexity in a jitted loop (GPTQ convention, DESIGN.md section 4).
+"""Perplexity in a jitted loop (GPTQ convention, docs/design.md section 4).
 
 Tokenize the whole text once, cut non-overlapping windows of `seq_len` tokens from the start,
 drop the tail; per window the mean NLL over its `seq_len - 1` predicted positions from float32

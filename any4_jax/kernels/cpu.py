@@ -29,7 +29,7 @@ from any4_jax.quant.qweight import QuantizedWeight
 
 TARGET = "any4_lut_gemm_cpu"
 # Rows of x above which the reference (dequantize once, XLA's GEMM) wins on the CPU: measured
-# with scripts/bench_kernels.py on the 2-core development machine (docs/kernels.md).
+# with `scripts/kernel_bench.py bench` on the 2-core development machine (docs/kernels.md).
 MAX_ROWS = 32
 
 

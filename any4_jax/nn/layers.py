@@ -27,17 +27,26 @@ def dense_layers(module) -> list[tuple[str, nnx.Module]]:
     return out
 
 
+def _child(node, part: str, path: str, module):
+    try:
+        return node[int(part)] if part.isdigit() else getattr(node, part)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise ValueError(f"no layer {path!r} in this {type(module).__name__}: "
+                         f"{type(node).__name__} has no {part!r}") from None
+
+
 def _parent(module, path: str):
     parts = path.split(".")
     node = module
     for p in parts[:-1]:
-        node = node[int(p)] if p.isdigit() else getattr(node, p)
+        node = _child(node, p, path, module)
     return node, parts[-1]
 
 
 def get_layer(module, path: str):
+    """The layer at a dotted path; a ValueError naming the path if there is none."""
     parent, last = _parent(module, path)
-    return parent[int(last)] if last.isdigit() else getattr(parent, last)
+    return _child(parent, last, path, module)
 
 
 def set_layer(module, path: str, layer) -> None:

@@ -5,7 +5,7 @@ as `block(x, *extras)` returning `x` or `(x, ...)`) and `model.embed_inputs(toke
 (x, extras)`. A layer's input is captured by wrapping the layer in a tap on a *copy* of the
 block inside a jitted function: the model code is not touched and nothing is patched
 globally. Sums of x and |x| (float32) are accumulated over every calibration token, so both
-statistics of DESIGN.md come from one pass:
+statistics of docs/design.md come from one pass:
   abs_of_mean = |mean_t x_tj|   (the reference release's default)
   mean_of_abs = mean_t |x_tj|   (the paper's wording)
 """

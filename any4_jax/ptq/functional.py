@@ -2,7 +2,7 @@
 
 Works on a plain nested dict in Flax Linen layout (as in Hugging Face Flax checkpoints:
 `model/layers/<i>/self_attn/q_proj/kernel` [in, out]); returns a new tree in which each
-selected kernel is replaced by a `QuantizedWeight` ([out, in], see DESIGN.md s.3). Nothing is
+selected kernel is replaced by a `QuantizedWeight` ([out, in], see docs/design.md s.3). Nothing is
 mutated. `model_from_params` runs such a tree through our Llama.
 """
 

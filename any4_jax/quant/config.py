@@ -16,7 +16,7 @@ DEFAULT_GROUP_SIZE = 128  # the paper's and the reference release's
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KMeansConfig:
-    """Weighted Lloyd's algorithm over the group-scaled values of each row (DESIGN.md s.4).
+    """Weighted Lloyd's algorithm over the group-scaled values of each row (docs/design.md s.4).
 
     init: "kmeans++" (weighted, greedy, 2 + floor(ln k) local trials), "random" (k weighted
       samples without replacement), "int" (uniform grid over the row's range) or "nf4" (the

@@ -2,7 +2,7 @@
 
 Every format ends up in the same storage form (a per-row 16-entry table, per-group scale and
 zero, see `QuantizedWeight`); this module only knows which table and which scaling rule a
-format uses. The tables are the bit patterns of DESIGN.md section 4.
+format uses. The tables are the bit patterns of docs/design.md section 4.
 """
 
 from __future__ import annotations

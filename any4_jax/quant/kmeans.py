@@ -1,4 +1,4 @@
-"""Weighted 1-D k-means on every row of a matrix at once (DESIGN.md s.4, "Weighted k-means").
+"""Weighted 1-D k-means on every row of a matrix at once (docs/design.md s.4, "Weighted k-means").
 
 Each row's values are sorted once. With sorted values and sorted centroids, every Lloyd
 cluster is a contiguous run of the sorted row whose ends are found by binary search of the

@@ -94,7 +94,7 @@ def _grid_range(spec: FormatSpec, symmetric: bool, init: str) -> tuple[float, fl
 
 
 def _any_sample_weights(scale, xbar, ws_shape, g: int, weighting: str):
-    """k-means sample weights [R, K] (DESIGN.md s.4): 1, xbar_j, or xbar_j * alpha_ij."""
+    """k-means sample weights [R, K] (docs/design.md s.4): 1, xbar_j, or xbar_j * alpha_ij."""
     if weighting == "none":
         return jnp.ones(ws_shape, jnp.float32)
     if weighting == "activations":

@@ -1,4 +1,4 @@
-"""`QuantizedWeight`: the contract between the quantizers and the kernels (DESIGN.md s.3).
+"""`QuantizedWeight`: the contract between the quantizers and the kernels (docs/design.md s.3).
 
 Invariant, for a weight of shape `[N, K]` with groups of `g` along K:
   codes  [..., N, K // 2]  uint8        element 2j in the low nibble, 2j+1 in the high one

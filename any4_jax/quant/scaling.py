@@ -1,4 +1,4 @@
-"""Group scaling (DESIGN.md s.4), all in float32 on the unquantized weight.
+"""Group scaling (docs/design.md s.4), all in float32 on the unquantized weight.
 
 Each function takes w: [R, K] and the group size g and returns per-group (scale, zero) of
 shape [R, K // g] plus the scaled values [R, K] that the codes are chosen from.

@@ -53,7 +53,7 @@ def test_matches_torch_on_a_tiny_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_smollm2_pride_and_prejudice_matches_transformers(smollm2, transformers_smollm2,
                                                           pride_text):
-    """DESIGN.md's check: 16 windows of 2048 tokens, no BOS, within 0.2% of transformers."""
+    """docs/design.md's check: 16 windows of 2048 tokens, no BOS, within 0.2% of transformers."""
     hf_model, _ = transformers_smollm2
     ids = smollm2.tokenizer.encode(pride_text)
     assert ids[0] != smollm2.config.bos_token_id  # the GGUF tokenizer adds no BOS

@@ -1,4 +1,5 @@
-"""Hugging Face Flax checkpoints (msgpack, Linen layout) in; quantized params pytrees out.
+"""Hugging Face Flax checkpoints (msgpack, Linen layout): loading, errors, and a quantized
+Flax model through save/load and the CLI.
 
 The checkpoints are written here without a hub: a torch `LlamaForCausalLM`'s weights in the
 tree FlaxLlamaForCausalLM.save_pretrained writes (transformers 5 ships no Flax models), with
@@ -8,72 +9,19 @@ tree FlaxLlamaForCausalLM.save_pretrained writes (transformers 5 ships no Flax m
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from any4_jax import QuantConfig, QuantizedWeight
+from any4_jax import QuantConfig
 from any4_jax.models.llama.convert_flax import (
-    flatten,
     load_flax_model,
-    load_flax_params,
-    unflatten,
 )
 from any4_jax.models.llama.safetensors_io import CheckpointError
-from any4_jax.ptq.functional import Calibration, model_from_params, quantize_params
-from tests.models.hf_tiny import VOCAB, tiny_hf_model, torch_logits
+from tests.models.hf_tiny import ids, tiny_hf_model, torch_logits, write_flax_checkpoint
 
 pytest.importorskip("torch")
 
 ATOL = 2e-5
-
-
-def linen_tree(hf_model) -> dict:
-    """torch state dict -> the Linen-layout tree of FlaxLlamaForCausalLM."""
-    flat = {}
-    for name, t in hf_model.state_dict().items():
-        a = t.detach().float().numpy()
-        parts = name.split(".")
-        if parts[-1] != "weight":
-            continue
-        if parts[:2] == ["model", "embed_tokens"]:
-            flat["model/embed_tokens/embedding"] = a
-        elif parts[-2].endswith("_proj") or parts[0] == "lm_head":
-            flat["/".join(parts[:-1]) + "/kernel"] = a.T  # torch [out, in] -> [in, out]
-        else:
-            flat["/".join(parts)] = a
-    if hf_model.config.tie_word_embeddings:
-        flat.pop("lm_head/kernel", None)
-    return unflatten(flat)
-
-
-def write_flax_checkpoint(hf_model, path, *, shards: int = 1) -> str:
-    from flax import serialization
-
-    os.makedirs(path, exist_ok=True)
-    hf_model.config.to_json_file(os.path.join(path, "config.json"))
-    flat = flatten(linen_tree(hf_model))
-    if shards == 1:
-        with open(os.path.join(path, "flax_model.msgpack"), "wb") as fh:
-            fh.write(serialization.msgpack_serialize(unflatten(flat)))
-        return str(path)
-    names = sorted(flat)
-    chunks = np.array_split(np.arange(len(names)), shards)
-    wmap = {}
-    for i, idx in enumerate(chunks):
-        fname = f"flax_model-{i + 1:05d}-of-{shards:05d}.msgpack"
-        part = {names[j]: flat[names[j]] for j in idx}
-        wmap.update({n: fname for n in part})
-        with open(os.path.join(path, fname), "wb") as fh:
-            fh.write(serialization.msgpack_serialize(unflatten(part)))
-    with open(os.path.join(path, "flax_model.msgpack.index.json"), "w") as fh:
-        json.dump({"metadata": {}, "weight_map": wmap}, fh)
-    return str(path)
-
-
-def _ids(t=24, seed=0):
-    return np.random.default_rng(seed).integers(0, VOCAB, (2, t)).astype(np.int32)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -83,7 +31,7 @@ def test_logits_match_torch(tmp_path, tied, shards):
     path = write_flax_checkpoint(hf, tmp_path / "ck", shards=shards)
     model, cfg = load_flax_model(path)
     assert cfg.tie_word_embeddings == tied
-    np.testing.assert_allclose(np.asarray(model(_ids())[0]), torch_logits(hf, _ids()),
+    np.testing.assert_allclose(np.asarray(model(ids())[0]), torch_logits(hf, ids()),
                                atol=ATOL, rtol=0)
 
 
@@ -111,59 +59,6 @@ def test_errors_name_the_problem(tmp_path):
     f.write_bytes(f.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_flax_model(path)
-
-
-def test_quantize_params_is_functional(tmp_path):
-    hf = tiny_hf_model("llama")
-    params = load_flax_params(write_flax_checkpoint(hf, tmp_path / "ck"))
-    before = jax.tree.map(lambda a: a.copy(), params)
-    q = quantize_params(params, QuantConfig(format="int4", group_size=32))
-    # nothing mutated
-    jax.tree.map(np.testing.assert_array_equal, params, before)
-    qp = q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
-    assert isinstance(qp, QuantizedWeight) and qp.shape == (64, 64)
-    assert isinstance(q["lm_head"]["kernel"], np.ndarray)
-    assert q["model"]["embed_tokens"]["embedding"] is params["model"]["embed_tokens"][
-        "embedding"]
-    # run it through our model: every decoder kernel is a QuantDense
-    from any4_jax.models.llama.config import LlamaConfig
-
-    cfg = LlamaConfig.from_hf(hf.config.to_dict())
-    model = model_from_params(q, cfg)
-    ref_model = model_from_params(params, cfg)
-    logits, _ = model(_ids())
-    ref, _ = ref_model(_ids())
-    rel = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
-    assert 0 < rel < 0.3
-
-
-def test_quantize_params_any4_with_statistics_and_by_running_the_model(tmp_path):
-    from any4_jax.models.llama.config import LlamaConfig
-    from any4_jax.ptq.calibrate import collect_offline, finalize
-    from any4_jax.ptq.quantize_model import quantize_model, select_layers
-
-    hf = tiny_hf_model("llama")
-    path = write_flax_checkpoint(hf, tmp_path / "ck")
-    params = load_flax_params(path)
-    cfg = LlamaConfig.from_hf(hf.config.to_dict())
-    tokens = _ids(40)
-    cq = QuantConfig(format="any4", group_size=32)
-    with pytest.raises(ValueError, match="needs an activation statistic"):
-        quantize_params(params, cq)
-    model, _ = load_flax_model(path)
-    sums, count = collect_offline(model, tokens, select_layers(model))
-    stats = finalize(sums, count, "abs_of_mean")
-    via_stats = quantize_params(params, cq, calibration=stats)
-    seq = quantize_params(params, cq, calibration=Calibration(tokens, cfg))
-    ref, _ = quantize_model(model, cq, tokens=tokens, progress=False)
-    got = seq["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]
-    want = ref.layers[1].mlp.down_proj.qweight
-    for f in ("codes", "lut", "scales", "zeros"):
-        np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
-    # the first layer group sees the unquantized input in both modes
-    a = via_stats["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
-    b = seq["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
-    np.testing.assert_array_equal(a.lut, b.lut)
 
 
 def test_quantize_save_load_eval_round_trip(tmp_path):

@@ -15,7 +15,7 @@ def _codes(qw):
 
 
 def int_reference(w, g, n_bit, symmetric):
-    """DESIGN.md s.4 written out in numpy, float32 throughout."""
+    """docs/design.md s.4 written out in numpy, float32 throughout."""
     n, k = w.shape
     wg = w.astype(np.float32).reshape(n, k // g, g)
     if symmetric:
