@@ -184,9 +184,12 @@ __device__ __forceinline__ void reduce_store(float (&red_s)[kWarps][32][MT * 4],
 }
 
 // What a lane of either kernel (lut_gemm_kernel, lut_gemm_unit_kernel) knows before its
-// loop, set up here once so that the two cannot drift apart: its place (tile = blockIdx.x,
+// loop, set up once here so that the two cannot drift apart: its place (tile = blockIdx.x,
 // batch rows from blockIdx.y, fragment coordinates g = lane / 4, t = lane % 4), the tile's
-// codes, scales and zeros, its x rows, and the tables' place in shared memory.
+// codes, scales and zeros, and the tables' place in shared memory. Scalars only, filled in
+// place, codes before groups: so the scaled kernel's SASS is the same as with the locals this
+// replaced (an array member such as the x rows, a returned struct, or groups first each change
+// it; the unit kernel, which had groups first, gains up to 6 instructions in its U = 1 loop).
 template <typename TT>
 struct Prologue {
   int tile, m_base, warp, lane, g, t;
@@ -216,8 +219,8 @@ __device__ __forceinline__ void prologue(Prologue<TT>& p, const uint2* codes,
   p.g = p.lane / 4;
   p.t = p.lane % 4;
   p.chunks = K / kChunkK;
-  const int groups = div_chunks(p.chunks / U, magic);
   p.codes = codes + static_cast<int64_t>(p.tile) * p.chunks * 32 + p.lane;
+  const int groups = div_chunks(p.chunks / U, magic);
   p.s = scales + static_cast<int64_t>(p.tile) * groups * kTileN + p.g;
   p.z = zeros + static_cast<int64_t>(p.tile) * groups * kTileN + p.g;
   const uint32_t lane_raw = smem_addr(lane_store), pair_raw = smem_addr(pair_store);
@@ -229,7 +232,7 @@ __device__ __forceinline__ void prologue(Prologue<TT>& p, const uint2* codes,
   p.pair_base = pair_al + 1024 * p.g;
 }
 
-// Word t of batch row m_base + 8 mt + g of x (row 0's where that row is past M: has_row false).
+// Word t of x's batch row m_base + 8 mt + g (row 0's where that row is past M: has_row false).
 template <int MT, typename T>
 __device__ __forceinline__ void x_rows(const T* x, int M, int K, int m_base, int g, int t,
                                        const uint32_t* (&rows)[MT], bool (&has_row)[MT]) {
@@ -237,7 +240,8 @@ __device__ __forceinline__ void x_rows(const T* x, int M, int K, int m_base, int
   for (int mt = 0; mt < MT; ++mt) {
     const int m = m_base + mt * 8 + g;
     has_row[mt] = m < M;
-    rows[mt] = reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(has_row[mt] ? m : 0) * K) + t;
+    rows[mt] =
+        reinterpret_cast<const uint32_t*>(x + static_cast<int64_t>(has_row[mt] ? m : 0) * K) + t;
   }
 }
 

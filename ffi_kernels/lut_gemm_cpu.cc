@@ -49,83 +49,79 @@ inline float round_scalar(float w, int round) {
   return w;
 }
 
-#if defined(__AVX512F__)
-constexpr int kVec = 16;
-using Vec = __m512;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset1(float v) { return _mm512_set1_ps(v); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
-struct Table {
-  __m512 t;
-  explicit Table(const float* lut) : t(_mm512_loadu_ps(lut)) {}
-};
-template <int R>
-inline Vec vround(Vec w) {
-  if constexpr (R == kBF16) {  // round to nearest even on the top 16 bits (finite weights)
-    const __m512i u = _mm512_castps_si512(w);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xFFFF0000u)));
-  } else if constexpr (R == kF16) {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    return w;
-  }
-}
-// 16 codes from 8 bytes -> w = fma(lut[c], s, z)
-inline Vec dequant(const uint8_t* p, const Table& lut, Vec s, Vec z) {
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The bytes of a 128-bit register's low half -> their nibbles as bytes, in code order (code
+// 2j is the low nibble of byte j).
+inline __m128i nibbles(__m128i b) {
   const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, mask),
-                                      _mm_and_si128(_mm_srli_epi16(b, 4), mask));
-  return _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), lut.t), s, z);
+  return _mm_unpacklo_epi8(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask));
 }
-#elif defined(__AVX2__)
-constexpr int kVec = 8;
-using Vec = __m256;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset1(float v) { return _mm256_set1_ps(v); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(Vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-struct Table {
-  __m256 lo, hi;
-  explicit Table(const float* lut) : lo(_mm256_loadu_ps(lut)), hi(_mm256_loadu_ps(lut + 8)) {}
+constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// What differs between the instruction sets, as one struct Isa; rows_vector and the rounding
+// below are written once over it.
+#if defined(__AVX512F__)
+struct Isa {  // 16 codes a step: the row's table is one register, one permute looks it up
+  using Vec = __m512;
+  using Table = __m512;
+  static Table table(const float* lut) { return _mm512_loadu_ps(lut); }
+  static Vec lookup(const Table& t, const uint8_t* p) {  // the values of p's 16 codes
+    const __m128i c = nibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), t);
+  }
+  static Vec set1(float v) { return _mm512_set1_ps(v); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(Vec a) { return _mm512_reduce_add_ps(a); }
+  static Vec f16_round(Vec w) { return _mm512_cvtph_ps(_mm512_cvtps_ph(w, kRne)); }
 };
+#else
+struct Isa {  // 8 codes a step: a permute reads 8 entries, so both table halves and a blend
+  using Vec = __m256;
+  struct Table {
+    __m256 lo, hi;
+  };
+  static Table table(const float* lut) {
+    return {_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
+  }
+  static Vec lookup(const Table& t, const uint8_t* p) {  // the values of p's 8 codes
+    int32_t word;
+    __builtin_memcpy(&word, p, 4);
+    const __m256i idx = _mm256_cvtepu8_epi32(nibbles(_mm_cvtsi32_si128(word)));
+    const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx);  // uses the low 3 bits
+    const __m256 hi = _mm256_permutevar8x32_ps(t.hi, idx);
+    const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+    return _mm256_blendv_ps(lo, hi, high);
+  }
+  static Vec set1(float v) { return _mm256_set1_ps(v); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(Vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static Vec f16_round(Vec w) { return _mm256_cvtph_ps(_mm256_cvtps_ph(w, kRne)); }
+};
+#endif
+
+using Vec = Isa::Vec;
+constexpr int kVec = sizeof(Vec) / sizeof(float);
+
+// The weight rounded to x's dtype. bf16: round to nearest even on the top 16 bits (finite
+// weights), in integer lanes (GCC vector arithmetic: the same instructions for either width).
 template <int R>
 inline Vec vround(Vec w) {
   if constexpr (R == kBF16) {
-    const __m256i u = _mm256_castps_si256(w);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-    return _mm256_castsi256_ps(
-        _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    using U32 = uint32_t __attribute__((vector_size(sizeof(Vec))));
+    const U32 u = reinterpret_cast<U32>(w);
+    return reinterpret_cast<Vec>((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
   } else if constexpr (R == kF16) {
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return Isa::f16_round(w);
   } else {
     return w;
   }
-}
-// 8 codes from 4 bytes -> w = fma(lut[c], s, z)
-inline Vec dequant(const uint8_t* p, const Table& lut, Vec s, Vec z) {
-  int32_t word;
-  __builtin_memcpy(&word, p, 4);
-  const __m128i b = _mm_cvtsi32_si128(word);
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, mask),
-                                      _mm_and_si128(_mm_srli_epi16(b, 4), mask));
-  const __m256i idx = _mm256_cvtepu8_epi32(c);
-  const __m256 v_lo = _mm256_permutevar8x32_ps(lut.lo, idx);  // uses the low 3 bits
-  const __m256 v_hi = _mm256_permutevar8x32_ps(lut.hi, idx);
-  const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
-  return _mm256_fmadd_ps(_mm256_blendv_ps(v_lo, v_hi, hi), s, z);
 }
 #else
 constexpr int kVec = 0;
@@ -171,25 +167,25 @@ void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t groups = p.K / p.g;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* c = p.codes + n * (p.K / 2);
-    const Table lut(p.lut + n * 16);
+    const Isa::Table lut = Isa::table(p.lut + n * 16);
     for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
       const int mb = static_cast<int>(std::min<int64_t>(kMB, p.M - m0));
       const float* xm = p.x + m0 * p.K;
       Vec acc[kMB];
-      for (int i = 0; i < kMB; ++i) acc[i] = vzero();
+      for (int i = 0; i < kMB; ++i) acc[i] = Vec{};
       for (int64_t grp = 0; grp < groups; ++grp) {
-        const Vec s = vset1(p.scales[n * groups + grp]);
-        const Vec z = vset1(p.zeros[n * groups + grp]);
+        const Vec s = Isa::set1(p.scales[n * groups + grp]);
+        const Vec z = Isa::set1(p.zeros[n * groups + grp]);
         for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec) {
-          const Vec w = vround<R>(dequant(c + k / 2, lut, s, z));
+          const Vec w = vround<R>(Isa::fma(Isa::lookup(lut, c + k / 2), s, z));  // fmaf's rounding
           if (mb == kMB) {
-            for (int i = 0; i < kMB; ++i) acc[i] = vfma(w, vload(xm + i * p.K + k), acc[i]);
+            for (int i = 0; i < kMB; ++i) acc[i] = Isa::fma(w, Isa::load(xm + i * p.K + k), acc[i]);
           } else {
-            for (int i = 0; i < mb; ++i) acc[i] = vfma(w, vload(xm + i * p.K + k), acc[i]);
+            for (int i = 0; i < mb; ++i) acc[i] = Isa::fma(w, Isa::load(xm + i * p.K + k), acc[i]);
           }
         }
       }
-      for (int i = 0; i < mb; ++i) p.y[(m0 + i) * p.N + n] = vsum(acc[i]);
+      for (int i = 0; i < mb; ++i) p.y[(m0 + i) * p.N + n] = Isa::sum(acc[i]);
     }
   }
 }

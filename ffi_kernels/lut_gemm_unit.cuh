@@ -47,8 +47,8 @@ lut_gemm_unit_kernel(const T* __restrict__ x, const uint2* __restrict__ codes,
   Prologue<TT> p;
   prologue<U, true, MT>(p, codes, scales, zeros, K, units_per_group_magic, lane_store,
                         pair_store);
-  const uint32_t* xr[MT];  // no predicates: rows past M read row 0 (see the top)
-  bool has_row[MT];
+  const uint32_t* xr[MT];
+  bool has_row[MT];  // unused: no predicates, rows past M read row 0 (see the top)
   x_rows<MT>(x, M, K, p.m_base, p.g, p.t, xr, has_row);
   const int units = p.chunks / U;
 

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 namespace any4 {
 
@@ -27,28 +28,24 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 //   A: a[0] = (r g, k 2t..2t+1), a[1] = (r g+8, k 2t..), a[2] = (r g, k 2t+8..),
 //      a[3] = (r g+8, k 2t+8..);  B: b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8.., n g);
 //   D: d[0], d[1] = (r g, n 2t, 2t+1), d[2], d[3] = (r g+8, n 2t, 2t+1).
+// The PTX type is part of the instruction's text, hence one asm statement per type, spelled
+// once here.
+#define ANY4_MMA_16816(PTX_TYPE)                                                         \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 "    \
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"       \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
-                                          const uint32_t (&b)[2]);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                         const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+                                          const uint32_t (&b)[2]) {
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value,
+                "the MMA takes bf16 or f16");
+  if constexpr (std::is_same<T, __half>::value) {
+    ANY4_MMA_16816("f16");
+  } else {
+    ANY4_MMA_16816("bf16");
+  }
 }
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                  const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+#undef ANY4_MMA_16816
 
 }  // namespace any4

@@ -68,12 +68,19 @@ def summary_table(results: list[LayerError], formats: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_errors(results: list[LayerError], formats: list[str], path: str) -> str:
-    # matplotlib is slow to import and its backend is chosen here: only when plotting
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend. Imported here, not at the top:
+    matplotlib is slow to import and only the plots need it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_errors(results: list[LayerError], formats: list[str], path: str) -> str:
+    plt = _pyplot()
 
     layers = list(dict.fromkeys(r.path for r in results))
     fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.06), 4.5))
@@ -100,11 +107,7 @@ def plot_row_histogram(model, layer_path: str, row: int, qw_any, path: str, *,
                        group_size: int | None) -> str:
     """Histogram of one row's group-scaled weights (units of the 4-bit grid, [0, 15]) with the
     row's any4 table, the int4 grid and the nf4 table mapped onto the same range."""
-    # matplotlib is slow to import and its backend is chosen here: only when plotting
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     w = np.asarray(get_layer(model, layer_path).kernel[...], np.float32).T[row]
     g = group_size or w.shape[0]

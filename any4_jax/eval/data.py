@@ -20,7 +20,7 @@ class TextSourceError(ValueError):
 
 
 def _hub_text(name: str) -> str:
-    try:
+    try:  # an optional dependency, for the hub's datasets only
         import datasets
     except ImportError:
         raise TextSourceError(

@@ -2,18 +2,18 @@
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I ffi_kernels \
 //        ffi_kernels/bench/lut_gemm_bench.cu -o /tmp/lut_gemm_bench && /tmp/lut_gemm_bench
 // (`scripts/device_run.sh` step "cudabench"). For each Llama-3-8B shape and M: device time per
-// call of the first kernel (bench/lut_gemm_v1.cuh, canonical scales) and of the configurations
-// of ../lut_gemm.cuh (tiled scales), from CUDA events around a graph of many launches that
-// rotate over weight copies larger than L2 several times; each variant's output is checked against the first
-// kernel's on random codes, tables, scales and zeros (same arithmetic per weight, so the only
-// difference is the order of the split-K sums; post-scale variants also skip the rounding of
-// each weight). Also the device-to-device copy bandwidth (read +
-// write), the ceiling of a memory-bound kernel. `lut_gemm_bench profile` runs the variants that
-// matter for the next decision (v1, the library's kernels, unit, post-scale, lean) once on
-// gate_up at M = 1 and 16 (for ncu; `profile all`: every variant). `lut_gemm_bench check`
-// compares the library entry (each of its kernels) and every configuration with a host
-// reference on small awkward cases (identity activations bit for bit); `check lib` the library
-// entry only (the compute-sanitizer target).
+// call of the configurations of ../lut_gemm.cuh, from CUDA events around a graph of many
+// launches that rotate over weight copies larger than L2 several times; each variant's output
+// is checked against the first one's (the library's scaled kernel) on random codes, tables,
+// scales and zeros (same arithmetic per weight, so the only difference is the order of the
+// split-K sums; post-scale variants also skip the rounding of each weight). Also the
+// device-to-device copy bandwidth (read + write), the ceiling of a memory-bound kernel. (The
+// first kernel, v1, is gone: docs/cuda_kernel_notes.md has its numbers and its commit.)
+// `lut_gemm_bench profile` runs the variants that matter for the next decision (the
+// library's kernels, unit, post-scale, lean) once on gate_up at M = 1 and 16 (for ncu;
+// `profile all`: every variant). `lut_gemm_bench check` compares the library entry (each of
+// its kernels) and every configuration with a host reference on small awkward cases (identity
+// activations bit for bit); `check lib` the library entry only (the compute-sanitizer target).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -27,7 +27,6 @@
 #include <string>
 #include <vector>
 
-#include "bench/lut_gemm_v1.cuh"
 #include "lut_gemm.cuh"
 
 #define CHECK(call)                                                                         \
@@ -64,18 +63,8 @@ __global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float lo, float hi) 
 
 struct Weight {
   uint2* codes;
-  bf16 *lut, *scales, *zeros;  // canonical [N, K/g] scales and zeros (the first kernel)
-  bf16 *scales_t, *zeros_t;    // the same in the current layout, [N/16, K/g, 16]
+  bf16 *lut, *scales, *zeros;  // scales and zeros in the kernel's layout, [N/16, K/g, 16]
 };
-
-// canonical [N, G] -> [N/16, G, 16] (any4_jax/kernels/cuda_layout.py does the same)
-__global__ void tile_groups(const bf16* src, bf16* dst, int n, int groups) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(n) * groups;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const int row = i / groups, grp = i % groups;
-    dst[(size_t(row / 16) * groups + grp) * 16 + row % 16] = src[i];
-  }
-}
 
 using Launch = std::function<cudaError_t(cudaStream_t, const bf16*, const Weight&, bf16*, int,
                                          int, int, int)>;
@@ -89,7 +78,7 @@ template <typename C>
 Launch cur(int int_offset = -1) {
   return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
                       int K, int g) {
-    return any4::launch_config<bf16, C>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
+    return any4::launch_config<bf16, C>(s, x, w.codes, w.lut, w.scales, w.zeros,
                                         any4::kTableBF16, y, M, N, K, g, int_offset);
   };
 }
@@ -98,16 +87,8 @@ Launch cur(int int_offset = -1) {
 Launch dispatch(int kernel, int int_offset = -1) {
   return [kernel, int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M,
                               int N, int K, int g) {
-    return any4::launch_lut_gemm<bf16>(s, x, w.codes, w.lut, w.scales_t, w.zeros_t,
+    return any4::launch_lut_gemm<bf16>(s, x, w.codes, w.lut, w.scales, w.zeros,
                                        any4::kTableBF16, y, M, N, K, g, int_offset, kernel);
-  };
-}
-
-Launch v1(int int_offset = -1) {
-  return [int_offset](cudaStream_t s, const bf16* x, const Weight& w, bf16* y, int M, int N,
-                      int K, int g) {
-    return any4_v1::launch_lut_gemm<bf16>(s, x, w.codes, w.lut, w.scales, w.zeros,
-                                          any4_v1::kTableBF16, y, M, N, K, g, int_offset);
   };
 }
 
@@ -361,7 +342,7 @@ int main(int argc, char** argv) {
   const bool profile = argc > 1 && std::string(argv[1]) == "profile";
   const bool profile_all = profile && argc > 2 && std::string(argv[2]) == "all";
   auto profiled = [&](const std::string& name) {  // ncu's time goes to these
-    for (const char* p : {"v1", "library", "unit", "post-scale", "lean"})
+    for (const char* p : {"library", "unit", "post-scale", "lean"})
       if (name.rfind(p, 0) == 0) return true;
     return profile_all;
   };
@@ -379,7 +360,6 @@ int main(int argc, char** argv) {
   using any4::kLaneTable;
   using any4::kPairTable;
   std::vector<Variant> variants = {
-      {"v1 (float table, 8w x 8)", v1()},
       {"library scaled (by tiles per SM)", dispatch(any4::kKernelScaled)},
       {"library unit pair (by tiles per SM)", dispatch(any4::kKernelUnitPair)},
       {"library unit lane (by tiles per SM)", dispatch(any4::kKernelUnitLane)},
@@ -405,9 +385,8 @@ int main(int argc, char** argv) {
       {"post-scale 8w x 2", cur<Config<any4::kPairPostScale, 8, 2, 1, true>>()},
   };
   // (the newest variants right after the library's choice: a run cut short keeps them)
-  // the integer grid: checked against the first kernel's integer path
+  // the integer grid: checked against the library's scaled kernel's integer path
   std::vector<Variant> int_variants = {
-      {"v1 int4", v1(8)},
       {"library scaled int4", dispatch(any4::kKernelScaled, 8)},
       {"library unit pair int4", dispatch(any4::kKernelUnitPair, 8)},
       {"library unit lane int4", dispatch(any4::kKernelUnitLane, 8)},
@@ -446,7 +425,7 @@ int main(int argc, char** argv) {
                           {"llama3-8b/qkv", 6144, 4096},      {"llama3-8b/o", 4096, 4096}};
   const int ms[] = {1, 4, 16};
   const int g = 128;
-  std::printf("| shape | M | variant | us | GB/s | max rel diff vs the first kernel |\n|---|---|---|---|---|---|\n");
+  std::printf("| shape | M | variant | us | GB/s | max rel diff vs the first variant |\n|---|---|---|---|---|---|\n");
   for (const Shape& sh : shapes) {
     if (profile && std::string(sh.name) != "llama3-8b/gate_up") continue;
     const int N = sh.n, K = sh.k, groups = K / g;
@@ -461,14 +440,10 @@ int main(int argc, char** argv) {
       CHECK(cudaMalloc(&w.lut, tab * 2));
       CHECK(cudaMalloc(&w.scales, sz * 2));
       CHECK(cudaMalloc(&w.zeros, sz * 2));
-      CHECK(cudaMalloc(&w.scales_t, sz * 2));
-      CHECK(cudaMalloc(&w.zeros_t, sz * 2));
       fill(w.codes, code_bytes, 10 + c);
       fill_bf16<<<1024, 256>>>(w.lut, tab, 20 + c, -1.f, 1.f);
       fill_bf16<<<1024, 256>>>(w.scales, sz, 30 + c, 0.005f, 0.02f);
       fill_bf16<<<1024, 256>>>(w.zeros, sz, 40 + c, -0.01f, 0.01f);
-      tile_groups<<<1024, 256>>>(w.scales, w.scales_t, N, groups);
-      tile_groups<<<1024, 256>>>(w.zeros, w.zeros_t, N, groups);
       CHECK(cudaGetLastError());
     }
     for (int M : ms) {
@@ -487,7 +462,7 @@ int main(int argc, char** argv) {
       CHECK(cudaStreamSynchronize(stream));
       for (const Variant& v : vs) {
         if (profile && !profiled(v.name)) continue;
-        // poison, run, compare with v1
+        // poison, run, compare with the first variant
         CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * N * 2, stream));
         CHECK(v.run(stream, x, ws[0], y, M, N, K, g));
         CHECK(cudaMemcpyAsync(out.data(), y, out.size() * 2, cudaMemcpyDeviceToHost, stream));
@@ -536,8 +511,6 @@ int main(int argc, char** argv) {
       CHECK(cudaFree(w.lut));
       CHECK(cudaFree(w.scales));
       CHECK(cudaFree(w.zeros));
-      CHECK(cudaFree(w.scales_t));
-      CHECK(cudaFree(w.zeros_t));
     }
   }
   CHECK(cudaDeviceSynchronize());

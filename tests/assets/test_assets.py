@@ -5,7 +5,7 @@ import os
 import pytest
 
 from any4_jax import assets
-from any4_jax.assets import rdata as rdata_lazyload
+from any4_jax.assets import rdata
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_truncated_rdb_is_reported(deb_bytes):
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         files = {os.path.basename(m.name): tar.extractfile(m).read() for m in tar.getmembers()
                  if m.name.endswith(("data/Rdata.rdx", "data/Rdata.rdb"))}
-    index = rdata_lazyload.read_index(files["Rdata.rdx"])
+    index = rdata.read_index(files["Rdata.rdx"])
     assert set(assets.NOVELS) <= set(index)
     with pytest.raises(ValueError, match="truncated"):
-        rdata_lazyload.read_character_vectors(files["Rdata.rdx"], files["Rdata.rdb"][:500_000])
+        rdata.read_character_vectors(files["Rdata.rdx"], files["Rdata.rdb"][:500_000])
