@@ -28,14 +28,14 @@
 //   exact in the activation type (tables of its dtype, or the integer grid).
 // Either way a weight is `fmaf(v, scale, zero)` in float (the reference's arithmetic) rounded
 // once to the activation type. The integer grid (int4) is the table code - offset.
-// - kPairPostScale (not yet measured on a GPU; the timing bench and its check carry it): the
-//   pair table's raw values go straight into the MMA and each chunk's scale and zero are
-//   applied to its partial sums (see compute_post).
-// - kUnitPostScale, kUnitLanePostScale (likewise unmeasured): the same arithmetic in a kernel
+// - kPairPostScale (the timing bench and its check carry it): the pair table's raw values go
+//   straight into the MMA and each chunk's scale and zero are applied to its partial sums
+//   (see compute_post).
+// - kUnitPostScale, kUnitLanePostScale: the same arithmetic in a kernel
 //   of its own that works by units of consecutive chunks of one group (lut_gemm_unit.cuh),
 //   with the pair table or the lane table: the library's kernels "unit_pair" and "unit_lane"
 //   (launch_lut_gemm's `kernel`, below).
-// kLean (a Config flag, likewise unmeasured) forms table addresses with one LOP3 on a
+// kLean (a Config flag) forms table addresses with one LOP3 on a
 // runtime-aligned table and x addresses once per chunk: the same arithmetic, fewer instructions.
 //
 // Work split: a block of kWarps warps owns one 16-row tile and splits K across its warps (chunk
@@ -595,7 +595,7 @@ constexpr int kKernelCount = 3;
 
 // Unit kernels: 8 warps per tile where there are tiles enough (the lane table's 95 registers
 // capped at 80 for 3 blocks per SM, no spills), 16 with few tiles (K split finer), as for the
-// scaled kernel. Counted from SASS, not yet timed (docs/cuda_kernel_notes.md).
+// scaled kernel. Register counts from SASS; what is measured where: docs/kernels.md.
 using UnitPairManyConfig = Config<kUnitPostScale, 8, 1>;
 using UnitPairFewConfig = Config<kUnitPostScale, 16, 1>;
 using UnitLaneManyConfig = Config<kUnitLanePostScale, 8, 1, 3>;

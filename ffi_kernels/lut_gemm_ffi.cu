@@ -9,7 +9,7 @@
 
 namespace ffi = xla::ffi;
 
-// The build's identity (set by CMakeLists.txt / any4_jax/kernels/build_cuda.py as bare tokens):
+// The build's identity (set by CMakeLists.txt / any4_jax/native/build_cuda.py as bare tokens):
 // the sha256 of the kernel sources and the jaxlib whose FFI headers it was built against, and
 // those headers' FFI API version (XLA refuses a handler whose version is newer than its own).
 #ifndef ANY4_SOURCES_SHA256

@@ -10,8 +10,8 @@
 // - no predicates on x loads: rows past M read row 0, whose products only reach D columns
 //   that are never stored.
 // Same layout and numerics as kPairPostScale (tables exact in T: the pair table's condition;
-// launch_config falls back to the lane table otherwise). Not yet measured on a GPU: the
-// standalone bench times it and its `check` compares it with the host reference.
+// launch_config falls back to the lane table otherwise). The standalone bench times it and its
+// `check` compares it with the host reference.
 //
 // Two lookups (kLane): the pair table (one shared load per two codes, 17 KB per block, but
 // random bytes collide in banks, ~3.5-way for 32 lanes: ~28 shared wavefronts per warp and

@@ -49,14 +49,10 @@ def unpack_codes(packed: jax.Array) -> jax.Array:
     return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightMeta:
-    """The static description of one quantized [N, K] weight: what a QuantizedWeight's pytree
-    aux data holds, and what a prepared layout (`kernels.CudaWeight`) or a layer (`QuantDense`)
-    keeps of it, as this one object rather than copies of its fields.
-
-    dtype: the dtype `dequantize()` returns by default (the original weight's).
-    """
+@dataclasses.dataclass(frozen=True, eq=False)
+class _MetaFields:
+    """The static fields of a quantized [N, K] weight, declared once for `WeightMeta` and
+    `QuantizedWeight`. dtype: what `dequantize()` returns by default (the original weight's)."""
 
     format: str
     n_bit: int
@@ -73,8 +69,15 @@ class WeightMeta:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightMeta(_MetaFields):
+    """The static description of one quantized weight alone (hashable, compares by value):
+    what a QuantizedWeight's pytree aux data holds, and what a prepared layout
+    (`kernels.CudaWeight`) or a layer (`QuantDense`) keeps of it instead of copies."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class QuantizedWeight:
+class QuantizedWeight(_MetaFields):
     """A quantized `[N, K]` weight; a pytree whose array leaves are codes, lut, scales, zeros.
 
     Metadata (static, pytree aux data): format, n_bit, group_size, symmetric, shape = (N, K),
@@ -85,15 +88,9 @@ class QuantizedWeight:
     lut: jax.Array
     scales: jax.Array
     zeros: jax.Array
-    format: str
-    n_bit: int
-    group_size: int
-    symmetric: bool
-    shape: tuple[int, int]
-    dtype: str
 
     _DATA = ("codes", "lut", "scales", "zeros")
-    _META = ("format", "n_bit", "group_size", "symmetric", "shape", "dtype")
+    _META = tuple(f.name for f in dataclasses.fields(_MetaFields))
 
     def check(self) -> QuantizedWeight:
         """Raises a ValueError naming the field whose shape or dtype breaks the invariant."""
@@ -145,9 +142,6 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(int(np.prod(getattr(self, f).shape)) * getattr(self, f).dtype.itemsize
                    for f in self._DATA)
-
-    def int_grid_offset(self) -> int | None:
-        return self.meta.int_grid_offset()
 
     def bits_per_weight(self) -> float:
         n, k = self.shape

@@ -20,11 +20,6 @@ from tests.tiny_lm import byte_tokenizer, tiny_model
 ANY4 = QuantConfig(format="any4", group_size=32)
 
 
-@pytest.fixture(scope="module")
-def tokens():
-    return calibration_tokens(byte_tokenizer().encode, CalibrationConfig())
-
-
 def test_block_call_groups(tokens):
     m = tiny_model()
     x, extras = m.embed_inputs(jnp.asarray(tokens))

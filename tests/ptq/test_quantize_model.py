@@ -9,20 +9,14 @@ from any4_jax.models.llama.modules import Dense
 from any4_jax.nn import dense_layers
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
-    calibration_tokens,
     collect_offline,
     finalize,
 )
 from any4_jax.ptq.quantize_model import quantize_model, select_layers
 from any4_jax.quant.config import QuantConfig
-from tests.tiny_lm import byte_tokenizer, tiny_model
+from tests.tiny_lm import tiny_model
 
 ANY4 = QuantConfig(format="any4", group_size=32)
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return calibration_tokens(byte_tokenizer().encode, CalibrationConfig())
 
 
 def _kinds(model):
