@@ -13,6 +13,7 @@ looks complete. Loading validates the metadata and names what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tokenizers import Tokenizer as HFTok
 
+from any4_jax import outputs
 from any4_jax.models.llama.config import LlamaConfig
 from any4_jax.models.llama.modules import Llama
 from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
@@ -51,7 +53,24 @@ def _versions() -> dict[str, str]:
 
 
 def is_quantized_checkpoint(path) -> bool:
-    return os.path.isfile(os.path.join(path, META_FILE))
+    """Whether `path` is an any4 checkpoint directory, recognised by its metadata: an
+    any4.json holding a format_version and the quantized layers (what overwrite may replace)."""
+    f = os.path.join(path, META_FILE)
+    if not os.path.isfile(f):
+        return False
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and "quantized_layers" in meta
+
+
+def check_output(path, *, overwrite: bool = False) -> Path:
+    """Checks, before any work, that a checkpoint may be written at `path`: absent, or (with
+    overwrite) an any4 checkpoint; never a file or another directory. Returns the absolute
+    path; an `outputs.OutputError` naming the fix otherwise."""
+    return outputs.check_dir_output(path, overwrite=overwrite, is_ours=is_quantized_checkpoint)
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> dict:
@@ -103,17 +122,20 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
     `metadata` (JSON-serialisable: quantization/calibration settings, source model, report)
     is stored under "run". Returns the final path.
     """
-    final = Path(path).absolute()
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; choose another --out or pass overwrite "
-                              "(--overwrite)")
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    if tmp.exists():
+    if tokenizer is None or not hasattr(tokenizer, "_tok"):
+        raise TypeError(f"save_quantized: tokenizer must be the model's Tokenizer (e.g. "
+                        f"load_model(...).tokenizer), got {type(tokenizer).__name__}")
+    if not isinstance(metadata, dict):
+        raise TypeError(f"save_quantized: metadata must be a dict, got {type(metadata).__name__}")
+    final = check_output(path, overwrite=overwrite)
+    outputs.remove_debris(final, is_ours=is_quantized_checkpoint)
+    tmp = outputs.sibling(final, "partial")
+    if os.path.lexists(tmp):
         shutil.rmtree(tmp)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
+    ckptr = ocp.StandardCheckpointer()
     try:
-        ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "state", _canonical_state(model))
         ckptr.wait_until_finished()
         tok_info = _save_tokenizer(tokenizer, tmp / "tokenizer")
@@ -126,19 +148,21 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
             "quantized_layers": quantized_layer_meta(model),
             "tokenizer": tok_info,
             "run": metadata,
+            # every file's sha256, so a damaged array file is named when it is loaded
+            "files": outputs.file_digests(tmp, skip=(META_FILE,)),
         }
+        meta["checksum"] = outputs.json_checksum(meta)  # detects a hand-edited any4.json
         with open(tmp / META_FILE, "w") as fh:  # last: marks the directory complete
             json.dump(meta, fh, indent=2, default=str)
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
+        outputs.install_dir(tmp, final, overwrite=overwrite, is_ours=is_quantized_checkpoint)
     except BaseException:
+        # orbax may still be writing from its own threads: let it finish before removing
+        with contextlib.suppress(BaseException):  # the first error is the one to report
+            ckptr.wait_until_finished()
+            ckptr.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ckptr.close()
     return final
 
 
@@ -152,6 +176,12 @@ def read_metadata(path) -> dict:
             meta = json.load(fh)
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{f}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{f}: corrupt metadata (not a JSON object)")
+    if "checksum" in meta and meta["checksum"] != outputs.json_checksum(meta):
+        raise CheckpointFormatError(
+            f"{f} was edited or damaged after it was written (its checksum does not match its "
+            "contents); restore the file or re-quantize")
     v = meta.get("format_version")
     if v != FORMAT_VERSION:
         raise CheckpointFormatError(
@@ -180,13 +210,21 @@ def abstract_quantized_model(config, param_dtype, layers: dict[str, dict]):
 
 def load_quantized(path):
     """(model, config, tokenizer, metadata) from a checkpoint directory."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"load_quantized: path must be a checkpoint directory (str or a path), "
+                        f"got {type(path).__name__}")
     path = os.path.abspath(path)
     meta = read_metadata(path)
+    damaged = outputs.verify_digests(Path(path), meta.get("files", {}))
+    if damaged:
+        raise CheckpointFormatError(
+            f"{path}: {len(damaged)} file(s) of the checkpoint are not as written: "
+            + "; ".join(damaged[:5]) + ". Restore them from a copy or re-quantize")
     try:
         config = LlamaConfig.from_dict(meta["model_config"])
         abstract = abstract_quantized_model(config, meta["param_dtype"],
                                             meta["quantized_layers"])
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointFormatError(f"{path}: inconsistent metadata: {e}") from None
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)

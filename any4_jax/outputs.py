@@ -13,12 +13,16 @@
   process (kill -9 cannot be caught) leaves behind are removed by the next write to the same
   target once their process is gone; an `.old-PID` whose target is missing is the previous
   output, and is put back instead.
+- `file_digests` / `verify_digests` / `json_checksum`: what a written output records of itself,
+  so damage (or a hand edit) is named when it is read back.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -157,3 +161,55 @@ def install_dir(tmp: Path, final: Path, *, overwrite: bool,
         os.rename(old, final)
         raise
     shutil.rmtree(old)
+
+
+def write_json(path, record: dict) -> None:
+    """Writes `record` to `path` atomically: a temporary file in the same directory, then a
+    rename, so an interrupted run never leaves half a file (and an existing one stays whole)."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(record, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def file_digests(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root` (but `skip`), for `verify_digests`."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in sorted(files):
+            full = Path(d) / f
+            rel = full.relative_to(root).as_posix()
+            if rel not in skip:
+                out[rel] = _sha256(full)
+    return dict(sorted(out.items()))
+
+
+def verify_digests(root: Path, digests: dict[str, str]) -> list[str]:
+    """What differs from `digests`: each damaged or missing file, named."""
+    problems = []
+    for rel, want in digests.items():
+        full = Path(root) / rel
+        if not full.is_file():
+            problems.append(f"{rel} is missing")
+        elif _sha256(full) != want:
+            problems.append(f"{rel} is damaged (its sha256 differs from the one recorded)")
+    return problems
+
+
+def json_checksum(obj: dict) -> str:
+    """sha256 of a JSON object's canonical text (sorted keys), without its "checksum" key."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -12,6 +12,7 @@ allowed ones is an error that names the variable and its values.
   ANY4_JAX_CUDA_KERNEL=NAME     the CUDA library's kernel: scaled, unit_pair or unit_lane
   ANY4_JAX_CUDA_COMMAND_BUFFER=0  register the CUDA handler without the command-buffer trait
   ANY4_JAX_UNVERIFIED_KERNELS=1 let `implementation=None` pick kernels marked unverified
+  ANY4_JAX_DEBUG=1              the CLI shows Python tracebacks instead of one-line errors
   CXX                           the C++ compiler for the CPU libraries (default g++, then c++)
 """
 
@@ -32,9 +33,19 @@ def _flag(name: str, default: bool) -> bool:
 
 
 def cache_dir() -> str:
-    """Where fetched assets and compiled libraries live: $ANY4_JAX_CACHE or ~/.cache/any4-jax."""
-    return os.environ.get("ANY4_JAX_CACHE") or os.path.join(
+    """Where fetched assets and compiled libraries live: $ANY4_JAX_CACHE or ~/.cache/any4-jax
+    (a ValueError if it names something that is not a directory)."""
+    path = os.environ.get("ANY4_JAX_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "any4-jax")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"ANY4_JAX_CACHE={path!r} is not a directory; point it at a directory "
+                         "(it is created if missing) or unset it for ~/.cache/any4-jax")
+    return path
+
+
+def debug() -> bool:
+    """ANY4_JAX_DEBUG=1: the CLI lets errors through with their tracebacks."""
+    return _flag("ANY4_JAX_DEBUG", False)
 
 
 def cpu_kmeans_enabled() -> bool:

@@ -8,14 +8,16 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from any4_jax import outputs
 from any4_jax.cli import args as cli_args
 from any4_jax.cli.model import load
-from any4_jax.cli.quantize import calibration
+from any4_jax.cli.quantize import calibration, calibration_text
 from any4_jax.eval import analyze as A
 from any4_jax.ptq.quantize_model import select_layers
 from any4_jax.quant.config import DEFAULT_GROUP_SIZE, QuantConfig
@@ -24,10 +26,17 @@ from any4_jax.quant.quantize import quantize_weight
 
 
 def _run_analyze(args) -> int:
-    lm = load(args)
-    _, tokens, desc = calibration(args, lm.tokenizer)
-    if tokens is None:
+    if args.calibration == "none":
         raise ValueError("--calibration none: the output error needs calibration inputs")
+    out = Path(args.out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise outputs.OutputError(f"--out {out} exists and is not a directory; choose another "
+                                  "path")
+    for name in ("analysis.json", "summary.md"):
+        outputs.check_file_output(out / name, what="--out")
+    text = calibration_text(args)
+    lm = load(args)
+    _, tokens, desc = calibration(args, lm.tokenizer, text)
     tokens = tokens[:, :args.max_tokens] if tokens.shape[0] == 1 else tokens[
         :max(1, args.max_tokens // tokens.shape[1])]
     paths = select_layers(lm.model, args.include or ("*",), args.exclude)
@@ -62,8 +71,10 @@ def _add_quantize_matrix(sub) -> None:
         description="Quantizes one random [rows, cols] matrix with each format and prints the "
         "weight error, the output error on random activations, bits per weight and the time.",
     )
-    p.add_argument("--rows", type=int, default=2048, help="N = out_features (default 2048)")
-    p.add_argument("--cols", type=int, default=2048, help="K = in_features (default 2048)")
+    p.add_argument("--rows", type=cli_args.positive_int, default=2048,
+                   help="N = out_features (default 2048)")
+    p.add_argument("--cols", type=cli_args.positive_int, default=2048,
+                   help="K = in_features (default 2048)")
     p.add_argument("--formats", type=cli_args.formats,
                    default=cli_args.formats("int4,fp4,nf4,any4"),
                    help=f"comma-separated, from {', '.join(FORMAT_NAMES)}")
@@ -78,6 +89,8 @@ def _add_quantize_matrix(sub) -> None:
 
 
 def _run_quantize_matrix(args) -> int:
+    if args.json_path:
+        outputs.check_file_output(args.json_path, what="--json")
     # numpy draws: jax.random.t is slow on CPU for millions of samples
     rng = np.random.default_rng(args.seed)
     shape = (args.rows, args.cols)
@@ -115,9 +128,8 @@ def _run_quantize_matrix(args) -> int:
               f"{r['sqnr_db']:.2f} | {r['output_rel_error']:.4f} | {r['seconds']:.2f} |")
     if args.json_path:
         meta = {k: v for k, v in vars(args).items() if k not in ("func", "formats")}
-        with open(args.json_path, "w") as f:
-            json.dump({"settings": meta, "device": str(jax.devices()[0]), "results": rows}, f,
-                      indent=2)
+        outputs.write_json(args.json_path, {"settings": meta, "device": str(jax.devices()[0]),
+                                            "results": rows})
         print(f"wrote {args.json_path}", file=sys.stderr)
     return 0
 
@@ -133,11 +145,11 @@ def add_commands(sub) -> None:
                    help=f"elements per group along K, or 'row' (default "
                         f"{cli_args.MODEL_GROUP_SIZE}, as `quantize`)")
     cli_args.add_calibration(p)
-    p.add_argument("--max-tokens", type=int, default=2048,
+    p.add_argument("--max-tokens", type=cli_args.positive_int, default=2048,
                    help="calibration tokens used for the output error (default 2048)")
     cli_args.add_layer_selection(p)
     p.add_argument("--row-layer", help="layer of the row histogram (default: the first)")
-    p.add_argument("--row", type=int, default=0)
+    p.add_argument("--row", type=cli_args.nonnegative_int, default=0)
     p.add_argument("--out", default="analysis", help="output directory (default analysis/)")
     p.set_defaults(func=_run_analyze)
     _add_quantize_matrix(sub)

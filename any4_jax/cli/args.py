@@ -19,6 +19,48 @@ MODEL_GROUP_SIZE = 64
 OVERRIDE_KEYS = ("format", "group_size", "symmetric", "sample_weighting", "dtype")
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts and lengths)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return v
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (top-p)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return v
+
+
 def group_size(text: str, *, flag: str = "--group-size") -> int | None:
     """An integer, or "row" / "none" for one group per row (None)."""
     if text.strip().lower() in ("row", "none"):
@@ -59,6 +101,9 @@ def override(text: str) -> tuple[str, dict]:
         if k == "group_size":
             changes[k] = group_size(v, flag=f"--override {text!r}: group_size")
         elif k == "symmetric":
+            if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise argparse.ArgumentTypeError(
+                    f"--override {text!r}: symmetric={v!r} is not true or false")
             changes[k] = v.lower() in ("1", "true", "yes")
         elif k in OVERRIDE_KEYS:
             changes[k] = v
@@ -97,8 +142,8 @@ def add_quant_settings(p) -> None:
     p.add_argument("--sample-weighting", choices=SAMPLE_WEIGHTINGS,
                    default="activations_x_scales")
     p.add_argument("--init", choices=KMEANS_INITS, default="kmeans++")
-    p.add_argument("--max-iter", type=int, default=300)
-    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=nonnegative_int, default=300)
+    p.add_argument("--tol", type=nonnegative_float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -108,9 +153,9 @@ def add_calibration(p) -> None:
                         "(sensesensibility, a file path) for random windows")
     p.add_argument("--calib-mode", choices=("sequential", "offline"), default="sequential")
     p.add_argument("--statistic", choices=("abs_of_mean", "mean_of_abs"), default="abs_of_mean")
-    p.add_argument("--num-samples", type=int, default=128,
+    p.add_argument("--num-samples", type=positive_int, default=128,
                    help="windows of a calibration text (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=512,
+    p.add_argument("--calib-seq-len", type=positive_int, default=512,
                    help="tokens per calibration window (default 512)")
     p.add_argument("--calib-seed", type=int, default=0)
 

@@ -3,7 +3,6 @@ any subcommand."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -11,7 +10,7 @@ from collections import Counter
 
 import jax
 
-from any4_jax import assets
+from any4_jax import assets, outputs
 from any4_jax.cli import args as cli_args
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
@@ -58,7 +57,9 @@ def _run_fetch(args) -> int:
 
 
 def _run_eval(args) -> int:
-    text, desc = load_text(args.text)  # before the model: a bad --text fails fast
+    out = args.json_path or "eval_results.json"
+    outputs.check_file_output(out, what="--json")  # before the model, like --text
+    text, desc = load_text(args.text)
     lm = load(args)
     t0 = time.perf_counter()
     ids = lm.tokenizer.encode(text)
@@ -71,7 +72,6 @@ def _run_eval(args) -> int:
     print("|---|---|---|---|---|---|---|")
     print(f"| {os.path.basename(lm.source)} | {args.text} | {r.seq_len} | {r.windows} | "
           f"{r.tokens:,} | {r.ppl:.4f} | {r.tokens_per_second:.0f} |")
-    out = args.json_path or "eval_results.json"
     record = {
         "model": lm.source, "format": lm.format, "dtype": str(lm.model.dtype),
         "text": args.text, "text_tokens": len(ids),
@@ -79,8 +79,7 @@ def _run_eval(args) -> int:
                      "batch_size": args.batch_size},
         "device": str(jax.devices()[0]), **r.to_dict(),
     }
-    with open(out, "w") as fh:
-        json.dump(record, fh, indent=2)
+    outputs.write_json(out, record)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -126,9 +125,11 @@ def add_commands(sub) -> None:
     p.add_argument("--text", default="prideprejudice",
                    help="prideprejudice (default), another Austen novel, wikitext2/c4/ptb "
                         "(needs `datasets` and a hub), or a path to a UTF-8 file")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per jitted step")
+    p.add_argument("--seq-len", type=cli_args.positive_int, default=2048)
+    p.add_argument("--max-windows", type=cli_args.positive_int, default=None,
+                   help="evaluate at most N windows")
+    p.add_argument("--batch-size", type=cli_args.positive_int, default=1,
+                   help="windows per jitted step")
     p.add_argument("--json", dest="json_path",
                    help="where to write the JSON result (default eval_results.json)")
     p.set_defaults(func=_run_eval)
@@ -136,9 +137,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (KV cache, jitted)")
     cli_args.add_model(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=cli_args.positive_int, default=64)
+    p.add_argument("--temperature", type=cli_args.nonnegative_float, default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=cli_args.probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", nargs="?", const="chatml", default=None, choices=("chatml",),
                    help="wrap the prompt in the ChatML template (SmolLM2-Instruct's)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,11 +12,13 @@ import time
 import jax
 import numpy as np
 
-from any4_jax.checkpoint import directory_bytes, save_quantized
+from any4_jax import outputs
+from any4_jax.checkpoint import check_output, directory_bytes, save_quantized
 from any4_jax.cli import args as cli_args
 from any4_jax.cli.model import load, use_kernel
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
+from any4_jax.nn import QuantDense, dense_layers
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     calibration_tokens,
@@ -30,8 +33,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def calibration(args, tokenizer):
-    """(CalibrationConfig, tokens [n, t] or None, a description) from the --calibration flags."""
+def calibration_text(args) -> str | None:
+    """The --calibration text (None for the prompt or none): read before any model is loaded,
+    so a bad source fails at once."""
+    if args.calibration in ("prompt", "none"):
+        return None
+    return load_text(args.calibration, flag="--calibration")[0]
+
+
+def calibration(args, tokenizer, text: str | None = None):
+    """(CalibrationConfig, tokens [n, t] or None, a description) from the --calibration flags
+    (`text`: what `calibration_text` read)."""
     src = args.calibration
     cfg = CalibrationConfig(
         source="prompt" if src in ("prompt", "none") else "text", num_samples=args.num_samples,
@@ -39,7 +51,8 @@ def calibration(args, tokenizer):
         seed=args.calib_seed)
     if src == "none":
         return cfg, None, {"source": "none"}
-    text = None if src == "prompt" else load_text(src)[0]
+    if text is None and src != "prompt":
+        text = calibration_text(args)
     tokens = calibration_tokens(tokenizer.encode, cfg, text)
     desc = {"source": src, "mode": cfg.mode, "statistic": cfg.statistic,
             "sequences": int(tokens.shape[0]), "tokens_per_sequence": int(tokens.shape[1])}
@@ -66,13 +79,23 @@ def _run_quantize(args) -> int:
                        sample_weighting=args.sample_weighting,
                        kmeans=KMeansConfig(init=args.init, max_iter=args.max_iter, tol=args.tol,
                                            seed=args.seed))
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} exists; pass --overwrite or choose another")
+    # every input and output checked before the model is loaded
+    if args.out:
+        args.previous_output = check_output(args.out, overwrite=args.overwrite).exists()
+    if args.json_path:
+        outputs.check_file_output(args.json_path, what="--json")
+    for pattern, changes in args.override or []:  # the settings now, the patterns once
+        try:                                        # the model's layers are known
+            qcfg.replace(**changes)
+        except ValueError as e:
+            raise ValueError(f"--override {pattern!r}: {e}") from None
+    calib_text = calibration_text(args)
+    eval_text = load_text(args.text)[0] if args.eval else None
+    stats = _load_stats(args.stats, args.statistic) if args.stats else None
     t0 = time.perf_counter()
     lm = load(args)
     dense_bytes = model_bytes(lm.model)["other"]
-    calib, tokens, calib_desc = calibration(args, lm.tokenizer)
-    stats = _load_stats(args.stats, args.statistic) if args.stats else None
+    calib, tokens, calib_desc = calibration(args, lm.tokenizer, calib_text)
     if stats is not None:
         calib_desc = {"source": f"stats file {args.stats}", "statistic": args.statistic}
     overrides = dict(args.override or [])
@@ -86,10 +109,11 @@ def _run_quantize(args) -> int:
     total_s = time.perf_counter() - t0
     del lm.model
     mb = model_bytes(qmodel)
-    n_q = sum(r.shape[0] * r.shape[1] for r in rep.layers)
+    # over every quantized layer of the model: a checkpoint quantized further keeps its own
+    n_q = sum(layer.in_features * layer.out_features for _, layer in dense_layers(qmodel)
+              if isinstance(layer, QuantDense))
     bpw = 8 * mb["quantized"] / n_q
-    dense_q_bytes = sum(r.shape[0] * r.shape[1] for r in rep.layers) * jax.numpy.dtype(
-        qmodel.dtype).itemsize
+    dense_q_bytes = n_q * jax.numpy.dtype(qmodel.dtype).itemsize
     print("| model | format | group | layers | bits/weight | memory MB (dense) | "
           "calibration s | quantize s | total s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -113,16 +137,16 @@ def _run_quantize(args) -> int:
     if args.out:
         final = save_quantized(args.out, qmodel, tokenizer=lm.tokenizer, metadata=record,
                                overwrite=args.overwrite)
+        args.written = str(final)
         _log(f"wrote {final} ({directory_bytes(final) / 2**20:.1f} MB on disk)")
     if args.eval:
         use_kernel(qmodel, args.kernel)
-        ids = lm.tokenizer.encode(load_text(args.text)[0])
+        ids = lm.tokenizer.encode(eval_text)
         r = perplexity(qmodel, ids, seq_len=args.seq_len, max_windows=args.max_windows)
         print(f"\nperplexity on {args.text} ({r.windows} x {r.seq_len} tokens): {r.ppl:.4f}")
         record["eval"] = {"text": args.text, **r.to_dict()}
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(record, fh, indent=2, default=str)
+        outputs.write_json(args.json_path, record)
         _log(f"wrote {args.json_path}")
     return 0
 
@@ -130,8 +154,10 @@ def _run_quantize(args) -> int:
 def _run_calibrate(args) -> int:
     if args.calibration == "none":
         raise ValueError("--calibration none has nothing to compute")
+    outputs.check_file_output(args.out, what="--out")
+    text = calibration_text(args)
     lm = load(args)
-    calib, tokens, desc = calibration(args, lm.tokenizer)
+    calib, tokens, desc = calibration(args, lm.tokenizer, text)
     paths = select_layers(lm.model, args.include or ("*",), args.exclude)
     t0 = time.perf_counter()
     sums, count = collect_offline(lm.model, tokens, paths, batch_size=calib.batch_size,
@@ -144,8 +170,13 @@ def _run_calibrate(args) -> int:
     arrays["__meta__"] = np.asarray(json.dumps(meta))
     out = args.out
     tmp = f"{out}.partial-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     _log(f"{len(paths)} layers, {count} tokens, {time.perf_counter() - t0:.1f} s; wrote {out}")
     return 0
 
@@ -163,8 +194,8 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval", action="store_true", help="evaluate perplexity afterwards")
     p.add_argument("--text", default="prideprejudice")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--seq-len", type=cli_args.positive_int, default=2048)
+    p.add_argument("--max-windows", type=cli_args.positive_int, default=16)
     p.add_argument("--json", dest="json_path", help="write the run's record as JSON")
     p.set_defaults(func=_run_quantize)
 

@@ -19,13 +19,13 @@ class TextSourceError(ValueError):
     """A text source is unknown or unavailable; the message says how to get it."""
 
 
-def _hub_text(name: str) -> str:
+def _hub_text(name: str, flag: str) -> str:
     try:  # an optional dependency, for the hub's datasets only
         import datasets
     except ImportError:
         raise TextSourceError(
-            f"--text {name} needs the `datasets` package (pip install datasets) and hub "
-            "access; use --text prideprejudice or a file path instead") from None
+            f"{flag} {name} needs the `datasets` package (pip install datasets) and hub "
+            f"access; use {flag} prideprejudice or a file path instead") from None
     try:
         if name == "wikitext2":
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
@@ -40,28 +40,29 @@ def _hub_text(name: str) -> str:
         return " ".join(ds[:1100]["text"])
     except Exception as e:  # noqa: BLE001 - offline errors come in many types
         raise TextSourceError(
-            f"--text {name}: could not load from the hub ({type(e).__name__}: {e}); offline, "
-            "use --text prideprejudice or a file path") from None
+            f"{flag} {name}: could not load from the hub ({type(e).__name__}: {e}); offline, "
+            f"use {flag} prideprejudice or a file path") from None
 
 
-def load_text(source: str) -> tuple[str, str]:
-    """(text, description) for a source name or file path."""
+def load_text(source: str, *, flag: str = "--text") -> tuple[str, str]:
+    """(text, description) for a source name or file path; errors name `flag`, the option
+    the user gave it with."""
     if source in assets.NOVELS:
         p = assets.text_path(source)
         if not os.path.isfile(p):
             raise TextSourceError(
-                f"--text {source}: {p} is missing; run `any4 fetch` (or point --text at any "
+                f"{flag} {source}: {p} is missing; run `any4 fetch` (or point {flag} at any "
                 "UTF-8 text file)")
         with open(p, encoding="utf-8") as fh:
             return fh.read(), f"{source} (janeaustenr)"
     if source in HUB_DATASETS:
-        return _hub_text(source), source
+        return _hub_text(source, flag), source
     if os.path.isfile(source):
         try:
             with open(source, encoding="utf-8") as fh:
                 return fh.read(), source
         except UnicodeDecodeError as e:
-            raise TextSourceError(f"--text {source}: not UTF-8 text ({e})") from None
+            raise TextSourceError(f"{flag} {source}: not UTF-8 text ({e})") from None
     raise TextSourceError(
-        f"--text {source!r}: not a file and not a known source "
+        f"{flag} {source!r}: not a file and not a known source "
         f"({', '.join(assets.NOVELS + HUB_DATASETS)})")

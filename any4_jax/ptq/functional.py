@@ -12,9 +12,10 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from flax.core import FrozenDict, freeze
 
 from any4_jax.models.llama.config import LlamaConfig
-from any4_jax.models.llama.convert_flax import flatten, flax_name_to_path, unflatten
+from any4_jax.models.llama.convert_flax import flax_name_to_path
 from any4_jax.models.llama.params import abstract_model, assemble
 from any4_jax.nn.layers import dense_layers, set_layer
 from any4_jax.nn.qdense import QuantDense
@@ -35,6 +36,35 @@ class Calibration:
     tokens: np.ndarray
     model_config: LlamaConfig
     config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+
+
+def _root(params) -> Mapping:
+    """The Linen tree under an optional top-level "params" key; a TypeError for a non-mapping."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping (a nested dict of arrays in Linen layout, "
+                        f"model/layers/<i>/.../kernel), got {type(params).__name__}")
+    return params[next(iter(params))] if list(map(str, params)) == ["params"] else params
+
+
+def _leaves(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
+    """{key path as given (any key types): leaf} of a nested mapping (dicts, FrozenDicts)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_leaves(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _rebuild(tree: Mapping, new: dict[tuple, object], prefix: tuple = ()) -> dict:
+    """A copy of `tree` as plain dicts with the same keys, its leaves replaced from `new`."""
+    return {k: _rebuild(v, new, prefix + (k,)) if isinstance(v, Mapping)
+            else new.get(prefix + (k,), v) for k, v in tree.items()}
+
+
+def _name(keys: tuple) -> str:
+    return "/".join(str(k) for k in keys)
 
 
 def default_filter(name: str, leaf) -> bool:
@@ -64,13 +94,17 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
     filter: (name, leaf) -> bool on the '/'-joined names of the leaves.
     """
     config = config or QuantConfig()
-    root = params["params"] if set(params) == {"params"} else params
-    flat = flatten(dict(root))
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
+                        "QuantConfig(**d) for a dict")
+    root = _root(params)
+    keys = {_name(k): k for k in _leaves(root)}  # '/'-joined name -> the keys as given
+    flat = {_name(k): v for k, v in _leaves(root).items()}
     names = [n for n, leaf in flat.items() if filter(n, leaf)]
     if not names:
         raise ValueError("the filter selects no kernel; is this a Linen-layout Llama tree "
                          "(model/layers/<i>/.../kernel)?")
-    out = dict(flat)
+    out: dict = {}
     if isinstance(calibration, Calibration):
         model = model_from_params(root, calibration.model_config)
         include = [_dotted(n) for n in names]
@@ -81,7 +115,7 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
         layers = dict(dense_layers(qmodel))
         for n in names:
             out[n] = layers[_dotted(n)].qweight
-    else:
+    elif calibration is None or isinstance(calibration, Mapping):
         stats = {}
         for k, v in (calibration or {}).items():
             stats[k if "/" not in k else ".".join(
@@ -96,14 +130,19 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
                     "or use sample_weighting='none'")
             out[n] = quantize_weight(np.asarray(flat[n]).T, config,
                                      sample_weight=xbar if needs else None, name=n)
-    tree = unflatten(out)
-    return {"params": tree} if root is not params else tree
+    elif calibration is not None and not isinstance(calibration, Mapping):
+        raise TypeError(f"calibration must be a Calibration or a mapping of statistics, got "
+                        f"{type(calibration).__name__}")
+    tree = _rebuild(root, {keys[n]: q for n, q in out.items()})
+    if root is not params:
+        tree = {next(iter(params)): tree}
+    return freeze(tree) if isinstance(params, FrozenDict) else tree
 
 
 def model_from_params(params: dict, config: LlamaConfig, *, param_dtype=None):
     """Our Llama from a Linen-layout params tree whose kernels may be `QuantizedWeight`s
     (from `quantize_params`): those layers become `QuantDense`."""
-    flat = flatten(params if "model" in params else params.get("params", params))
+    flat = {_name(k): v for k, v in _leaves(_root(params)).items()}
     quantized = {n: v for n, v in flat.items() if isinstance(v, QuantizedWeight)}
     dense = [(flax_name_to_path(n), np.asarray(v)) for n, v in flat.items()
              if n not in quantized and flax_name_to_path(n) is not None]

@@ -55,13 +55,30 @@ def select_layers(model, include: Sequence[str] = ("*",),
 
 def layer_configs(paths: list[str], config: QuantConfig,
                   overrides: Mapping[str, Mapping | QuantConfig] | None) -> dict[str, QuantConfig]:
-    """Per-layer configs: `config`, then every matching override in order (later wins)."""
+    """Per-layer configs: `config`, then every matching override in order (later wins). An
+    override that matches none of `paths` is an error (a typo would otherwise do nothing)."""
+    overrides = dict(overrides or {})
+    unused = [pat for pat in overrides if not any(_match(p, pat) for p in paths)]
+    if unused:
+        raise ValueError(f"override pattern(s) {unused} match none of the {len(paths)} layers "
+                         f"being quantized (e.g. {paths[:3]}); fix the pattern or drop it")
     out = {}
     for p in paths:
         c = config
-        for pattern, change in (overrides or {}).items():
+        for pattern, change in overrides.items():
             if _match(p, pattern):
-                c = change if isinstance(change, QuantConfig) else c.replace(**dict(change))
+                if isinstance(change, QuantConfig):
+                    c = change
+                elif isinstance(change, Mapping):
+                    try:
+                        c = c.replace(**dict(change))
+                    except TypeError as e:  # an unknown field name
+                        raise ValueError(f"override {pattern!r}: {e}; QuantConfig's fields "
+                                         "are format, group_size, symmetric, dtype, "
+                                         "sample_weighting, kmeans") from None
+                else:
+                    raise TypeError(f"override {pattern!r}: expected a dict of QuantConfig "
+                                    f"fields or a QuantConfig, got {type(change).__name__}")
         out[p] = c
     return out
 
@@ -141,10 +158,20 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     t_start = time.perf_counter()
     # a new object sharing the (immutable) arrays, unless asked to work in place
     new = model if in_place else nnx.merge(*nnx.split(model))
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
+                        "QuantConfig(**d) for a dict")
+    if not isinstance(calibration, CalibrationConfig):
+        raise TypeError(f"calibration must be a CalibrationConfig, got "
+                        f"{type(calibration).__name__}")
+    for name, value in (("include", include), ("exclude", exclude)):
+        if isinstance(value, str):
+            raise TypeError(f"{name} must be a list of patterns, got the string {value!r} "
+                            f"(write [{value!r}])")
     paths = select_layers(new, include, exclude)
     if not paths:
         raise ValueError(f"no Dense layer matches include={list(include)} "
-                         f"exclude={list(exclude)}")
+                         f"exclude={list(exclude)} (layers already quantized are skipped)")
     cfgs = layer_configs(paths, config, overrides)
     _check_group_sizes(new, cfgs)
     want_act = needs_activations(cfgs)
@@ -177,24 +204,26 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         return table.get(path) if c.spec.family == "any" and c.sample_weighting != "none" \
             else None
 
-    n_tok = 0 if tokens is None else int(np.asarray(tokens).size)
-    if not want_act or stats is not None:
-        mode = "stats" if (want_act and stats is not None) else "none"
-        for p in paths:
-            do(p, xbar_for(p, stats or {}))
-    elif calibration.mode == "offline":
-        mode = "offline"
-        t0 = time.perf_counter()
-        sums, count = collect_offline(new, np.asarray(tokens), paths,
-                                      batch_size=calibration.batch_size, progress=False)
-        table = finalize(sums, count, calibration.statistic)
-        calib_s = time.perf_counter() - t0
-        for p in paths:
-            do(p, xbar_for(p, table))
-    else:
-        mode = "sequential"
-        calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for)
-    bar.close()
+    try:  # the bar is closed on an error or an interruption too (its line ends cleanly)
+        n_tok = 0 if tokens is None else int(np.asarray(tokens).size)
+        if not want_act or stats is not None:
+            mode = "stats" if (want_act and stats is not None) else "none"
+            for p in paths:
+                do(p, xbar_for(p, stats or {}))
+        elif calibration.mode == "offline":
+            mode = "offline"
+            t0 = time.perf_counter()
+            sums, count = collect_offline(new, np.asarray(tokens), paths,
+                                          batch_size=calibration.batch_size, progress=False)
+            table = finalize(sums, count, calibration.statistic)
+            calib_s = time.perf_counter() - t0
+            for p in paths:
+                do(p, xbar_for(p, table))
+        else:
+            mode = "sequential"
+            calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for)
+    finally:
+        bar.close()
     total = time.perf_counter() - t_start
     return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode)
 

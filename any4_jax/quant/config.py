@@ -5,11 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from any4_jax.quant.formats import FormatSpec, parse_format
 from any4_jax.quant.qweight import check_group_size
 
 KMEANS_INITS = ("kmeans++", "random", "int", "nf4")
+
+
+def _is_int(v) -> bool:
+    """An integer that is not a bool (True would silently mean 1)."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(
+        v, bool | np.bool_)
 SAMPLE_WEIGHTINGS = ("none", "activations", "activations_x_scales")
 DEFAULT_GROUP_SIZE = 128  # the paper's and the reference release's
 
@@ -35,10 +46,12 @@ class KMeansConfig:
     def __post_init__(self):
         if self.init not in KMEANS_INITS:
             raise ValueError(f"KMeansConfig: unknown {self.init=}; choose one of {KMEANS_INITS}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 0:
+        if not _is_int(self.max_iter) or self.max_iter < 0:
             raise ValueError(f"KMeansConfig: {self.max_iter=} must be an integer >= 0")
-        if not self.tol >= 0:
-            raise ValueError(f"KMeansConfig: {self.tol=} must be >= 0")
+        if not _is_real(self.tol) or not self.tol >= 0:
+            raise ValueError(f"KMeansConfig: {self.tol=} must be a number >= 0 (e.g. 1e-4)")
+        if not _is_int(self.seed):
+            raise ValueError(f"KMeansConfig: {self.seed=} must be an integer")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,13 +81,13 @@ class QuantConfig:
     def __post_init__(self):
         spec = parse_format(self.format)  # raises on unknown names / bad n_bit
         object.__setattr__(self, "format", spec.name)
-        if self.group_size is not None and (
-            not isinstance(self.group_size, int) or self.group_size < 1
-        ):
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
             raise ValueError(
                 f"QuantConfig: {self.group_size=} must be a positive integer "
                 "(or None for one group per row)"
             )
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QuantConfig: {self.symmetric=} must be True or False")
         if self.symmetric and spec.family == "table":
             raise ValueError(
                 f"QuantConfig: symmetric=True does not apply to {spec.name!r}, which is always "
@@ -86,9 +99,15 @@ class QuantConfig:
             )
         if self.dtype is not None:
             try:
-                object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+                dt = jnp.dtype(self.dtype)
             except TypeError as e:
                 raise ValueError(f"QuantConfig: {self.dtype=} is not a dtype name") from e
+            # an integer table would truncate every entry, scale and zero (to 0 for most)
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"QuantConfig: dtype={dt.name!r} is not a floating dtype; the "
+                                 "table, scales and zeros need one (bfloat16, float16 or "
+                                 "float32), or None for the weight's own")
+            object.__setattr__(self, "dtype", dt.name)
         if not isinstance(self.kmeans, KMeansConfig):
             raise TypeError(f"QuantConfig: kmeans must be a KMeansConfig, got {self.kmeans!r}")
 

@@ -18,8 +18,17 @@ import numpy as np
 from flax import serialization
 
 from any4_jax.models.llama.convert_hf import read_hf_config
-from any4_jax.models.llama.params import assemble
-from any4_jax.models.llama.safetensors_io import CheckpointError, indexed_shards
+from any4_jax.models.llama.params import (
+    TensorInfo,
+    abstract_model,
+    assemble,
+    check_tensors,
+)
+from any4_jax.models.llama.safetensors_io import (
+    CheckpointError,
+    indexed_shards,
+    read_weight_map,
+)
 
 SINGLE = "flax_model.msgpack"
 INDEX = "flax_model.msgpack.index.json"
@@ -78,8 +87,11 @@ def shard_files(path) -> list[str]:
 
 def read_shard(file: str) -> dict[str, np.ndarray]:
     """One msgpack file -> {"model/layers/0/...": array} (flattened with '/')."""
-    with open(file, "rb") as fh:
-        data = fh.read()
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
     try:
         tree = serialization.msgpack_restore(data)
     except Exception as e:  # noqa: BLE001 - msgpack raises many types on bad bytes
@@ -87,7 +99,8 @@ def read_shard(file: str) -> dict[str, np.ndarray]:
             f"{file}: not a readable Flax msgpack file ({type(e).__name__}: {e}); it is "
             "truncated or corrupt (re-download it)") from None
     if not isinstance(tree, dict):
-        raise CheckpointError(f"{file}: the msgpack root is {type(tree).__name__}, not a dict")
+        raise CheckpointError(f"{file}: the msgpack root is {type(tree).__name__}, not a dict; "
+                              "the file is truncated or corrupt (re-download it)")
     if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
         tree = tree["params"]
     return flatten(tree)
@@ -103,21 +116,61 @@ def load_flax_params(path) -> dict:
     return unflatten(dict(iter_flax_tensors(path)))
 
 
+def _indexed_names(path) -> list[str] | None:
+    """The tensor names an index lists, in the tree's '/' form; None without an index, or if
+    its names are not in that form (then the shards are checked as they are read)."""
+    index = os.path.join(path, INDEX)
+    if not os.path.isfile(index):
+        return None
+    names = [n.removeprefix("params/") for n in read_weight_map(index, "Flax checkpoint")]
+    return names if any(flax_name_to_path(n) for n in names) else None
+
+
+def _infos(tensors: dict[str, object], config) -> list[TensorInfo]:
+    out = []
+    for name, arr in tensors.items():
+        if not ignored(name, config):
+            a = np.asarray(arr)
+            out.append(TensorInfo(name, flax_name_to_path(name), a.shape, a.dtype))
+    return out
+
+
+def ignored(name: str, config) -> bool:
+    """lm_head/kernel of a tied checkpoint: the model reuses the embedding."""
+    return config.tie_word_embeddings and name == "lm_head/kernel"
+
+
 def load_flax_model(path, *, param_dtype=None):
-    """(model, config) from a HF Flax directory; param_dtype None keeps the stored dtype."""
+    """(model, config) from a HF Flax directory; param_dtype None keeps the stored dtype.
+
+    Names are checked against the index (when sharded) before any shard is read, and each
+    shard's names, dtypes and shapes before any of its tensors is converted.
+    """
     path = os.fspath(path)
     config = read_hf_config(path)
     files = shard_files(path)
-    dtype = param_dtype
-    if dtype is None:
-        first = next(iter(read_shard(files[0]).values()))
-        dtype = str(np.asarray(first).dtype)
+    expected = abstract_model(config)
+    names = _indexed_names(path)
+    if names is not None:
+        check_tensors(config, [TensorInfo(n, flax_name_to_path(n)) for n in names
+                               if not ignored(n, config)], source=path, model=expected)
+    first = read_shard(files[0])
+    check_tensors(config, _infos(first, config), source=files[0], model=expected,
+                  complete=len(files) == 1)
+    dtype = param_dtype or next((str(i.dtype) for i in _infos(first, config)), "float32")
 
-    def stream():
-        for name, arr in iter_flax_tensors(path):
-            p = flax_name_to_path(name)
-            if p is None or (config.tie_word_embeddings and p[0] == "lm_head"):
-                continue
-            yield p, np.asarray(arr)
+    def stream(pending: list):
+        # one shard alive at a time: the first is handed over, not kept by this frame
+        for i, f in enumerate(files):
+            tensors = pending.pop() if i == 0 else read_shard(f)
+            if i > 0:
+                check_tensors(config, _infos(tensors, config), source=f, model=expected,
+                              complete=False)
+            for name, arr in tensors.items():
+                if not ignored(name, config):
+                    yield flax_name_to_path(name), np.asarray(arr)
+            del tensors
 
-    return assemble(config, stream(), param_dtype=dtype, source=path), config
+    tensors = stream([first])
+    del first
+    return assemble(config, tensors, param_dtype=dtype, source=path), config

@@ -15,7 +15,12 @@ from collections.abc import Iterator
 import numpy as np
 
 from any4_jax.models.llama.config import LlamaConfig
-from any4_jax.models.llama.params import assemble
+from any4_jax.models.llama.params import (
+    TensorInfo,
+    abstract_model,
+    assemble,
+    check_tensors,
+)
 from any4_jax.models.llama.safetensors_io import (
     CheckpointError,
     SafetensorsFile,
@@ -24,11 +29,12 @@ from any4_jax.models.llama.safetensors_io import (
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
 _NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
 def hf_name_to_path(name: str) -> tuple | None:
     """'model.layers.3.self_attn.q_proj.weight' -> ('layers', 3, 'self_attn', 'q_proj',
-    'kernel'); None for tensors the model does not use (e.g. rotary inv_freq buffers)."""
+    'kernel'); None for names no rule maps (see `ignored` for those skipped on purpose)."""
     if m := _LAYER.match(name):
         return ("layers", int(m[1]), m[2], m[3], "kernel")
     if m := _NORM.match(name):
@@ -49,10 +55,16 @@ def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
             f"{path}: no config.json; expected a Hugging Face model directory (config.json + "
             "model.safetensors or sharded model-0000x-of-0000y.safetensors + index)")
     try:
-        with open(cfg_path) as fh:
+        with open(cfg_path, encoding="utf-8") as fh:
             hf = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e}); the file is damaged "
+                              "(re-download it)") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_path}: a JSON {type(hf).__name__}, not the object of a "
+                              "Hugging Face config (re-download it)")
     return LlamaConfig.from_hf(hf, name=os.path.basename(os.path.normpath(path)))
 
 
@@ -70,21 +82,38 @@ def weight_files(path: str | os.PathLike) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def _stream(files: list[str]) -> Iterator[tuple[tuple, np.ndarray]]:
-    for f in files:
-        st = SafetensorsFile(f)
+def ignored(name: str, config: LlamaConfig) -> bool:
+    """Tensors a Hugging Face directory may hold that the model rightly does not load: rotary
+    buffers of older checkpoints, and lm_head when the embeddings are tied."""
+    return bool(_IGNORED.search(name)) or (config.tie_word_embeddings
+                                            and name == "lm_head.weight")
+
+
+def _infos(shards: list[SafetensorsFile], config: LlamaConfig) -> Iterator[TensorInfo]:
+    for st in shards:
         for name in st:
+            if ignored(name, config):
+                continue
             p = hf_name_to_path(name)
-            if p is not None:
-                yield p, st.get(name)
+            shape = st.shape(name)
+            yield TensorInfo(name, p, shape[::-1] if p and p[-1] == "kernel" else shape,
+                             st.dtype(name))
+
+
+def _stream(shards: list[SafetensorsFile], config: LlamaConfig
+            ) -> Iterator[tuple[tuple, np.ndarray]]:
+    for st in shards:
+        for name in st:
+            if not ignored(name, config):
+                yield hf_name_to_path(name), st.get(name)
         st.close()
 
 
 def checkpoint_dtype(path: str | os.PathLike) -> str:
     with open(os.path.join(path, "config.json")) as fh:
         hf = json.load(fh)
-    dt = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return {"float16": "float16", "bfloat16": "bfloat16"}.get(dt, "float32")
+    dt = hf.get("dtype") or hf.get("torch_dtype")
+    return dt if dt in ("float16", "bfloat16") else "float32"
 
 
 def load_hf_model(path: str | os.PathLike, *, param_dtype=None):
@@ -93,11 +122,12 @@ def load_hf_model(path: str | os.PathLike, *, param_dtype=None):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     config = read_hf_config(path)
-    files = weight_files(path)
     dt = param_dtype or checkpoint_dtype(path)
-    if config.tie_word_embeddings:
-        stream = ((p, a) for p, a in _stream(files) if p[0] != "lm_head")
-    else:
-        stream = _stream(files)
-    model = assemble(config, stream, param_dtype=dt, source=path, convert=_torch_to_flax)
+    # every header first: a damaged shard, an unknown or integer tensor or a wrong shape
+    # fails here, before any tensor is converted
+    shards = [SafetensorsFile(f) for f in weight_files(path)]
+    model = abstract_model(config, dt)
+    check_tensors(config, _infos(shards, config), source=path, model=model)
+    model = assemble(config, _stream(shards, config), param_dtype=dt, source=path,
+                     convert=_torch_to_flax, model=model)
     return model, config
