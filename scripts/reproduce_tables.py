@@ -3,8 +3,8 @@
     python scripts/reproduce_tables.py [--tables main,groups,calibration,weighting,init,bits]
                                        [--windows 16] [--out benchmarks/results]
 
-Protocol (docs/design.md): first `--windows` windows of 2048 tokens, no BOS, float32. Each row is one
-`quantize_model` run on the dense model loaded once; results are cached in
+Protocol (docs/design.md s.4): first `--windows` windows of 2048 tokens, no BOS, float32. Each
+row is one `quantize_model` run on the dense model loaded once; results are cached in
 `<out>/tables_smollm2.json` (delete it, or pass --fresh, to recompute) so an interrupted run
 resumes. Each row also records the equivalent `any4 quantize ... --eval` command. Writes the
 markdown tables to `<out>/tables_smollm2.md`.
