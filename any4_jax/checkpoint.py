@@ -178,10 +178,6 @@ def read_metadata(path) -> dict:
         raise CheckpointFormatError(f"{f}: corrupt metadata ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointFormatError(f"{f}: corrupt metadata (not a JSON object)")
-    if "checksum" in meta and meta["checksum"] != outputs.json_checksum(meta):
-        raise CheckpointFormatError(
-            f"{f} was edited or damaged after it was written (its checksum does not match its "
-            "contents); restore the file or re-quantize")
     v = meta.get("format_version")
     if v != FORMAT_VERSION:
         raise CheckpointFormatError(
@@ -191,6 +187,10 @@ def read_metadata(path) -> dict:
     for key in ("model_config", "quantized_layers", "param_dtype", "tokenizer"):
         if key not in meta:
             raise CheckpointFormatError(f"{f}: metadata lacks {key!r}")
+    if "checksum" in meta and meta["checksum"] != outputs.json_checksum(meta):
+        raise CheckpointFormatError(
+            f"{f} was edited or damaged after it was written (its checksum does not match its "
+            "contents); restore the file or re-quantize")
     for sub in ("state", "tokenizer"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise CheckpointFormatError(f"{path}: the {sub}/ directory is missing")

@@ -38,6 +38,10 @@ class OutputError(ValueError):
     """An output path cannot be written or replaced; the message names the path and the fix."""
 
 
+class OutputExistsError(FileExistsError):
+    """The output exists and may not be replaced (no overwrite, or it is not ours)."""
+
+
 def _writable_dir(path: Path, what: str) -> None:
     """The nearest existing ancestor of `path` must be a directory we can create entries in."""
     anc = path
@@ -72,14 +76,15 @@ def check_dir_output(path, *, overwrite: bool, is_ours: Callable[[Path], bool],
     p = Path(path).absolute()
     if os.path.lexists(p):
         if p.is_symlink() or not p.is_dir():
-            raise OutputError(f"{what} {p} exists and is not a directory; it is left as it is. "
-                              "Choose another path")
+            raise OutputExistsError(f"{what} {p} exists and is not a directory; it is left as "
+                                    "it is. Choose another path")
         if not is_ours(p):
-            raise OutputError(f"{what} {p} exists and is not {kind}; it is left as it is "
-                              f"(overwrite only ever replaces {kind}). Choose another path")
+            raise OutputExistsError(f"{what} {p} exists and is not {kind}; it is left as it "
+                                    f"is (overwrite only ever replaces {kind}). Choose another "
+                                    "path")
         if not overwrite:
-            raise OutputError(f"{what} {p} exists ({kind}); pass --overwrite (overwrite=True) "
-                              "to replace it, or choose another path")
+            raise OutputExistsError(f"{what} {p} exists ({kind}); pass --overwrite "
+                                    "(overwrite=True) to replace it, or choose another path")
     _writable_dir(p.parent, what)
     return p
 
@@ -144,16 +149,17 @@ def install_dir(tmp: Path, final: Path, *, overwrite: bool,
         try:
             rename_noreplace(tmp, final)
         except FileExistsError:
-            raise OutputError(f"{final} appeared while this run was writing; it is left as it "
-                              "is and nothing was written. Choose another path") from None
+            raise OutputExistsError(f"{final} appeared while this run was writing; it is left "
+                                    "as it is and nothing was written. Choose another "
+                                    "path") from None
         return
     if not overwrite:
-        raise OutputError(f"{final} exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(f"{final} exists; pass --overwrite (overwrite=True) to replace it")
     old = sibling(final, "old")
     os.rename(final, old)
     if old.is_symlink() or not old.is_dir() or not is_ours(old):  # replaced meanwhile
         os.rename(old, final)
-        raise OutputError(f"{final} is no longer {kind}; it is left as it is and nothing was "
+        raise OutputExistsError(f"{final} is no longer {kind}; it is left as it is and nothing was "
                           "written")
     try:
         rename_noreplace(tmp, final)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from any4_jax import checkpoint as ck
+from any4_jax import outputs
 from any4_jax.eval.perplexity import perplexity
 from any4_jax.loading import load_model
 from tests.tiny_lm import quantized_tiny, tiny_model
@@ -59,13 +60,33 @@ def test_existing_directory_needs_overwrite(quantized, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
-def _edit_meta(path, fn):
+def _edit_meta(path, fn, *, rechecksum=True):
+    """Edits any4.json; with rechecksum, as a writer would (the checksum made anew), so the
+    loader's consistency checks are what is tested."""
     f = os.path.join(path, "any4.json")
     with open(f) as fh:
         meta = json.load(fh)
     fn(meta)
+    if rechecksum:
+        meta["checksum"] = outputs.json_checksum(meta)
     with open(f, "w") as fh:
         json.dump(meta, fh)
+
+
+def test_a_hand_edited_metadata_file_or_a_damaged_array_file_is_named(quantized, tmp_path):
+    qm, tok = quantized
+    path = str(ck.save_quantized(tmp_path / "ck", qm, tokenizer=tok, metadata={}))
+    _edit_meta(path, lambda m: m["run"].update(note="edited"), rechecksum=False)
+    with pytest.raises(ck.CheckpointFormatError, match="any4.json was edited or damaged"):
+        ck.load_quantized(path)
+    _edit_meta(path, lambda m: m["run"].pop("note"), rechecksum=False)  # as written again
+    meta = ck.read_metadata(path)
+    victim = next(f for f in meta["files"] if f.startswith("state/") and "/d/" in f)
+    with open(os.path.join(path, victim), "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\xff\x00\xff")
+    with pytest.raises(ck.CheckpointFormatError, match=f"{victim} is damaged"):
+        ck.load_quantized(path)
 
 
 def test_loading_names_what_is_wrong(quantized, tmp_path):
