@@ -245,9 +245,10 @@ def load_quantized(path):
     try:
         restored = ckptr.restore(state_dir, target)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for bad files
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # not TensorStore's whole dump
         raise CheckpointFormatError(
-            f"{path}/state: could not restore the arrays ({type(e).__name__}: "
-            f"{str(e)[:500]}); the checkpoint is corrupt or does not match any4.json") from None
+            f"{path}/state: could not restore the arrays ({type(e).__name__}: {first}); the "
+            "checkpoint is corrupt or does not match any4.json") from None
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     tok = _load_tokenizer(os.path.join(path, "tokenizer"), meta["tokenizer"])

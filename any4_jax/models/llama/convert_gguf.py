@@ -14,7 +14,12 @@ import gguf
 import numpy as np
 
 from any4_jax.models.llama.config import LlamaConfig
-from any4_jax.models.llama.params import assemble
+from any4_jax.models.llama.params import (
+    TensorInfo,
+    abstract_model,
+    assemble,
+    check_tensors,
+)
 from any4_jax.models.llama.safetensors_io import CheckpointError
 from any4_jax.models.llama.tokenizer import Tokenizer, gguf_tokenizer
 
@@ -27,6 +32,15 @@ _BLOCK_NAMES = {
     "ffn_down": ("mlp", "down_proj", "kernel"),
     "attn_norm": ("input_layernorm", "weight"), "ffn_norm": ("post_attention_layernorm", "weight"),
 }
+
+
+_REFETCH = "re-download it; for the default model run `any4 fetch`"
+# rotary tables of old llama.cpp conversions: the model computes its own
+_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
+_INT_TYPES = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+# the types gguf.quants.dequantize decodes (None: this gguf version does not say)
+_traits = getattr(gguf.quants, "_type_traits", None)
+_DECODABLE = (None if _traits is None else {t.name for t in _traits} | {"F32", "F16"})
 
 
 def gguf_name_to_path(name: str) -> tuple | None:
@@ -49,11 +63,20 @@ def _reader(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if magic != b"GGUF":
+        raise CheckpointError(
+            f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); the file is corrupt "
+            f"or of another format ({_REFETCH})")
+    try:
         return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises bare ValueError/IndexError on bad bytes
+    except Exception as e:  # noqa: BLE001 - the reader raises bare ValueError/IndexError
         raise CheckpointError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or "
-            "corrupt, fetch it again (`any4 fetch`)") from None
+            f"corrupt ({_REFETCH})") from None
 
 
 def _fields(reader) -> dict:
@@ -96,6 +119,30 @@ def gguf_config(fields: dict, *, name: str) -> LlamaConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"{name}: GGUF metadata lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: GGUF metadata does not describe a valid Llama ({e})"
+                              ) from None
+
+
+def _infos(reader, config: LlamaConfig, path: str):
+    """What the GGUF header says of each tensor, in our layout (kernels [in, out] = ggml's
+    (ne0, ne1)), for `check_tensors`; undecodable types are named here."""
+    for t in reader.tensors:
+        if _IGNORED.match(t.name):
+            continue
+        if t.name == "rope_freqs.weight":
+            raise CheckpointError(
+                f"{path}: carries rope_freqs.weight (Llama 3.1-style rope scaling), which the "
+                "GGUF loader does not apply; load the model's Hugging Face directory instead")
+        kind = t.tensor_type.name
+        if kind not in _INT_TYPES and _DECODABLE is not None and kind not in _DECODABLE:
+            raise CheckpointError(
+                f"{path}: tensor {t.name} is stored as GGML type {kind}, which the gguf "
+                "package cannot decode; convert the model with F32, F16, BF16 or a Q*/IQ* type")
+        p = gguf_name_to_path(t.name)
+        ne = tuple(int(d) for d in t.shape)
+        yield TensorInfo(t.name, p, ne if p and p[-1] == "kernel" else ne[::-1],
+                         np.dtype(_INT_TYPES.get(kind, np.float32)))
 
 
 def load_gguf_model(path: str | os.PathLike, *, param_dtype=None
@@ -108,18 +155,22 @@ def load_gguf_model(path: str | os.PathLike, *, param_dtype=None
     config = gguf_config(fields, name=name)
     names = {t.name for t in reader.tensors}
     config = config.replace(tie_word_embeddings="output.weight" not in names)
+    # the tokenizer and every tensor's name, type and shape before any tensor is decoded
+    tokenizer = gguf_tokenizer(fields, source=path)
+    model = abstract_model(config, param_dtype or "float32")
+    check_tensors(config, _infos(reader, config, path), source=path, model=model)
 
     def stream():
         for t in reader.tensors:
-            p = gguf_name_to_path(t.name)
-            if p is None:
+            if _IGNORED.match(t.name):
                 continue
+            p = gguf_name_to_path(t.name)
             try:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(
                     f"{path}: tensor {t.name} ({t.tensor_type.name}) could not be decoded: "
-                    f"{e}") from None
+                    f"{e}; {_REFETCH}") from None
             w = np.asarray(w, np.float32)
             if p[-2:] == ("q_proj", "kernel"):
                 w = unpermute_rows(w, config.num_heads)
@@ -127,5 +178,6 @@ def load_gguf_model(path: str | os.PathLike, *, param_dtype=None
                 w = unpermute_rows(w, config.num_kv_heads)
             yield p, (w.T if p[-1] == "kernel" else w)
 
-    model = assemble(config, stream(), param_dtype=param_dtype or "float32", source=path)
-    return model, config, gguf_tokenizer(fields, source=path)
+    model = assemble(config, stream(), param_dtype=param_dtype or "float32", source=path,
+                     model=model)
+    return model, config, tokenizer

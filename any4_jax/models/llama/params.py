@@ -56,7 +56,7 @@ def _few(names: list[str]) -> str:
 def _shape_error(config, source, path, got, want) -> CheckpointError:
     return CheckpointError(
         f"{source}: tensor {path_str(path)} has shape {tuple(got)}, the config "
-        f"({_describe(config)}) needs {tuple(want)}; config.json and the weights disagree")
+        f"({_describe(config)}) needs {tuple(want)}; the config and the weights disagree")
 
 
 def _dtype_error(source, name, dtype) -> CheckpointError:
@@ -103,9 +103,10 @@ def check_tensors(config: LlamaConfig, infos: Iterable[TensorInfo], *, source: s
                 raise _shape_error(config, source, info.path, info.shape, want[info.path])
     if unknown:
         raise CheckpointError(
-            f"{source}: {_few(unknown)} that the config ({_describe(config)}) does not account "
-            "for; config.json and the weights disagree (e.g. num_hidden_layers) or this is not "
-            "a plain Llama/Mistral checkpoint: fix the config or remove those tensors")
+            f"{source}: holds {_few(unknown)} that the config ({_describe(config)}) does not "
+            "account for; the config and the weights disagree (e.g. the number of layers) or "
+            "this is not a plain Llama/Mistral checkpoint: fix the config or remove those "
+            "tensors")
     missing = [path_str(p) for p in want if p not in seen]
     if complete and missing:
         raise _missing_error(source, missing)
@@ -138,7 +139,7 @@ def assemble(config: LlamaConfig, tensors: Iterable[tuple[Path, np.ndarray]], *,
         if path not in want:
             raise CheckpointError(
                 f"{source}: tensor {path_str(path)} is not part of the model "
-                f"({_describe(config)}); config.json and the weights disagree")
+                f"({_describe(config)}); the config and the weights disagree")
         if path in got:
             raise CheckpointError(f"{source}: tensor {path_str(path)} is given twice; "
                                   f"{REDOWNLOAD}")

@@ -11,6 +11,8 @@ import os
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTok
 
+from any4_jax.models.llama.safetensors_io import CheckpointError
+
 
 class Tokenizer:
     """Wraps a `tokenizers.Tokenizer` or a transformers tokenizer.
@@ -54,12 +56,16 @@ def hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
                          add_bos=bool(tok("")["input_ids"]), source=path)
     except ImportError:
         pass
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers/tokenizers raise bare Exception
         error = e
     f = os.path.join(path, "tokenizer.json")
     if os.path.isfile(f):
-        return Tokenizer(HFTok.from_file(f), bos_id=None, eos_ids=(), add_bos=False,
-                         source=path)
+        try:
+            backend = HFTok.from_file(f)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise CheckpointError(f"{f}: not a readable tokenizer ({e}); the file is truncated "
+                                  "or corrupt (re-download it)") from None
+        return Tokenizer(backend, bos_id=None, eos_ids=(), add_bos=False, source=path)
     raise FileNotFoundError(
         f"{path}: no usable tokenizer (tokenizer.json / tokenizer_config.json)"
         + (f": {error}" if error else ""))
@@ -92,14 +98,26 @@ def gguf_tokenizer(fields: dict, *, source: str) -> Tokenizer:
         raise ValueError(
             f"{source}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, "
             "'gpt2'); load the model from its Hugging Face directory instead")
-    tokens = fields["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    tokens, merges = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.merges")
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)
+                and (value or key == "merges")):
+            raise CheckpointError(
+                f"{source}: GGUF metadata lacks a valid tokenizer.ggml.{key} list; the file is "
+                "damaged or not a complete llama.cpp conversion (re-download it)")
+    if bad := [m for m in merges if " " not in m][:3]:
+        raise CheckpointError(f"{source}: GGUF tokenizer merges {bad} are not 'left right' "
+                              "pairs; the file is damaged (re-download it)")
+    merges = [tuple(m.split(" ", 1)) for m in merges]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                            ignore_merges=False))
     tok.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise CheckpointError(f"{source}: GGUF tokenizer.ggml.token_type does not match the "
+                              f"{len(tokens)} tokens; the file is damaged (re-download it)")
     # CONTROL (3) and USER_DEFINED (4) tokens match as whole strings, never split by BPE
     special = [AddedToken(tokens[i], special=(t == 3), normalized=False)
                for i, t in enumerate(types) if t in (3, 4)]
