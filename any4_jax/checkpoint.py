@@ -52,11 +52,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+CHECKPOINT_ENTRIES = frozenset({META_FILE, "state", "tokenizer"})  # all a checkpoint holds
+
+
 def is_quantized_checkpoint(path) -> bool:
-    """Whether `path` is an any4 checkpoint directory, recognised by its metadata: an
-    any4.json holding a format_version and the quantized layers (what overwrite may replace)."""
+    """Whether `path` is an any4 checkpoint directory (what overwrite may replace), recognised
+    by its metadata: an any4.json holding a format_version and the quantized layers, and
+    nothing beside state/ and tokenizer/ (a user's directory that holds a copy of an any4.json
+    among its own files is not one)."""
     f = os.path.join(path, META_FILE)
     if not os.path.isfile(f):
+        return False
+    try:
+        if not set(os.listdir(path)) <= CHECKPOINT_ENTRIES:
+            return False
+    except OSError:
         return False
     try:
         with open(f) as fh:
@@ -70,7 +80,11 @@ def check_output(path, *, overwrite: bool = False) -> Path:
     """Checks, before any work, that a checkpoint may be written at `path`: absent, or (with
     overwrite) an any4 checkpoint; never a file or another directory. Returns the absolute
     path; an `outputs.OutputError` naming the fix otherwise."""
-    return outputs.check_dir_output(path, overwrite=overwrite, is_ours=is_quantized_checkpoint)
+    final = Path(path).absolute()
+    # what a killed run left beside the target first: a previous checkpoint it had moved
+    # aside is put back, and is then what `overwrite` is about
+    outputs.remove_debris(final, is_ours=is_quantized_checkpoint)
+    return outputs.check_dir_output(final, overwrite=overwrite, is_ours=is_quantized_checkpoint)
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> dict:

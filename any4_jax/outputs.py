@@ -43,8 +43,9 @@ class OutputExistsError(FileExistsError):
 
 
 def _writable_dir(path: Path, what: str) -> None:
-    """The nearest existing ancestor of `path` must be a directory we can create entries in."""
-    anc = path
+    """The nearest existing ancestor of the output `path` must be a directory we can create
+    entries in (the messages name `path`, the value the user gave)."""
+    anc = path.parent
     while not os.path.lexists(anc):
         anc = anc.parent
     if not anc.is_dir():
@@ -65,7 +66,7 @@ def check_file_output(path, *, what: str = "--json") -> Path:
         raise OutputError(f"{what} {p} exists and is not a regular file; choose another path")
     if p.is_file() and not os.access(p, os.W_OK):
         raise OutputError(f"{what} {p} is not writable; choose another path")
-    _writable_dir(p.parent, what)
+    _writable_dir(p, what)
     return p
 
 
@@ -85,7 +86,7 @@ def check_dir_output(path, *, overwrite: bool, is_ours: Callable[[Path], bool],
         if not overwrite:
             raise OutputExistsError(f"{what} {p} exists ({kind}); pass --overwrite "
                                     "(overwrite=True) to replace it, or choose another path")
-    _writable_dir(p.parent, what)
+    _writable_dir(p, what)
     return p
 
 
@@ -169,9 +170,26 @@ def install_dir(tmp: Path, final: Path, *, overwrite: bool,
     shutil.rmtree(old)
 
 
+def remove_file_debris(path) -> list[str]:
+    """Removes `PATH.partial-PID*` temporaries of processes that are gone (a file written
+    atomically by a run that was killed)."""
+    p = Path(path).absolute()
+    done = []
+    if not p.parent.is_dir():
+        return done
+    pattern = re.compile(rf"^{re.escape(p.name)}\.partial-(\d+)(\.\w+)?$")
+    for entry in p.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])) and entry.is_file():
+            entry.unlink()
+            done.append(f"removed {entry.name}")
+    return done
+
+
 def write_json(path, record: dict) -> None:
     """Writes `record` to `path` atomically: a temporary file in the same directory, then a
     rename, so an interrupted run never leaves half a file (and an existing one stays whole)."""
+    remove_file_debris(path)
     tmp = f"{path}.partial-{os.getpid()}"
     try:
         with open(tmp, "w") as fh:

@@ -96,7 +96,9 @@ def override(text: str) -> tuple[str, dict]:
     for item in rest.split(","):
         k, eq, v = item.partition("=")
         if not eq:
-            raise argparse.ArgumentTypeError(f"--override {text!r}: {item!r} is not key=value")
+            raise argparse.ArgumentTypeError(
+                f"--override {text!r}: {item!r} is not key=value (expected "
+                "PATTERN:key=value[,key=value], e.g. 'down_proj:group_size=128')")
         k = k.strip().replace("-", "_")
         if k == "group_size":
             changes[k] = group_size(v, flag=f"--override {text!r}: group_size")

@@ -169,6 +169,7 @@ def _run_calibrate(args) -> int:
     meta = {"model": lm.source, "tokens": count, **desc}
     arrays["__meta__"] = np.asarray(json.dumps(meta))
     out = args.out
+    outputs.remove_file_debris(out)
     tmp = f"{out}.partial-{os.getpid()}.npz"
     try:
         np.savez(tmp, **arrays)

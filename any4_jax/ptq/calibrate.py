@@ -61,10 +61,11 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if self.statistic not in STATISTICS:
-            raise ValueError(f"CalibrationConfig: unknown {self.statistic=}; choose one of "
-                             f"{STATISTICS}")
+            raise ValueError(f"CalibrationConfig: unknown statistic={self.statistic!r}; choose "
+                             f"one of {STATISTICS}")
         if self.mode not in MODES:
-            raise ValueError(f"CalibrationConfig: unknown {self.mode=}; choose one of {MODES}")
+            raise ValueError(f"CalibrationConfig: unknown mode={self.mode!r}; choose one of "
+                             f"{MODES}")
         for f in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"CalibrationConfig.{f}={getattr(self, f)} must be positive")

@@ -45,13 +45,14 @@ class KMeansConfig:
 
     def __post_init__(self):
         if self.init not in KMEANS_INITS:
-            raise ValueError(f"KMeansConfig: unknown {self.init=}; choose one of {KMEANS_INITS}")
+            raise ValueError(f"KMeansConfig: unknown init={self.init!r}; choose one of "
+                             f"{KMEANS_INITS}")
         if not _is_int(self.max_iter) or self.max_iter < 0:
-            raise ValueError(f"KMeansConfig: {self.max_iter=} must be an integer >= 0")
+            raise ValueError(f"KMeansConfig: max_iter={self.max_iter!r} must be an integer >= 0")
         if not _is_real(self.tol) or not self.tol >= 0:
-            raise ValueError(f"KMeansConfig: {self.tol=} must be a number >= 0 (e.g. 1e-4)")
+            raise ValueError(f"KMeansConfig: tol={self.tol!r} must be a number >= 0 (e.g. 1e-4)")
         if not _is_int(self.seed):
-            raise ValueError(f"KMeansConfig: {self.seed=} must be an integer")
+            raise ValueError(f"KMeansConfig: seed={self.seed!r} must be an integer")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,11 +84,11 @@ class QuantConfig:
         object.__setattr__(self, "format", spec.name)
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
             raise ValueError(
-                f"QuantConfig: {self.group_size=} must be a positive integer "
+                f"QuantConfig: group_size={self.group_size!r} must be a positive integer "
                 "(or None for one group per row)"
             )
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"QuantConfig: {self.symmetric=} must be True or False")
+            raise ValueError(f"QuantConfig: symmetric={self.symmetric!r} must be True or False")
         if self.symmetric and spec.family == "table":
             raise ValueError(
                 f"QuantConfig: symmetric=True does not apply to {spec.name!r}, which is always "
@@ -95,13 +96,14 @@ class QuantConfig:
             )
         if self.sample_weighting not in SAMPLE_WEIGHTINGS:
             raise ValueError(
-                f"QuantConfig: unknown {self.sample_weighting=}; choose one of {SAMPLE_WEIGHTINGS}"
+                f"QuantConfig: unknown sample_weighting={self.sample_weighting!r}; choose one of "
+                f"{SAMPLE_WEIGHTINGS}"
             )
         if self.dtype is not None:
             try:
                 dt = jnp.dtype(self.dtype)
             except TypeError as e:
-                raise ValueError(f"QuantConfig: {self.dtype=} is not a dtype name") from e
+                raise ValueError(f"QuantConfig: dtype={self.dtype!r} is not a dtype name") from e
             # an integer table would truncate every entry, scale and zero (to 0 for most)
             if not jnp.issubdtype(dt, jnp.floating):
                 raise ValueError(f"QuantConfig: dtype={dt.name!r} is not a floating dtype; the "

@@ -21,6 +21,7 @@ from jax import lax
 
 from any4_jax.quant.config import KMeansConfig
 from any4_jax.quant.formats import NF4_TABLE
+from any4_jax.quant.scaling import pow2
 
 
 def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
@@ -158,6 +159,17 @@ def _cluster_bounds(xs, centroids):
     return jnp.concatenate([zero, inner, jnp.full((r_, 1), n, jnp.int32)], axis=1)
 
 
+def pow2_normalize_rows(x):
+    """x [R, C] >= 0 -> x times a power of two per row that brings the row's max into [0.5, 1)
+    (below 4 for maxima beyond 2^126; a row of zeros is unchanged). The product is exact, so
+    every ratio of weights, which is all that weighted k-means depends on, stays as it was, bit
+    for bit; the weights' absolute size (xbar * alpha follows the weights' scale) then cannot
+    overflow the prefix sums or flush to zero."""
+    _, e = jnp.frexp(jnp.max(x, axis=1, keepdims=True))  # max = m 2^e, m in [0.5, 1)
+    e = jnp.clip(e, -125, 126)
+    return x * pow2(-e)
+
+
 def sort_rows(x, w):
     """Sorts each row of x ascending, carrying w along: [R, K] x2 -> (xs, ws)."""
     return lax.sort((x, w), dimension=1, num_keys=1)
@@ -174,7 +186,7 @@ def kmeans_rows(xs, ws, row_ids, *, k: int, config: KMeansConfig, grid=None):
     """
     r_, n = xs.shape
     xs = xs.astype(jnp.float32)
-    ws = ws.astype(jnp.float32)
+    ws = pow2_normalize_rows(ws.astype(jnp.float32))
     # A row with no positive weight has no sampling distribution: weigh its values equally.
     ws = jnp.where(jnp.sum(ws, axis=1, keepdims=True) > 0, ws, 1.0)
     limit = config.tol * jnp.var(xs, axis=1)  # [R]

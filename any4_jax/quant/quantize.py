@@ -8,6 +8,7 @@ not depend on the chunk size or the number of devices.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from any4_jax.quant import kmeans_cpu, scaling
 from any4_jax.quant.config import KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FormatSpec, int_grid_table
-from any4_jax.quant.kmeans import assign_sorted_codes, grid_init, kmeans_rows
+from any4_jax.quant.kmeans import assign_sorted_codes, grid_init, kmeans_rows, pow2_normalize_rows
 from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu
 from any4_jax.quant.qweight import QuantizedWeight, pack_codes
 from any4_jax.quant.rowsort import sort_rows_auto
@@ -38,9 +39,39 @@ def row_mesh(devices=None) -> Mesh:
     return Mesh(devs, ("rows",))
 
 
-def validate_weight(w, *, name: str = "weight") -> jax.Array:
-    """Checks a weight is a finite 2-D float matrix; returns it as a jax Array (the group
-    size rule, which also wants K even, is `QuantConfig.resolve_group_size`'s)."""
+def _is_int(v) -> bool:
+    """An integer that is not a bool (True would silently mean 1)."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def max_abs_limit(storage_dtype) -> float:
+    """The largest |w| that quantizes without overflow: half the largest finite value of both
+    float32 (in which the scales are computed) and the storage dtype. Half, because a group's
+    range max - min, its 2^n - 1 steps and the dequantization's intermediates reach about twice
+    max|w|."""
+    return min(_F32_MAX, float(jnp.finfo(storage_dtype).max)) / 2
+
+
+@jax.jit
+def _weight_stats(w):
+    """(non-finite count, flat index of the first, largest finite |w|) in one pass."""
+    bad = ~jnp.isfinite(w)
+    big = jnp.max(jnp.where(bad, 0, jnp.abs(w)))
+    return jnp.sum(bad), jnp.argmax(bad.reshape(-1)), big
+
+
+def _host_weight_stats(a: np.ndarray):
+    """As `_weight_stats`, in numpy: for inputs wider than float32 (float64), whose values
+    beyond float32's range would turn into inf on conversion and be reported as such."""
+    bad = ~np.isfinite(a)
+    return int(bad.sum()), int(np.argmax(bad.reshape(-1))), float(np.abs(np.where(bad, 0, a)).max())
+
+
+def _check_structure(w, name: str) -> None:
+    """The checks that need no pass over the values: a non-empty 2-D float array."""
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         raise TypeError(f"{name}: expected an array of shape [out_features, in_features], "
                         f"got {type(w).__name__}")
@@ -49,24 +80,54 @@ def validate_weight(w, *, name: str = "weight") -> jax.Array:
             f"{name}: expected a 2-D weight [out_features, in_features], got shape "
             f"{tuple(w.shape)}; reshape it (e.g. merge the head dims) before quantizing"
         )
+    if 0 in tuple(w.shape):
+        raise ValueError(
+            f"{name}: the weight has shape {tuple(w.shape)}, which is empty (no "
+            f"{'rows' if w.shape[0] == 0 else 'input features'}); there is nothing to quantize: "
+            "leave the layer out, or check how it was loaded")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"{name}: expected a floating-point weight, got dtype {w.dtype}")
-    w = jnp.asarray(w)
-    bad = ~jnp.isfinite(w)
-    count = int(jnp.sum(bad))
+
+
+def validate_weight(w, *, name: str = "weight", storage_dtype=None) -> jax.Array:
+    """Checks a weight is a non-empty, finite 2-D float matrix whose largest |w| is within
+    `max_abs_limit(storage_dtype)` (float32 alone when storage_dtype is None); returns it as a
+    jax Array. The group size rule, which also wants K even, is
+    `QuantConfig.resolve_group_size`'s."""
+    _check_structure(w, name)
+    if not isinstance(w, jax.Array) and np.dtype(w.dtype).itemsize > 4:
+        count, first, big = _host_weight_stats(np.asarray(w))
+    else:
+        w = jnp.asarray(w)
+        count, first, big = (x.item() for x in _weight_stats(w))
     if count:
-        first = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), w.shape)
+        first = np.unravel_index(first, w.shape)
         raise ValueError(
             f"{name}: {count} non-finite value(s) (NaN/Inf) in the weight, the first at index "
             f"{tuple(int(i) for i in first)}; fix or drop them before quantizing"
         )
-    return w
+    dt = jnp.dtype(jnp.float32 if storage_dtype is None else storage_dtype)
+    limit, dt_max = max_abs_limit(dt), float(jnp.finfo(dt).max)
+    if big > limit:
+        wider = (", or store the table and scales in a wider dtype "
+                 "(QuantConfig(dtype='float32'))" if dt_max < _F32_MAX / 2 else "")
+        raise ValueError(
+            f"{name}: the largest |w| is {big:.6g}, above the limit {limit:.6g} for {dt.name} "
+            f"(half its largest value, {dt_max:.6g}): the group ranges, "
+            "scales and dequantized weights would overflow to inf; rescale the weight (divide "
+            f"it by a power of two and fold the factor into the layer's output){wider}")
+    return jnp.asarray(w)
 
 
 def _validate_sample_weight(sample_weight, k: int, name: str) -> jax.Array:
     if sample_weight is None:
         return jnp.ones((k,), jnp.float32)
-    sw = jnp.asarray(sample_weight, jnp.float32)
+    try:
+        sw = jnp.asarray(sample_weight, jnp.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name}: sample_weight must be an array of {k} non-negative numbers (one statistic "
+            f"per input channel), got {type(sample_weight).__name__}") from e
     if sw.shape != (k,):
         raise ValueError(
             f"{name}: sample_weight has shape {tuple(sw.shape)}, expected ({k},): one "
@@ -76,6 +137,34 @@ def _validate_sample_weight(sample_weight, k: int, name: str) -> jax.Array:
         raise ValueError(f"{name}: sample_weight must be finite and >= 0 (got min "
                          f"{float(jnp.min(sw))}); pass |statistics|")
     return sw
+
+
+def _check_arguments(config, mesh, chunk_elements, name) -> QuantConfig:
+    """The type checks of `quantize_weight`'s arguments; returns the config to use."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string (the layer's name, used in messages), got "
+                        f"{type(name).__name__} {name!r}")
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, Mapping):
+        raise TypeError(f"{name}: config must be a QuantConfig, got a {type(config).__name__}; "
+                        "build one with QuantConfig(**config)")
+    elif not isinstance(config, QuantConfig):
+        hint = (" (KMeansConfig goes inside it: QuantConfig(kmeans=...))"
+                if isinstance(config, KMeansConfig) else "")
+        raise TypeError(f"{name}: config must be a QuantConfig, got {type(config).__name__} "
+                        f"{config!r}; pass QuantConfig(format=..., group_size=...){hint}")
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"{name}: mesh must be a jax.sharding.Mesh (e.g. row_mesh()), got "
+                            f"{type(mesh).__name__} {mesh!r}")
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"{name}: mesh must be 1-D (rows are split over one axis), got "
+                             f"axes {mesh.axis_names}; use row_mesh(devices)")
+    if chunk_elements is not None and (not _is_int(chunk_elements) or chunk_elements < 1):
+        raise ValueError(f"{name}: chunk_elements={chunk_elements!r} must be a positive integer "
+                         "(elements per chunk of rows), or None for the backend's default")
+    return config
 
 
 def _int_range(n_bit: int, symmetric: bool) -> tuple[int, int]:
@@ -99,7 +188,9 @@ def _any_sample_weights(scale, xbar, ws_shape, g: int, weighting: str):
         return jnp.ones(ws_shape, jnp.float32)
     if weighting == "activations":
         return jnp.broadcast_to(xbar[None, :], ws_shape)
-    return xbar[None, :] * scaling.expand_groups(scale, g)
+    # alpha over a power of two per row (exact, see `pow2_normalize_rows`): the k-means
+    # weights keep their ratios but no longer follow the weights' absolute scale.
+    return xbar[None, :] * scaling.expand_groups(pow2_normalize_rows(scale), g)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "g", "symmetric", "weighting"))
@@ -222,14 +313,20 @@ def quantize_weight(
     chunk_elements: rows are processed in chunks of about this many elements (memory bound).
     progress: show a progress bar over the row chunks (useful for very large matrices).
     Returns a `QuantizedWeight` (and, with return_info, a dict of k-means iteration counts).
+
+    Every argument is checked before any work: TypeError for a config, mesh, name or
+    sample_weight of the wrong type; ValueError for an empty, non-2-D, non-float or
+    non-finite weight, one whose largest |w| exceeds `max_abs_limit` of the storage dtype,
+    a group size that does not divide K, or a bad sample_weight or chunk_elements.
     """
-    config = config or QuantConfig()
+    config = _check_arguments(config, mesh, chunk_elements, name)
     spec = config.spec
-    w = validate_weight(w, name=name)
+    _check_structure(w, name)
+    out_dtype = jnp.dtype(config.dtype or w.dtype)
     n, k = w.shape
     g = config.resolve_group_size(k, name=name)
     xbar = _validate_sample_weight(sample_weight, k, name)
-    out_dtype = jnp.dtype(config.dtype or w.dtype)
+    w = validate_weight(w, name=name, storage_dtype=out_dtype)  # a pass over w: the last check
 
     n_dev = 1 if mesh is None else mesh.size
     budget = chunk_elements or _CHUNK_ELEMENTS.get(jax.default_backend(), 1 << 22)

@@ -66,9 +66,9 @@ def test_calibration_errors_name_the_value():
     encode = byte_tokenizer().encode
     with pytest.raises(ValueError, match="has 5 tokens, not more than seq_len=32"):
         calibration_tokens(encode, CalibrationConfig(source="text", seq_len=32), "short")
-    with pytest.raises(ValueError, match="unknown self.statistic='median'"):
+    with pytest.raises(ValueError, match="unknown statistic='median'"):
         CalibrationConfig(statistic="median")
-    with pytest.raises(ValueError, match="unknown self.mode='online'"):
+    with pytest.raises(ValueError, match="unknown mode='online'"):
         CalibrationConfig(mode="online")
     with pytest.raises(ValueError, match="CalibrationConfig.batch_size=0 must be positive"):
         CalibrationConfig(batch_size=0)
