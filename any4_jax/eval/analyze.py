@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from any4_jax.nn.layers import get_layer
 from any4_jax.ptq.calibrate import collect_inputs
+from any4_jax.quant import scaling
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.formats import NF4_TABLE
 from any4_jax.quant.quantize import quantize_weight
@@ -111,9 +112,8 @@ def plot_row_histogram(model, layer_path: str, row: int, qw_any, path: str, *,
 
     w = np.asarray(get_layer(model, layer_path).kernel[...], np.float32).T[row]
     g = group_size or w.shape[0]
-    wg = w.reshape(-1, g)
-    mn, mx = wg.min(1, keepdims=True), wg.max(1, keepdims=True)
-    ws = ((wg - mn) / (np.maximum(mx - mn, 1e-6) / 15)).ravel()
+    _, _, ws = scaling.asymmetric(jnp.asarray(w[None, :]), g, 4)  # the quantizer's own rule
+    ws = np.asarray(ws).ravel()
     table = np.asarray(qw_any.lut[row], np.float32) + 8  # stored entries are c - 2^(n-1)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.hist(ws, bins=120, color="0.75", label=f"{layer_path} row {row} (group-scaled)")

@@ -19,13 +19,16 @@ def int_reference(w, g, n_bit, symmetric):
     n, k = w.shape
     wg = w.astype(np.float32).reshape(n, k // g, g)
     if symmetric:
-        alpha = np.maximum(np.abs(wg).max(-1), np.float32(1e-6)) / np.float32(2 ** (n_bit - 1) - 1)
+        alpha = np.maximum(np.abs(wg).max(-1), np.float32(2.0**-122)) / np.float32(
+            2 ** (n_bit - 1) - 1)
         zero = np.zeros_like(alpha)
         q = np.clip(np.round(wg / alpha[..., None]), -(2 ** (n_bit - 1)), 2 ** (n_bit - 1) - 1)
         code = q + 2 ** (n_bit - 1)
     else:
         mn, mx = wg.min(-1), wg.max(-1)
-        alpha = np.maximum(mx - mn, np.float32(1e-6)) / np.float32(2**n_bit - 1)
+        mag = np.maximum(np.abs(mn), np.abs(mx))
+        floor = np.maximum(mag * np.float32(2.0**-27), np.float32(2.0**-122))
+        alpha = np.maximum(mx - mn, floor) / np.float32(2**n_bit - 1)
         zero = mn + alpha * np.float32(2 ** (n_bit - 1))
         code = np.clip(np.round((wg - mn[..., None]) / alpha[..., None]), 0, 2**n_bit - 1)
     deq = (code - 2 ** (n_bit - 1)) * alpha[..., None] + zero[..., None]
