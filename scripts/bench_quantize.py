@@ -91,12 +91,15 @@ def main(argv=None):
     ap.add_argument("--sklearn-rows", type=int, default=256,
                     help="rows fitted by the scikit-learn reference (0: skip it; -1: all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--method", choices=("lloyd", "optimal"), default="lloyd",
+                    help="KMeansConfig.method of the tables timed")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
 
-    from any4_jax import QuantConfig
+    from any4_jax import KMeansConfig, QuantConfig
 
-    cfg = QuantConfig(format="any4", group_size=args.group_size)
+    cfg = QuantConfig(format="any4", group_size=args.group_size,
+                      kmeans=KMeansConfig(method=args.method))
     dev = jax.devices()[0]
     device = getattr(dev, "device_kind", dev.platform)
     results = []
@@ -124,7 +127,7 @@ def main(argv=None):
 
     meta = {"device": device, "backend": jax.default_backend(), "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "group_size": args.group_size, "sklearn_jobs": args.jobs}
+            "group_size": args.group_size, "sklearn_jobs": args.jobs, "method": args.method}
     print(f"\nany4 quantization, g{args.group_size}, k-means++ to convergence, on {device} "
           f"({jax.default_backend()}); scikit-learn on {args.jobs} CPU processes")
     print("| matrix | ours cold (s) | ours warm (s) | rows/s | sklearn per row (s, whole "
@@ -140,7 +143,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device.lower().replace(" ", "_")
-    path = out / f"quantize_{tag}.json"
+    path = out / (f"quantize_{tag}.json" if args.method == "lloyd"
+                  else f"quantize_{args.method}_{tag}.json")
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {path}")
 

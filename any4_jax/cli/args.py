@@ -7,7 +7,7 @@ import argparse
 
 from any4_jax.kernels.api import KNOWN as KERNEL_NAMES
 from any4_jax.ptq.quantize_model import DEFAULT_EXCLUDE
-from any4_jax.quant.config import KMEANS_INITS, SAMPLE_WEIGHTINGS
+from any4_jax.quant.config import KMEANS_INITS, KMEANS_METHODS, SAMPLE_WEIGHTINGS
 from any4_jax.quant.formats import FORMAT_NAMES, parse_format
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -143,6 +143,10 @@ def add_quant_settings(p) -> None:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--sample-weighting", choices=SAMPLE_WEIGHTINGS,
                    default="activations_x_scales")
+    p.add_argument("--kmeans-method", choices=KMEANS_METHODS, default="lloyd",
+                   help="lloyd: k-means++ and Lloyd iterations (local optimum); optimal: the "
+                        "exact weighted k-means of each row (--init/--max-iter/--tol/--seed "
+                        "then do not apply)")
     p.add_argument("--init", choices=KMEANS_INITS, default="kmeans++")
     p.add_argument("--max-iter", type=nonnegative_int, default=300)
     p.add_argument("--tol", type=nonnegative_float, default=1e-4)

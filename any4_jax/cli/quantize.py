@@ -77,8 +77,8 @@ def _load_stats(path: str, statistic: str):
 def _run_quantize(args) -> int:
     qcfg = QuantConfig(format=args.format, group_size=args.group_size, symmetric=args.symmetric,
                        sample_weighting=args.sample_weighting,
-                       kmeans=KMeansConfig(init=args.init, max_iter=args.max_iter, tol=args.tol,
-                                           seed=args.seed))
+                       kmeans=KMeansConfig(method=args.kmeans_method, init=args.init,
+                                           max_iter=args.max_iter, tol=args.tol, seed=args.seed))
     # every input and output checked before the model is loaded
     if args.out:
         args.previous_output = check_output(args.out, overwrite=args.overwrite).exists()

@@ -11,6 +11,7 @@ from any4_jax.quant.formats import FormatSpec, parse_format
 from any4_jax.quant.qweight import check_group_size
 
 KMEANS_INITS = ("kmeans++", "random", "int", "nf4")
+KMEANS_METHODS = ("lloyd", "optimal")
 
 
 def _is_int(v) -> bool:
@@ -27,8 +28,11 @@ DEFAULT_GROUP_SIZE = 128  # the paper's and the reference release's
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KMeansConfig:
-    """Weighted Lloyd's algorithm over the group-scaled values of each row (docs/design.md s.4).
+    """Weighted k-means over the group-scaled values of each row (docs/design.md s.4).
 
+    method: "lloyd" (k-means++ seeding and Lloyd iterations: a local optimum) or "optimal"
+      (the global minimum of the weighted SSE, by dynamic programming over the sorted row:
+      exact and deterministic; init, max_iter, tol and seed do not apply to it).
     init: "kmeans++" (weighted, greedy, 2 + floor(ln k) local trials), "random" (k weighted
       samples without replacement), "int" (uniform grid over the row's range) or "nf4" (the
       nf4 table mapped onto the row's range).
@@ -38,12 +42,16 @@ class KMeansConfig:
       does not depend on the rows it is batched or sharded with.
     """
 
+    method: str = "lloyd"
     init: str = "kmeans++"
     max_iter: int = 300
     tol: float = 1e-4
     seed: int = 0
 
     def __post_init__(self):
+        if self.method not in KMEANS_METHODS:
+            raise ValueError(f"KMeansConfig: unknown method={self.method!r}; choose one of "
+                             f"{KMEANS_METHODS}")
         if self.init not in KMEANS_INITS:
             raise ValueError(f"KMeansConfig: unknown init={self.init!r}; choose one of "
                              f"{KMEANS_INITS}")

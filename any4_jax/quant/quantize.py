@@ -20,7 +20,8 @@ from any4_jax.quant import kmeans_cpu, scaling
 from any4_jax.quant.config import KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FormatSpec, int_grid_table
 from any4_jax.quant.kmeans import assign_sorted_codes, grid_init, kmeans_rows, pow2_normalize_rows
-from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu
+from any4_jax.quant.kmeans_cpu import kmeans_rows_cpu, optimal_rows_cpu
+from any4_jax.quant.kmeans_optimal import optimal_kmeans_rows
 from any4_jax.quant.qweight import QuantizedWeight, pack_codes
 from any4_jax.quant.rowsort import sort_rows_auto
 
@@ -223,39 +224,50 @@ def _encode_fixed(ws, *, spec: FormatSpec, symmetric: bool):
     return pack_codes(q), lut
 
 
+def _codes_and_table(ws, c, *, spec: FormatSpec, symmetric: bool):
+    """Codes of ws [R, K] against the sorted centroids c [R, k] -> (packed codes, lut [R, 16])."""
+    q = assign_sorted_codes(ws, c)
+    table = c if symmetric else c - 2 ** (spec.n_bit - 1)
+    return pack_codes(q), jnp.pad(table, ((0, 0), (0, 16 - spec.n_levels)))
+
+
 def _encode_any_rows(ws, xs, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
                      kmeans: KMeansConfig):
     """Learned tables: k-means on the sorted rows (xs, sws), then codes of ws in its order."""
-    grid = _grid_range(spec, symmetric, kmeans.init)
-    c, iters = kmeans_rows(xs, sws, row_ids, k=spec.n_levels, config=kmeans, grid=grid)
-    q = assign_sorted_codes(ws, c)
-    table = c if symmetric else c - 2 ** (spec.n_bit - 1)
-    lut = jnp.pad(table, ((0, 0), (0, 16 - spec.n_levels)))
-    return pack_codes(q), lut, iters
+    if kmeans.method == "optimal":
+        c, _ = optimal_kmeans_rows(xs, sws, k=spec.n_levels)
+        iters = jnp.zeros(ws.shape[:1], jnp.int32)  # no iterations: reported as 0
+    else:
+        grid = _grid_range(spec, symmetric, kmeans.init)
+        c, iters = kmeans_rows(xs, sws, row_ids, k=spec.n_levels, config=kmeans, grid=grid)
+    return *_codes_and_table(ws, c, spec=spec, symmetric=symmetric), iters
 
 
 def _encode_any_rows_cpu(ws, sws, row_ids, *, spec: FormatSpec, symmetric: bool,
                          kmeans: KMeansConfig):
     """Learned tables with the compiled CPU k-means (it sorts the rows itself)."""
     k = spec.n_levels
-    plusplus = kmeans.init == "kmeans++"
-    if plusplus:
-        init = jnp.zeros((ws.shape[0], k), jnp.float32)
+    if kmeans.method == "optimal":
+        c, _ = optimal_rows_cpu(ws, sws, k=k)
+        iters = jnp.zeros(ws.shape[:1], jnp.int32)
     else:
-        lo, hi = _grid_range(spec, symmetric, kmeans.init)
-        init = grid_init(ws.shape[0], k, lo, hi, kmeans.init)
-    c, iters = kmeans_rows_cpu(ws, sws, row_ids, init, k=k, max_iter=kmeans.max_iter,
-                               tol=kmeans.tol, seed=kmeans.seed, plusplus=plusplus)
-    q = assign_sorted_codes(ws, c)
-    table = c if symmetric else c - 2 ** (spec.n_bit - 1)
-    lut = jnp.pad(table, ((0, 0), (0, 16 - spec.n_levels)))
-    return pack_codes(q), lut, iters
+        plusplus = kmeans.init == "kmeans++"
+        if plusplus:
+            init = jnp.zeros((ws.shape[0], k), jnp.float32)
+        else:
+            lo, hi = _grid_range(spec, symmetric, kmeans.init)
+            init = grid_init(ws.shape[0], k, lo, hi, kmeans.init)
+        c, iters = kmeans_rows_cpu(ws, sws, row_ids, init, k=k, max_iter=kmeans.max_iter,
+                                   tol=kmeans.tol, seed=kmeans.seed, plusplus=plusplus)
+    return *_codes_and_table(ws, c, spec=spec, symmetric=symmetric), iters
 
 
 def _use_cpu_kmeans(kmeans: KMeansConfig) -> bool:
-    if jax.default_backend() != "cpu" or kmeans.init == "random":
+    if jax.default_backend() != "cpu":
         return False
-    return kmeans_cpu.available()
+    if kmeans.method == "optimal":
+        return kmeans_cpu.available_optimal()
+    return kmeans.init != "random" and kmeans_cpu.available()
 
 
 @functools.lru_cache(maxsize=64)
