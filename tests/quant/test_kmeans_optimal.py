@@ -257,3 +257,61 @@ def test_cli_flag():
     assert p.parse_args(["--kmeans-method", "optimal"]).kmeans_method == "optimal"
     with pytest.raises(SystemExit):
         p.parse_args(["--kmeans-method", "exact"])
+
+
+def _dp_reference(x, w, k):
+    """The optimal weighted SSE by the plain O(k n^2) dynamic program (float64, numpy)."""
+    order = np.argsort(x, kind="stable")
+    x, w = np.asarray(x, np.float64)[order], np.asarray(w, np.float64)[order]
+    n = len(x)
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(v)]) for v in (w, w * x, w * x * x))
+
+    def cost(j, i):  # points [j, i) for an array of j
+        s0, s1 = p0[i] - p0[j], p1[i] - p1[j]
+        return (p2[i] - p2[j]) - s1 * s1 / s0
+
+    d = np.concatenate([[0.0], cost(np.zeros(n, int), np.arange(1, n + 1))])
+    for _ in range(2, k + 1):
+        nd = np.full(n + 1, np.inf)
+        for i in range(1, n + 1):
+            j = np.arange(0, i)
+            nd[i] = np.min(d[j] + cost(j, i))
+        d = nd
+    return d[n]
+
+
+@pytest.mark.parametrize("n,k", [(300, 16), (257, 8), (400, 5)])
+def test_equals_the_plain_dynamic_program(solver, rng, n, k):
+    """Rows long enough for the wide (vectorised) windows and the pruned first positions of
+    the middle layers: the cost equals the O(k n^2) DP's."""
+    x = rng.standard_t(4.0, (6, n)).astype(np.float32)
+    w = np.exp(rng.standard_normal((6, n))).astype(np.float32)
+    _, cost = solver(x, w, k)
+    for i in range(len(x)):
+        np.testing.assert_allclose(cost[i], _dp_reference(x[i], w[i], k), rtol=1e-5)
+
+
+def test_portable_build_equals_the_vectorised_one(solver, rng):
+    """The same source built without AVX-512 (the scalar window scan, as on CPUs without it)
+    gives the same tables and costs, bit for bit."""
+    import jax
+
+    from any4_jax.native import loader
+    from any4_jax.quant import kmeans_cpu
+
+    loaded = loader.load_cpu("kmeans_optimal_cpu", ("-mno-avx512f",))
+    assert loaded.lib is not None, loaded.reason
+    target = f"{kmeans_cpu.OPTIMAL_TARGET}_portable"
+    assert loader.register(loaded, target=target, symbol="Any4OptimalKMeansRows",
+                           platform="cpu", what="the portable optimal k-means") is None
+    x = rng.standard_t(4.0, (16, 1024)).astype(np.float32)
+    w = np.exp(rng.standard_normal((16, 1024))).astype(np.float32)
+    w[:, ::7] = 0.0
+    for k in (16, 8, 3):
+        c, cost = jax.ffi.ffi_call(
+            target, (jax.ShapeDtypeStruct((16, k), jnp.float32),
+                     jax.ShapeDtypeStruct((16,), jnp.float32)), vmap_method="sequential",
+        )(jnp.asarray(x), jnp.asarray(w), k=np.int64(k))
+        c_ref, cost_ref = solver(x, w, k)
+        np.testing.assert_array_equal(np.asarray(c), c_ref)
+        np.testing.assert_array_equal(np.asarray(cost), cost_ref)
