@@ -141,8 +141,7 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
                         f"load_model(...).tokenizer), got {type(tokenizer).__name__}")
     if not isinstance(metadata, dict):
         raise TypeError(f"save_quantized: metadata must be a dict, got {type(metadata).__name__}")
-    final = check_output(path, overwrite=overwrite)
-    outputs.remove_debris(final, is_ours=is_quantized_checkpoint)
+    final = check_output(path, overwrite=overwrite)  # also clears a killed run's debris
     tmp = outputs.sibling(final, "partial")
     if os.path.lexists(tmp):
         shutil.rmtree(tmp)

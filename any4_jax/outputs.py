@@ -186,19 +186,26 @@ def remove_file_debris(path) -> list[str]:
     return done
 
 
-def write_json(path, record: dict) -> None:
-    """Writes `record` to `path` atomically: a temporary file in the same directory, then a
-    rename, so an interrupted run never leaves half a file (and an existing one stays whole)."""
+def atomic_write(path, data: bytes) -> None:
+    """Writes `data` to `path` atomically: a temporary file in the same directory (created if
+    missing), then a rename, so an interrupted run never leaves half a file (and an existing
+    one stays whole). Temporaries of earlier runs that were killed are removed first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     remove_file_debris(path)
     tmp = f"{path}.partial-{os.getpid()}"
     try:
-        with open(tmp, "w") as fh:
-            json.dump(record, fh, indent=2, default=str)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, record: dict) -> None:
+    """`record` as indented JSON, written with `atomic_write`."""
+    atomic_write(path, json.dumps(record, indent=2, default=str).encode())
 
 
 def file_digests(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -209,7 +216,7 @@ def file_digests(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
             full = Path(d) / f
             rel = full.relative_to(root).as_posix()
             if rel not in skip:
-                out[rel] = _sha256(full)
+                out[rel] = sha256_file(full)
     return dict(sorted(out.items()))
 
 
@@ -220,7 +227,7 @@ def verify_digests(root: Path, digests: dict[str, str]) -> list[str]:
         full = Path(root) / rel
         if not full.is_file():
             problems.append(f"{rel} is missing")
-        elif _sha256(full) != want:
+        elif sha256_file(full) != want:
             problems.append(f"{rel} is damaged (its sha256 differs from the one recorded)")
     return problems
 
@@ -231,7 +238,7 @@ def json_checksum(obj: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

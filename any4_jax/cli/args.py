@@ -19,46 +19,34 @@ MODEL_GROUP_SIZE = 64
 OVERRIDE_KEYS = ("format", "group_size", "symmetric", "sample_weighting", "dtype")
 
 
+def _number(text: str, kind: type, ok, rule: str):
+    """`text` as `kind` (int or float) if `ok(value)`, else argparse's error saying `rule`."""
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts and lengths)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+    return _number(text, int, lambda v: v >= 1, "at least 1")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
+    return _number(text, int, lambda v: v >= 0, "0 or more")
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
-    return v
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def probability(text: str) -> float:
     """A number in (0, 1] (top-p)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return v
+    return _number(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def group_size(text: str, *, flag: str = "--group-size") -> int | None:

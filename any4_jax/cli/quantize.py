@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -169,15 +169,9 @@ def _run_calibrate(args) -> int:
     meta = {"model": lm.source, "tokens": count, **desc}
     arrays["__meta__"] = np.asarray(json.dumps(meta))
     out = args.out
-    outputs.remove_file_debris(out)
-    tmp = f"{out}.partial-{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    outputs.atomic_write(out, buf.getvalue())
     _log(f"{len(paths)} layers, {count} tokens, {time.perf_counter() - t0:.1f} s; wrote {out}")
     return 0
 

@@ -87,10 +87,11 @@ def _check_group_sizes(model, cfgs: dict[str, QuantConfig]) -> None:
     """Every layer's group size against its K, all named at once, before any work."""
     bad = []
     for p, c in cfgs.items():
+        k = get_layer(model, p).kernel.shape[0]
         try:
-            c.resolve_group_size(get_layer(model, p).kernel.shape[0], name=p)
+            c.resolve_group_size(k, name=p)
         except ValueError:
-            bad.append(f"{p} (K={get_layer(model, p).kernel.shape[0]})")
+            bad.append(f"{p} (K={k})")
     if bad:
         gs = sorted({c.group_size for c in cfgs.values() if c.group_size})
         raise ValueError(
