@@ -13,7 +13,8 @@
 // library's kernels, unit, post-scale, lean) once on gate_up at M = 1 and 16 (for ncu;
 // `profile all`: every variant). `lut_gemm_bench check` compares the library entry (each of
 // its kernels) and every configuration with a host reference on small awkward cases (identity
-// activations bit for bit); `check lib` the library entry only (the compute-sanitizer target).
+// activations bit for bit); `check lib` the library entry only (the compute-sanitizer target;
+// `check lib quick`: two of its six dtype pairs).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -280,12 +281,15 @@ int check_config(const char* cname) {
 }
 
 // Every dtype pair through one of the library's kernels.
+// `quick`: one pair per activation dtype (bf16 tables, f32 tables), as compute-sanitizer's
+// memcheck runs it in a short session: the table kinds share the kernel's indexing.
 template <int kKernel>
-int check_library(const char* kname) {
+int check_library(const char* kname, bool quick = false) {
   using L = Library<kKernel>;
   const std::string p = std::string("library ") + kname;
   int f = 0;
   f += check_types<bf16, bf16, L>((p + ": x bf16, tables bf16").c_str(), 7.8e-3);
+  if (quick) return f + check_types<__half, float, L>((p + ": x f16, tables f32").c_str(), 9.7e-4);
   f += check_types<__half, __half, L>((p + ": x f16, tables f16").c_str(), 9.7e-4);
   f += check_types<bf16, float, L>((p + ": x bf16, tables f32").c_str(), 7.8e-3);
   f += check_types<__half, float, L>((p + ": x f16, tables f32").c_str(), 9.7e-4);
@@ -294,14 +298,14 @@ int check_library(const char* kname) {
   return f;
 }
 
-int run_check(bool all) {
+int run_check(bool all, bool quick) {
   // the bound: one ulp of T (2^-7 bf16, 2^-10 f16) relative, as the JAX GPU tests: the output's
   // rounding plus, for the post-scale variant, the weight rounding it skips (measured in numpy
   // emulation: 2.4e-3 bf16, 3e-4 f16); an indexing bug gives errors of order one
   int f = 0;
-  f += check_library<any4::kKernelScaled>("scaled");
-  f += check_library<any4::kKernelUnitPair>("unit pair");
-  f += check_library<any4::kKernelUnitLane>("unit lane");
+  f += check_library<any4::kKernelScaled>("scaled", quick);
+  f += check_library<any4::kKernelUnitPair>("unit pair", quick);
+  f += check_library<any4::kKernelUnitLane>("unit lane", quick);
   if (all) {
     using any4::Config;
     using any4::kLaneTable;
@@ -336,9 +340,10 @@ int run_check(bool all) {
 
 int main(int argc, char** argv) {
   // `check`: the library entry and every configuration; `check lib`: the library entry only
-  // (what compute-sanitizer runs)
+  // (what compute-sanitizer runs); `check lib quick`: two dtype pairs of it
   if (argc > 1 && std::string(argv[1]) == "check")
-    return run_check(!(argc > 2 && std::string(argv[2]) == "lib"));
+    return run_check(!(argc > 2 && std::string(argv[2]) == "lib"),
+                     argc > 3 && std::string(argv[3]) == "quick");
   const bool profile = argc > 1 && std::string(argv[1]) == "profile";
   const bool profile_all = profile && argc > 2 && std::string(argv[2]) == "all";
   auto profiled = [&](const std::string& name) {  // ncu's time goes to these
