@@ -15,7 +15,6 @@ from any4_jax import assets
 from any4_jax.checkpoint import META_FILE, load_quantized
 from any4_jax.models.llama.config import LlamaConfig
 from any4_jax.models.llama.convert_flax import is_flax_dir, load_flax_model
-from any4_jax.models.llama.convert_gguf import load_gguf_model
 from any4_jax.models.llama.convert_hf import load_hf_model
 from any4_jax.models.llama.modules import Llama
 from any4_jax.models.llama.safetensors_io import CheckpointError
@@ -69,6 +68,9 @@ def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> Lo
     fmt = detect_format(path)
     t0 = time.perf_counter()
     if fmt == "gguf":
+        # gguf is needed only here: a machine without it still loads every other format
+        from any4_jax.models.llama.convert_gguf import load_gguf_model
+
         model, config, tok = load_gguf_model(path, param_dtype=param_dtype)
     elif fmt == "any4":
         if param_dtype is not None:

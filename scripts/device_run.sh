@@ -26,6 +26,9 @@
 #   decode    scripts/bench_decode.py: Llama-3-8B-shaped, batch 1, bf16 vs any4 g128 through
 #             the default CUDA kernel and Pallas
 #   model     scripts/bench_model_quant.py --model llama3-8b (if time is left)
+# Variables: DEADLINE, MIN_STEP, T_<step> (caps), NPROC, PY, GPUCHECK_K (pytest -k for
+# gpucheck), BENCH_ARGS, DECODE_ARGS, DECODE_CUDA_KERNELS (also decode with each named CUDA
+# kernel, one process each), MODEL_ARGS, BENCH_BIN (a standalone program built earlier).
 # Also available: cudabench (the standalone timing table and SASS), tune, overhead, quantize.
 #
 # Seen on the H100 of this workplace (2026-11-23, jax 0.11.2): compute-sanitizer and Nsight
@@ -72,7 +75,8 @@ run() {
   return $rc
 }
 
-BENCH_BIN=$W/lut_gemm_bench
+# a program built on an earlier device machine may be carried in (BENCH_BIN=.devbin/...)
+BENCH_BIN=${BENCH_BIN:-$W/lut_gemm_bench}
 build_bench() {  # the standalone CUDA program (no JAX): checks, sanitizers, timing table
   nvcc -std=c++17 -O3 -lineinfo -gencode arch=compute_90a,code=sm_90a -I ffi_kernels \
     ffi_kernels/bench/lut_gemm_bench.cu -o "$BENCH_BIN"
@@ -82,7 +86,9 @@ build_bench() {  # the standalone CUDA program (no JAX): checks, sanitizers, tim
 # beside gpucheck and stops at the deadline DEADLINE_BG (seconds since start)
 standalone_checks() {
   local end=${DEADLINE_BG:-$DEADLINE}
-  wait_bench || return
+  # the build started by install (a sibling process: wait in the main shell cannot be used here)
+  while [ ! -x "$BENCH_BIN" ] && kill -0 "${BENCH_PID:-none}" 2>/dev/null; do sleep 2; done
+  [ -x "$BENCH_BIN" ] || { log "standalone program not built: $W/nvcc_bench.txt"; return 1; }
   DEADLINE=$end run cudacheck 60 "$W/cudacheck.txt" "$BENCH_BIN" check
   DEADLINE=$end run memcheck 90 "$W/sanitize_memcheck.txt" compute-sanitizer --tool memcheck \
     --error-exitcode 1 "$BENCH_BIN" check lib quick
@@ -101,7 +107,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 for step in $STEPS; do
   case $step in
     install)
-      if command -v nvcc > /dev/null; then
+      if command -v nvcc > /dev/null && [ ! -x "$BENCH_BIN" ]; then
         ( build_bench > "$W/nvcc_bench.txt" 2>&1 ) &
         BENCH_PID=$!
       fi
@@ -133,7 +139,7 @@ for step in $STEPS; do
       "$PY" -c "import pytest_timeout" 2>/dev/null && to="--timeout=120"
       run gpucheck "$cap" "$W/pytest_gpucheck.txt" "$PY" -m pytest -v -rfE -n "$NPROC" \
         -p no:cacheprovider $to --junitxml="$W/pytest_gpucheck.xml" \
-        tests/kernels/test_gpu_matrix.py
+        tests/kernels/test_gpu_matrix.py ${GPUCHECK_K:+-k "$GPUCHECK_K"}
       [ -n "${BG:-}" ] && wait "$BG"
       BG=
       grep -E "^(FAILED|ERROR)|passed|failed" "$W/pytest_gpucheck.txt" | tail -25
@@ -148,7 +154,13 @@ for step in $STEPS; do
     decode)
       run decode "${T_decode:-110}" "$W/bench_decode.txt" "$PY" scripts/bench_decode.py \
         --out "$W" ${DECODE_ARGS:---model llama3-8b --kernels dense,cuda,pallas --tokens 64 --runs 3}
-      grep -E "^\||device|failed" "$W/bench_decode.txt" ;;
+      grep -E "^\||device|failed" "$W/bench_decode.txt"
+      for kern in ${DECODE_CUDA_KERNELS:-}; do  # one process per kernel (traced once)
+        run decode "${T_decode:-110}" "$W/bench_decode_$kern.txt" "$PY" \
+          scripts/bench_decode.py --out "$W" --model llama3-8b --kernels cuda --tokens 64 \
+          --cuda-kernel "$kern"
+        grep -E "^\||failed" "$W/bench_decode_$kern.txt"
+      done ;;
     model)
       run model "${T_model:-120}" "$W/bench_model_quant.txt" "$PY" scripts/bench_model_quant.py \
         --out "$W" ${MODEL_ARGS:---model llama3-8b}

@@ -182,7 +182,7 @@ def bench(args, ap):
                                                                     pairs=qp[1])
                     ws = [(q, None) for q in ws]
                 try:
-                    if variant and variant.get("lookup") == "pair":
+                    if isinstance(variant, dict) and variant.get("lookup") == "pair":
                         pairs = pairs or [(q, pair_table(q.lut)) for q, _ in ws]
                         ws, io = pairs, io + pairs[0][1].nbytes
                     t = time_per_call(call, x, ws, reps=args.reps)
