@@ -29,7 +29,8 @@
 # Variables: DEADLINE, MIN_STEP, T_<step> (caps), NPROC, PY, GPUCHECK_K (pytest -k for
 # gpucheck), BENCH_ARGS, DECODE_ARGS, DECODE_CUDA_KERNELS (also decode with each named CUDA
 # kernel, one process each), MODEL_ARGS, BENCH_BIN (a standalone program built earlier).
-# Also available: cudabench (the standalone timing table and SASS), tune, overhead, quantize.
+# Also available: cudabench (the standalone timing table and SASS), tune, overhead (the CUDA
+# call with and without the command-buffer trait, and without XLA's command buffers), quantize.
 #
 # Seen on the H100 of this workplace (2026-11-23, jax 0.11.2): compute-sanitizer and Nsight
 # Compute segfault when they inject into a JAX process, so both run on the standalone program.
@@ -175,11 +176,19 @@ for step in $STEPS; do
         --reps 5 --budget-s "${TUNE_BUDGET:-240}"
       tail -30 "$W/tune.txt"
       cp any4_jax/kernels/tuning.json "$W/" 2>/dev/null ;;
-    overhead)  # the cost per CUDA call with and without the command-buffer trait
-      run overhead "${T_overhead:-150}" "$W/overhead.txt" env ANY4_JAX_CUDA_COMMAND_BUFFER=0 \
-        "$PY" scripts/kernel_bench.py bench --out "$W/overhead" --shapes 4096x4096 --ms 1,16 \
-        --reps 5 --no-pallas-variants --no-cuda-variants
-      grep -E "^\|" "$W/overhead.txt" ;;
+    overhead)
+      # the cost per CUDA call three ways, each its own process: the handler with the
+      # command-buffer trait (default), without it, and XLA's command buffers off
+      declare -A OVERHEAD_ENV=([default]="" [no_trait]="ANY4_JAX_CUDA_COMMAND_BUFFER=0"
+                               [no_cmdbuf]="XLA_FLAGS=--xla_gpu_enable_command_buffer=")
+      for d in default no_trait no_cmdbuf; do
+        mkdir -p "$W/overhead_$d"
+        # shellcheck disable=SC2086  # the setting is one word or none
+        run overhead "${T_overhead:-60}" "$W/overhead_$d/bench.txt" env ${OVERHEAD_ENV[$d]} \
+          "$PY" scripts/kernel_bench.py bench --out "$W/overhead_$d" ${OVERHEAD_ARGS:---shapes \
+          4096x4096,llama3-8b/gate_up --ms 1,16 --reps 5 --no-pallas-variants --no-cuda-variants}
+        echo "--- $d"; grep -E "^\|" "$W/overhead_$d/bench.txt" | head -8
+      done ;;
     quantize)
       run quantize "${T_quantize:-200}" "$W/bench_quantize.txt" "$PY" scripts/bench_quantize.py \
         --sklearn-rows 1024 --jobs 16 --out "$W"

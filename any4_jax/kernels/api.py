@@ -75,10 +75,9 @@ def _lazy(module: str, name: str) -> Callable:
 _REGISTRY: dict[str, Implementation] = {
     "xla": Implementation("xla", lut_matmul_reference, lambda x, q: []),
     "pallas": Implementation("pallas", _lazy("any4_jax.kernels.pallas_gpu", "lut_matmul_pallas"),
-                             _lazy("any4_jax.kernels.pallas_gpu", "can_use_pallas"),
-                             verified=False),
+                             _lazy("any4_jax.kernels.pallas_gpu", "can_use_pallas")),
     "cuda": Implementation("cuda", _lazy("any4_jax.kernels.cuda_ffi", "lut_matmul_cuda"),
-                           _lazy("any4_jax.kernels.cuda_ffi", "can_use_cuda"), verified=False),
+                           _lazy("any4_jax.kernels.cuda_ffi", "can_use_cuda")),
     "cpu": Implementation("cpu", _lazy("any4_jax.kernels.cpu", "lut_matmul_cpu"),
                           _lazy("any4_jax.kernels.cpu", "can_use_cpu")),
 }
