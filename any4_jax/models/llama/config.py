@@ -1,7 +1,8 @@
 """Llama-family model configuration: one frozen dataclass, presets as values.
 
-Covers Llama 2/3/3.x, SmolLM2 and Mistral (sliding-window attention): the architectures whose
-Hugging Face `config.json` has `model_type` "llama" or "mistral".
+Covers Llama 2/3/3.x, SmolLM2, Mistral (sliding-window attention) and Mixtral (a sparse
+mixture of experts in place of the MLP): the architectures whose Hugging Face `config.json` has
+`model_type` "llama", "mistral" or "mixtral".
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
+# Mixture-of-experts architectures whose routing or experts differ from Mixtral's (shared
+# experts, grouped top-k, biased routers, ...): named in the error rather than half-loaded.
+UNSUPPORTED_MOE = {
+    "qwen2_moe": "Qwen-MoE (shared expert, gated)", "qwen3_moe": "Qwen3-MoE",
+    "deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "dbrx": "DBRX",
+    "olmoe": "OLMoE", "jamba": "Jamba", "granitemoe": "Granite-MoE", "phimoe": "Phi-MoE",
+    "minimax": "MiniMax", "jetmoe": "JetMoE", "arctic": "Snowflake Arctic",
+    "llama4": "Llama 4 (MoE)", "gpt_oss": "gpt-oss", "glm4_moe": "GLM-4-MoE",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +49,9 @@ class LlamaConfig:
 
     `head_dim` defaults to hidden_size // num_heads. `sliding_window` (Mistral) limits each
     query to the last `sliding_window` keys including itself; None means full causal attention.
+    `num_experts` > 0 (Mixtral) replaces every block's MLP by a sparse mixture of that many
+    SwiGLU experts of width `intermediate_size`, each token routed to `experts_per_token` of
+    them (`models/llama/moe.py`).
     """
 
     name: str = "custom"
@@ -57,6 +70,8 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
+    num_experts: int = 0
+    experts_per_token: int = 2
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -78,6 +93,12 @@ class LlamaConfig:
                 f"{self.num_kv_heads} (grouped-query attention)")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"{self.sliding_window=} must be positive or None")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"LlamaConfig.num_experts={self.num_experts!r} must be 0 (a dense "
+                             "MLP) or a positive number of experts")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"LlamaConfig.experts_per_token={self.experts_per_token!r} must "
+                             f"be between 1 and num_experts={self.num_experts}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -89,11 +110,16 @@ class LlamaConfig:
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
     def num_params(self) -> int:
         """Parameter count by formula (the eval_shape test checks it against the module)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        block = attn + 3 * d * f + 2 * d
+        mlp = 3 * d * f if not self.is_moe else self.num_experts * (3 * d * f + d)
+        block = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * block + d + head
 
@@ -103,11 +129,16 @@ class LlamaConfig:
     def from_hf(cls, hf: dict[str, Any], *, name: str = "custom") -> LlamaConfig:
         """From a Hugging Face `config.json` dict (Llama or Mistral)."""
         mt = hf.get("model_type")
+        if mt in UNSUPPORTED_MOE:
+            raise ValueError(
+                f"unsupported mixture-of-experts architecture {UNSUPPORTED_MOE[mt]} "
+                f"(model_type={mt!r}); any4-jax runs Mixtral-style MoE (model_type 'mixtral': "
+                "top-k softmax routing over SwiGLU experts, no shared expert)")
         if mt not in SUPPORTED_MODEL_TYPES:
             arch = hf.get("architectures") or mt
             raise ValueError(
                 f"unsupported architecture {arch!r} (model_type={mt!r}); any4-jax runs "
-                f"model_type in {SUPPORTED_MODEL_TYPES} (Llama 2/3, SmolLM2, Mistral)")
+                f"model_type in {SUPPORTED_MODEL_TYPES} (Llama 2/3, SmolLM2, Mistral, Mixtral)")
         for key in ("attention_bias", "mlp_bias"):
             if hf.get(key):
                 raise ValueError(f"config.json sets {key}=true; biases in Llama projections "
@@ -131,6 +162,13 @@ class LlamaConfig:
                     scaling["original_max_position_embeddings"]))
         elif rtype not in (None, "default"):
             raise ValueError(f"rope scaling type {rtype!r} is not supported (default, llama3)")
+        moe = {}
+        if mt == "mixtral":
+            if "num_local_experts" not in hf:
+                raise ValueError("config.json (mixtral) lacks the required key "
+                                 "'num_local_experts'")
+            moe = {"num_experts": int(hf["num_local_experts"]),
+                   "experts_per_token": int(hf.get("num_experts_per_tok", 2))}
         try:
             return cls(
                 name=name,
@@ -145,20 +183,23 @@ class LlamaConfig:
                 rope_scaling=rs,
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
+                sliding_window=(hf.get("sliding_window") if mt in ("mistral", "mixtral")
+                                else None),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
+                **moe,
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks the required key {e.args[0]!r}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that `from_hf` reads back and transformers understands."""
+        mt = "mixtral" if self.is_moe else "mistral" if self.sliding_window else "llama"
         out: dict[str, Any] = {
-            "model_type": "mistral" if self.sliding_window else "llama",
-            "architectures": ["MistralForCausalLM" if self.sliding_window
-                              else "LlamaForCausalLM"],
+            "model_type": mt,
+            "architectures": [{"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM",
+                               "llama": "LlamaForCausalLM"}[mt]],
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
@@ -175,6 +216,10 @@ class LlamaConfig:
                                    **dataclasses.asdict(self.rope_scaling)}
         if self.sliding_window:
             out["sliding_window"] = self.sliding_window
+        if self.is_moe:
+            out.update(num_local_experts=self.num_experts,
+                       num_experts_per_tok=self.experts_per_token,
+                       sliding_window=self.sliding_window)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +260,10 @@ MISTRAL_7B = LlamaConfig(
     name="Mistral-7B", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
     num_layers=32, num_heads=32, num_kv_heads=8, sliding_window=4096,
     max_position_embeddings=32768)
+MIXTRAL_8X7B = LlamaConfig(
+    name="Mixtral-8x7B", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768,
+    num_experts=8, experts_per_token=2)
 # A small model for tests: GQA, untied, every code path, milliseconds to run.
 TINY = LlamaConfig(
     name="tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -222,7 +271,7 @@ TINY = LlamaConfig(
 
 PRESETS: dict[str, LlamaConfig] = {
     c.name: c for c in (SMOLLM2_135M, LLAMA32_1B, LLAMA3_8B, LLAMA3_70B, LLAMA2_7B, MISTRAL_7B,
-                        TINY)
+                        MIXTRAL_8X7B, TINY)
 }
 # Published parameter counts (Hugging Face model cards / safetensors metadata).
 PUBLISHED_PARAMS = {
@@ -232,6 +281,7 @@ PUBLISHED_PARAMS = {
     "Llama-3-70B": 70_553_706_496,
     "Llama-2-7B": 6_738_415_616,
     "Mistral-7B": 7_241_732_096,
+    "Mixtral-8x7B": 46_702_792_704,
 }
 
 

@@ -210,12 +210,18 @@ class Block(nnx.Module):
         self.input_layernorm = RMSNorm(d, eps, dtype=dtype)
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(d, eps, dtype=dtype)
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        if config.is_moe:  # Mixtral: the experts in place of the MLP (Hugging Face's name)
+            from any4_jax.models.llama.moe import SparseMoE
+
+            self.block_sparse_moe = SparseMoE(config, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, q_pos, cache=None, start=None):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, cache, start)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x)), cache
 
 
 class Llama(nnx.Module):
