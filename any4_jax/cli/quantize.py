@@ -110,7 +110,7 @@ def _run_quantize(args) -> int:
     del lm.model
     mb = model_bytes(qmodel)
     # over every quantized layer of the model: a checkpoint quantized further keeps its own
-    n_q = sum(layer.in_features * layer.out_features for _, layer in dense_layers(qmodel)
+    n_q = sum(layer.meta.shape[0] * layer.meta.shape[1] for _, layer in dense_layers(qmodel)
               if isinstance(layer, QuantDense))
     bpw = 8 * mb["quantized"] / n_q
     dense_q_bytes = n_q * jax.numpy.dtype(qmodel.dtype).itemsize

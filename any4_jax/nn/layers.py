@@ -1,7 +1,8 @@
 """Finding and replacing the Dense-like layers of an NNX model by dotted path.
 
-A Dense-like layer is a module with a 2-D `kernel` Param (the models' `Dense`) or a
-`QuantDense`; its path is the dotted attribute path, e.g. `layers.3.self_attn.q_proj`.
+A Dense-like layer is a module with a 2-D `kernel` Param (the models' `Dense`), a 3-D one
+(stacked experts, `ExpertDense`: [E, in, out]) or a `QuantDense` (`QuantExpertDense` too);
+its path is the dotted attribute path, e.g. `layers.3.self_attn.q_proj`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,25 @@ def is_dense(node) -> bool:
     if isinstance(node, QuantDense):
         return True
     k = getattr(node, "kernel", None)
-    return isinstance(node, nnx.Module) and isinstance(k, nnx.Param) and k.get_value().ndim == 2
+    return (isinstance(node, nnx.Module) and isinstance(k, nnx.Param)
+            and k.get_value().ndim in (2, 3))
+
+
+def num_experts(layer) -> int:
+    """Experts stacked in a Dense-like layer: 0 for a plain one."""
+    if isinstance(layer, QuantDense):
+        return getattr(layer, "num_experts", 0)
+    shape = layer.kernel.get_value().shape
+    return shape[0] if len(shape) == 3 else 0
+
+
+def weight_rows(layer):
+    """A dense Dense-like layer's weight as the [rows, K] matrix a quantizer takes: the
+    kernel transposed, stacked experts' rows one after another ([E*N, K])."""
+    w = layer.kernel[...]
+    if w.ndim == 2:
+        return w.T
+    return w.transpose(0, 2, 1).reshape(-1, w.shape[1])
 
 
 def dense_layers(module) -> list[tuple[str, nnx.Module]]:

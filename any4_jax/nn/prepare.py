@@ -21,7 +21,8 @@ def prepare_model(model, implementation: str | None = None, *, dtype=None) -> di
     it takes none. Returns {layer path: layout}.
     """
     dtype = jnp.dtype(dtype or getattr(model, "dtype", jnp.float32))
-    layers = [(p, m) for p, m in dense_layers(model) if isinstance(m, QuantDense)]
+    # stacked experts stay canonical (each call slices one expert's rows): not prepared
+    layers = [(p, m) for p, m in dense_layers(model) if type(m) is QuantDense]
     plan, first_reasons = {}, None
     for path, layer in layers:
         probe = jax.ShapeDtypeStruct((1, layer.in_features), dtype)
@@ -34,6 +35,9 @@ def prepare_model(model, implementation: str | None = None, *, dtype=None) -> di
     if implementation is not None and layers and all(i is None for _, i in plan.values()):
         raise ValueError(f"prepare_model(implementation={implementation!r}): it takes none of "
                          "the layers: " + "; ".join(first_reasons))
+    for _, layer in dense_layers(model):  # stacked experts: the preference only
+        if isinstance(layer, QuantDense) and type(layer) is not QuantDense:
+            layer.implementation = implementation
     out = {}
     for path, layer in layers:
         layout, impl = plan[path]

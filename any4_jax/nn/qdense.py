@@ -97,7 +97,12 @@ class QuantDense(nnx.Module):
 
     @classmethod
     def placeholder(cls, meta: dict) -> QuantDense:
-        """A layer of the right shapes and dtypes filled with zeros (restore target)."""
+        """A layer of the right shapes and dtypes filled with zeros (restore target); stacked
+        experts (`num_experts` in the metadata) get a `QuantExpertDense`."""
+        if meta.get("num_experts") and cls is QuantDense:
+            from any4_jax.nn.qexperts import QuantExpertDense
+
+            return QuantExpertDense.placeholder(meta)
         n, k = meta["shape"]
         g = meta["group_size"]
         tdt = jnp.dtype(meta["table_dtype"])

@@ -8,6 +8,13 @@ globally. Sums of x and |x| (float32) are accumulated over every calibration tok
 statistics of docs/design.md come from one pass:
   abs_of_mean = |mean_t x_tj|   (the reference release's default)
   mean_of_abs = mean_t |x_tj|   (the paper's wording)
+
+Stacked experts (a layer called as `layer(x, routing)` with `routing.tile_expert` and
+`routing.row_valid`, `models.llama.moe`) get one statistic per expert, from the rows the
+forward routed to that expert and no others (each routed token once, as the expert sees it;
+the routing weight applies after the expert, so it does not enter its input). An expert that
+no calibration token reached gets no statistic: its rows fall back to uncalibrated (uniform)
+sample weights, and `uncalibrated_experts` lists them.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from any4_jax.nn.layers import get_layer, set_layer
+from any4_jax.nn.layers import get_layer, num_experts, set_layer
 
 STATISTICS = ("abs_of_mean", "mean_of_abs")
 MODES = ("sequential", "offline")
@@ -85,25 +92,49 @@ def calibration_tokens(encode, config: CalibrationConfig, text: str | None = Non
 
 
 def finalize(sums: dict[str, tuple], count: int, statistic: str) -> dict[str, np.ndarray]:
-    """{layer: (sum x, sum |x|)} over `count` tokens -> {layer: xbar [K] float32}."""
+    """{layer: (sum x, sum |x|)} over `count` tokens -> {layer: xbar [K] float32}; stacked
+    experts' (sums [E, K], sums [E, K], tokens [E]) -> xbar [E, K], ones for an expert that
+    saw no token (uncalibrated: uniform sample weights)."""
     i = 0 if statistic == "abs_of_mean" else 1
     out = {}
     for k, v in sums.items():
-        m = np.asarray(v[i], np.float64) / count
-        out[k] = np.abs(m).astype(np.float32)
+        if len(v) == 3:  # per expert, over the tokens routed to each
+            n = np.asarray(v[2], np.float64)[:, None]
+            m = np.asarray(v[i], np.float64) / np.maximum(n, 1)
+            out[k] = np.where(n > 0, np.abs(m), 1.0).astype(np.float32)
+        else:
+            m = np.asarray(v[i], np.float64) / count
+            out[k] = np.abs(m).astype(np.float32)
+    return out
+
+
+def uncalibrated_experts(sums: dict[str, tuple]) -> dict[str, list[int]]:
+    """{layer: experts that no calibration token reached}, for the stacked-expert layers."""
+    out = {}
+    for k, v in sums.items():
+        if len(v) == 3:
+            idle = [int(e) for e in np.flatnonzero(np.asarray(v[2]) == 0)]
+            if idle:
+                out[k] = idle
     return out
 
 
 # --- taps ----------------------------------------------------------------------------------
 
 class _Tap:
-    """Calls the wrapped layer and records its input."""
+    """Calls the wrapped layer and records its input: (key, x, expert of each row of x or
+    None, number of experts)."""
 
     def __init__(self, layer, key, sink):
         self.layer, self.key, self.sink = layer, key, sink
 
     def __call__(self, x, *args, **kw):
-        self.sink.append((self.key, x))
+        routing = args[0] if args and hasattr(args[0], "tile_expert") else None
+        if routing is None:
+            self.sink.append((self.key, x, None, 0))
+        else:  # stacked experts: x [tiles, B, K], the expert of each row, -1 for padding
+            e = jnp.where(routing.row_valid, routing.tile_expert[:, None], -1).reshape(-1)
+            self.sink.append((self.key, x, e, num_experts(self.layer)))
         return self.layer(x, *args, **kw)
 
 
@@ -117,28 +148,37 @@ def _out(y):
 
 
 def add_sums(acc: dict, key: str, s) -> None:
-    """Accumulates a (sum x, sum |x|) pair into acc[key]."""
-    acc[key] = s if key not in acc else (acc[key][0] + s[0], acc[key][1] + s[1])
+    """Accumulates a (sum x, sum |x|) pair (or an experts' triple) into acc[key]."""
+    acc[key] = s if key not in acc else tuple(a + b for a, b in zip(acc[key], s, strict=True))
 
 
 def _tapped_forward(graphdef, state, x, extras, taps):
     """One forward of a copy of the block with `taps` recording their inputs:
-    (output, [(tap, input [tokens, K])])."""
+    (output, [(tap, input [rows, K], expert of each row or None, experts)])."""
     block = nnx.merge(graphdef, state)
     sink: list = []
     _tapped(block, taps, sink)
     y = _out(block(x, *extras))
-    return y, [(k, v.reshape(-1, v.shape[-1])) for k, v in sink]
+    return y, [(k, v.reshape(-1, v.shape[-1]), e, n) for k, v, e, n in sink]
+
+
+def _input_sums(xin, experts, n: int):
+    """(sum x, sum |x|) over the rows; per expert (and tokens per expert) for stacked ones."""
+    x32 = xin.astype(jnp.float32)
+    if experts is None:
+        return x32.sum(0), jnp.abs(x32).sum(0)
+    seg = jnp.where(experts < 0, n, experts)  # padding rows into a dropped segment
+    per = lambda a: jax.ops.segment_sum(a, seg, num_segments=n + 1)[:n]
+    return per(x32), per(jnp.abs(x32)), per(jnp.ones_like(seg, jnp.float32))
 
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _run(graphdef, state, x, extras, taps: tuple[str, ...]):
-    """One block forward; returns (output, {tap: (sum x, sum |x|)})."""
+    """One block forward; returns (output, {tap: (sum x, sum |x|) or experts' triple})."""
     y, sink = _tapped_forward(graphdef, state, x, extras, taps)
     sums: dict = {}
-    for key, xin in sink:
-        x32 = xin.astype(jnp.float32)
-        add_sums(sums, key, (x32.sum(0), jnp.abs(x32).sum(0)))
+    for key, xin, experts, n in sink:
+        add_sums(sums, key, _input_sums(xin, experts, n))
     return y, sums
 
 
@@ -161,7 +201,7 @@ def call_groups(block, x, extras, paths) -> list[list[str]]:
     jax.eval_shape(f, state, x)
     groups: list[list[str]] = []
     prev = None
-    for key, xin in order:
+    for key, xin, _, _ in order:
         if groups and xin is prev:
             groups[-1].append(key)
         else:
@@ -225,7 +265,7 @@ def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: 
 @partial(jax.jit, static_argnums=(0, 4))
 def _run_inputs(graphdef, state, x, extras, taps: tuple[str, ...]):
     y, sink = _tapped_forward(graphdef, state, x, extras, taps)
-    return y, dict(sink)
+    return y, {k: v for k, v, _, _ in sink}
 
 
 def collect_inputs(model, tokens: np.ndarray, paths: list[str], *,
@@ -233,6 +273,11 @@ def collect_inputs(model, tokens: np.ndarray, paths: list[str], *,
     """The actual inputs [tokens, K] (float32) of the decoder-block layers in `paths`, from
     one forward of `model`: for error analysis on calibration activations."""
     by_block = group_by_block(paths, "error analysis")
+    stacked = [p for p in paths if num_experts(get_layer(model, p))]
+    if stacked:
+        raise ValueError(f"error analysis takes plain layers; {stacked[:3]} hold stacked "
+                         "experts, whose rows see different tokens (exclude "
+                         "'*.experts.*' from the analysis)")
     out: dict[str, list] = {}
     batches = embed_batches(model, tokens, batch_size)
     xs = [b[0] for b in batches]

@@ -3,8 +3,11 @@
 `quantize_model(model, config, calibration=..., tokens=...)` returns a new model (the input is
 left as it was; unchanged arrays are shared, not copied). Layers are selected by dotted path
 (`layers.3.self_attn.q_proj`) with fnmatch patterns; a bare name like `lm_head` or `down_proj`
-matches that last component anywhere. Defaults: every decoder Dense, `lm_head` excluded; an
-embedding is never a Dense, so it is never touched (tied embeddings stay tied).
+matches that last component anywhere. Defaults: every decoder Dense, `lm_head` and MoE routers
+(`block_sparse_moe.gate`) excluded; an embedding is never a Dense, so it is never touched (tied
+embeddings stay tied). Stacked experts (`block_sparse_moe.experts.w1`, ...) are quantized as
+one [E*N, K] matrix each (experts are just more rows), each expert's rows weighted by the
+statistics of the tokens routed to it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from any4_jax.nn.layers import dense_layers, get_layer, set_layer
+from any4_jax.nn.layers import dense_layers, get_layer, num_experts, set_layer, weight_rows
 from any4_jax.nn.qdense import QuantDense, QuantState
+from any4_jax.nn.qexperts import QuantExpertDense
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     add_sums,
@@ -30,11 +34,12 @@ from any4_jax.ptq.calibrate import (
     finalize,
     group_by_block,
     run_block,
+    uncalibrated_experts,
 )
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.quantize import quantize_weight
 
-DEFAULT_EXCLUDE = ("lm_head",)
+DEFAULT_EXCLUDE = ("lm_head", "block_sparse_moe.gate")
 
 
 def _match(path: str, pattern: str) -> bool:
@@ -43,7 +48,12 @@ def _match(path: str, pattern: str) -> bool:
 
 def select_layers(model, include: Sequence[str] = ("*",),
                   exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
-    """Dotted paths of the Dense layers to quantize (already-quantized ones are skipped)."""
+    """Dotted paths of the Dense layers to quantize (already-quantized ones are skipped).
+
+    A default exclusion (`DEFAULT_EXCLUDE`) is lifted by an include pattern that names it:
+    include=["*", "gate"] also quantizes the MoE routers, ["lm_head"] the output head."""
+    lifted = {d for d in DEFAULT_EXCLUDE for p in include if p != "*" and _match(d, p)}
+    exclude = [p for p in exclude if p not in lifted]
     out = []
     for path, layer in dense_layers(model):
         if isinstance(layer, QuantDense):
@@ -87,7 +97,7 @@ def _check_group_sizes(model, cfgs: dict[str, QuantConfig]) -> None:
     """Every layer's group size against its K, all named at once, before any work."""
     bad = []
     for p, c in cfgs.items():
-        k = get_layer(model, p).kernel.shape[0]
+        k = get_layer(model, p).kernel.shape[-2]  # [K, N], or [E, K, N] for experts
         try:
             c.resolve_group_size(k, name=p)
         except ValueError:
@@ -123,14 +133,19 @@ class QuantReport:
     total_seconds: float
     calibration_tokens: int
     mode: str  # "sequential" | "offline" | "stats" | "none"
+    # stacked-expert layers: the experts no calibration token was routed to (their rows were
+    # quantized with uniform sample weights)
+    uncalibrated_experts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def _quantize_one(layer, cfg: QuantConfig, xbar, path: str):
-    w = layer.kernel[...].T  # Flax [K, N] -> [N, K]
+    w = weight_rows(layer)  # Flax [K, N] -> [N, K]; experts [E, K, N] -> [E*N, K]
     qw, info = quantize_weight(w, cfg, sample_weight=xbar, name=path, return_info=True)
+    if num_experts(layer):
+        return QuantExpertDense(qw, num_experts(layer)), info
     bias = getattr(layer, "bias", None)
     bias = None if bias is None else bias[...]
     return QuantDense(qw, bias), info
@@ -195,7 +210,7 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         q, info = _quantize_one(get_layer(new, path), cfgs[path], xbar, path)
         set_layer(new, path, q)
         jax.block_until_ready(q.codes.get_value())
-        reports.append(LayerReport(path, (q.out_features, q.in_features), q.format,
+        reports.append(LayerReport(path, tuple(q.meta.shape), q.format,
                                    q.group_size, time.perf_counter() - t0,
                                    info.get("kmeans_iters_mean"), info.get("kmeans_iters_max")))
         bar.update(1)
@@ -205,6 +220,7 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         return table.get(path) if c.spec.family == "any" and c.sample_weighting != "none" \
             else None
 
+    idle: dict[str, list[int]] = {}
     try:  # the bar is closed on an error or an interruption too (its line ends cleanly)
         n_tok = 0 if tokens is None else int(np.asarray(tokens).size)
         if not want_act or stats is not None:
@@ -217,21 +233,25 @@ def quantize_model(model, config: QuantConfig | None = None, *,
             sums, count = collect_offline(new, np.asarray(tokens), paths,
                                           batch_size=calibration.batch_size, progress=False)
             table = finalize(sums, count, calibration.statistic)
+            idle = uncalibrated_experts(sums)
             calib_s = time.perf_counter() - t0
             for p in paths:
                 do(p, xbar_for(p, table))
         else:
             mode = "sequential"
-            calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for)
+            calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for,
+                                  idle)
     finally:
         bar.close()
     total = time.perf_counter() - t_start
-    return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode)
+    return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode,
+                            {k: v for k, v in idle.items() if cfgs[k].spec.family == "any"})
 
 
-def _sequential(model, tokens, paths, calibration, do, xbar_for) -> float:
+def _sequential(model, tokens, paths, calibration, do, xbar_for, idle) -> float:
     """Block by block: each group of layers (sharing an input) is calibrated on the model in
-    which every earlier layer is already quantized, then quantized. Returns calibration s."""
+    which every earlier layer is already quantized, then quantized. Returns calibration s;
+    adds the experts no token reached to `idle`."""
     by_block = group_by_block(paths, "sequential calibration")
     calib_s = 0.0
     t0 = time.perf_counter()
@@ -252,6 +272,7 @@ def _sequential(model, tokens, paths, calibration, do, xbar_for) -> float:
                     add_sums(sums, k, v)
             table = {f"layers.{i}.{k}": v
                      for k, v in finalize(sums, count, calibration.statistic).items()}
+            idle.update({f"layers.{i}.{k}": v for k, v in uncalibrated_experts(sums).items()})
             calib_s += time.perf_counter() - t0
             for r in grp:
                 p = f"layers.{i}.{r}"

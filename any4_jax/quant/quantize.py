@@ -120,7 +120,7 @@ def validate_weight(w, *, name: str = "weight", storage_dtype=None) -> jax.Array
     return jnp.asarray(w)
 
 
-def _validate_sample_weight(sample_weight, k: int, name: str) -> jax.Array:
+def _validate_sample_weight(sample_weight, n: int, k: int, name: str) -> jax.Array:
     if sample_weight is None:
         return jnp.ones((k,), jnp.float32)
     try:
@@ -129,10 +129,12 @@ def _validate_sample_weight(sample_weight, k: int, name: str) -> jax.Array:
         raise TypeError(
             f"{name}: sample_weight must be an array of {k} non-negative numbers (one statistic "
             f"per input channel), got {type(sample_weight).__name__}") from e
-    if sw.shape != (k,):
+    blocks_ok = sw.ndim == 2 and sw.shape[1] == k and sw.shape[0] >= 1 and n % sw.shape[0] == 0
+    if sw.shape != (k,) and not blocks_ok:
         raise ValueError(
             f"{name}: sample_weight has shape {tuple(sw.shape)}, expected ({k},): one "
-            "statistic per input channel"
+            f"statistic per input channel (or (m, {k}) with m dividing the {n} rows: one per "
+            "block of n/m consecutive rows, e.g. per expert)"
         )
     if not bool(jnp.all(jnp.isfinite(sw))) or bool(jnp.any(sw < 0)):
         raise ValueError(f"{name}: sample_weight must be finite and >= 0 (got min "
@@ -187,11 +189,12 @@ def _any_sample_weights(scale, xbar, ws_shape, g: int, weighting: str):
     """k-means sample weights [R, K] (docs/design.md s.4): 1, xbar_j, or xbar_j * alpha_ij."""
     if weighting == "none":
         return jnp.ones(ws_shape, jnp.float32)
+    xbar = xbar if xbar.ndim == 2 else xbar[None, :]  # per row [R, K] or shared [K]
     if weighting == "activations":
-        return jnp.broadcast_to(xbar[None, :], ws_shape)
+        return jnp.broadcast_to(xbar, ws_shape)
     # alpha over a power of two per row (exact, see `pow2_normalize_rows`): the k-means
     # weights keep their ratios but no longer follow the weights' absolute scale.
-    return xbar[None, :] * scaling.expand_groups(pow2_normalize_rows(scale), g)
+    return xbar * scaling.expand_groups(pow2_normalize_rows(scale), g)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "g", "symmetric", "weighting"))
@@ -320,7 +323,8 @@ def quantize_weight(
 
     w: [N, K] (out_features x in_features; transpose a Flax kernel first).
     sample_weight: [K] per-input-channel activation statistic (xbar) for any-n; see
-      `QuantConfig.sample_weighting`.
+      `QuantConfig.sample_weighting`. Or [m, K] with m dividing N: one statistic per block of
+      N/m consecutive rows (stacked experts: one per expert).
     mesh: a 1-D mesh (see `row_mesh`) to split the rows of each chunk over its devices.
     chunk_elements: rows are processed in chunks of about this many elements (memory bound).
     progress: show a progress bar over the row chunks (useful for very large matrices).
@@ -337,7 +341,7 @@ def quantize_weight(
     out_dtype = jnp.dtype(config.dtype or w.dtype)
     n, k = w.shape
     g = config.resolve_group_size(k, name=name)
-    xbar = _validate_sample_weight(sample_weight, k, name)
+    xbar = _validate_sample_weight(sample_weight, n, k, name)
     w = validate_weight(w, name=name, storage_dtype=out_dtype)  # a pass over w: the last check
 
     n_dev = 1 if mesh is None else mesh.size
@@ -356,7 +360,9 @@ def quantize_weight(
         ids = jnp.arange(start, start + rows, dtype=jnp.int32)
         if stop - start < rows:  # pad the last chunk to the common shape (one compilation)
             wc = jnp.pad(wc, ((0, rows - (stop - start)), (0, 0)))
-        res = _quantize_chunk(wc, xbar, ids, config=config, g=g, mesh=mesh)
+        # per-block statistics: each row of the chunk gets its block's (chunk-sized memory)
+        xc = xbar if xbar.ndim == 1 else xbar[jnp.minimum(ids, n - 1) // (n // xbar.shape[0])]
+        res = _quantize_chunk(wc, xc, ids, config=config, g=g, mesh=mesh)
         outs.append([a[: stop - start] for a in res])
     codes, lut, scales, zeros, iters = (
         jnp.concatenate([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in range(5)
