@@ -107,6 +107,11 @@ def _run_quantize(args) -> int:
                                  include=args.include or ("*",), exclude=args.exclude,
                                  overrides=overrides, in_place=True)
     total_s = time.perf_counter() - t0
+    if rep.uncalibrated_experts:
+        idle = sum(len(v) for v in rep.uncalibrated_experts.values())
+        _log(f"{idle} expert(s) in {len(rep.uncalibrated_experts)} layer(s) received no "
+             "calibration token: their rows were quantized with uncalibrated sample weights "
+             "(more calibration text routes tokens to them)")
     del lm.model
     mb = model_bytes(qmodel)
     # over every quantized layer of the model: a checkpoint quantized further keeps its own

@@ -35,10 +35,11 @@ def prepare_model(model, implementation: str | None = None, *, dtype=None) -> di
     if implementation is not None and layers and all(i is None for _, i in plan.values()):
         raise ValueError(f"prepare_model(implementation={implementation!r}): it takes none of "
                          "the layers: " + "; ".join(first_reasons))
-    for _, layer in dense_layers(model):  # stacked experts: the preference only
+    out = {}
+    for path, layer in dense_layers(model):  # stacked experts: the preference only
         if isinstance(layer, QuantDense) and type(layer) is not QuantDense:
             layer.implementation = implementation
-    out = {}
+            out[path] = layer.layout
     for path, layer in layers:
         layout, impl = plan[path]
         layer.prepare(layout)

@@ -64,5 +64,5 @@ class QuantExpertDense(QuantDense):
 
     @classmethod
     def placeholder(cls, meta: dict) -> QuantExpertDense:
-        base = QuantDense.placeholder({**meta, "bias": False})
+        base = QuantDense.placeholder({**meta, "bias": False, "num_experts": 0})
         return cls(base.qweight, int(meta["num_experts"]))

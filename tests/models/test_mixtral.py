@@ -40,7 +40,7 @@ def save_tiny_mixtral(path, **kw):
 
     m = tiny_mixtral_hf(**kw)
     m.save_pretrained(path)
-    byte_tokenizer().backend.save(str(path / "tokenizer.json"))
+    byte_tokenizer()._tok.save(str(path / "tokenizer.json"))
     return m
 
 
