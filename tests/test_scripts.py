@@ -47,6 +47,16 @@ def test_bench_decode_runs(tmp_path):
     assert rec["rows"][0]["tokens_per_s"] > 0 and rec["quantized_layers"] == 14
 
 
+@pytest.mark.slow
+def test_bench_moe_runs(tmp_path):
+    out = _run(tmp_path, "bench_moe.py", "--hidden", "64", "--ffn", "128", "--layers", "2",
+               "--experts", "4", "--vocab", "256", "--seq-len", "128", "--tokens", "4",
+               "--runs", "1")
+    assert "| grouped by expert |" in out and "| any4 g64 |" in out
+    rec = json.loads(next(tmp_path.glob("moe_*.json")).read_text())
+    assert rec["eval"]["max_abs_logit_difference"] < 1e-5 and rec["decode"]["float32"] > 0
+
+
 def test_tuner_descends_to_the_fastest_valid_config():
     """The Pallas tuner's search (`kernel_bench.py tune`'s axes through `timing.descend`; no
     GPU: a synthetic timing model): coordinate descent over the lookup variant, split K, bn,
