@@ -59,7 +59,8 @@ def main(argv=None):
     from any4_jax import KMeansConfig, QuantConfig
     from any4_jax.quant.quantize import _scale_rows
 
-    lloyd = QuantConfig(format="any4", group_size=args.group_size)
+    lloyd = QuantConfig(format="any4", group_size=args.group_size,
+                        kmeans=KMeansConfig(method="lloyd"))
     optimal = lloyd.replace(kmeans=KMeansConfig(method="optimal"))
     results = json.loads(Path(args.timing_from).read_text())["results"] if args.timing_from else []
     for i, name in enumerate([] if args.timing_from else args.shapes.split(",")):

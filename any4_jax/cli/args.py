@@ -131,10 +131,10 @@ def add_quant_settings(p) -> None:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--sample-weighting", choices=SAMPLE_WEIGHTINGS,
                    default="activations_x_scales")
-    p.add_argument("--kmeans-method", choices=KMEANS_METHODS, default="lloyd",
-                   help="lloyd: k-means++ and Lloyd iterations (local optimum); optimal: the "
-                        "exact weighted k-means of each row (--init/--max-iter/--tol/--seed "
-                        "then do not apply)")
+    p.add_argument("--kmeans-method", choices=KMEANS_METHODS, default=None,
+                   help="optimal (default): the exact weighted k-means of each row; lloyd: "
+                        "k-means++ and Lloyd iterations, a local optimum (also what "
+                        "--init/--max-iter/--tol/--seed ask for)")
     p.add_argument("--init", choices=KMEANS_INITS, default="kmeans++")
     p.add_argument("--max-iter", type=nonnegative_int, default=300)
     p.add_argument("--tol", type=nonnegative_float, default=1e-4)

@@ -74,11 +74,21 @@ def _load_stats(path: str, statistic: str):
     return stats
 
 
+def _kmeans_config(args) -> KMeansConfig:
+    try:
+        return KMeansConfig(method=args.kmeans_method, init=args.init, max_iter=args.max_iter,
+                            tol=args.tol, seed=args.seed)
+    except ValueError:
+        if args.kmeans_method != "optimal":
+            raise
+        raise ValueError("--init, --max-iter, --tol and --seed apply to --kmeans-method lloyd "
+                         "only (the optimal solver has no initialisation, iterations or "
+                         "randomness): drop them, or pass --kmeans-method lloyd") from None
+
+
 def _run_quantize(args) -> int:
     qcfg = QuantConfig(format=args.format, group_size=args.group_size, symmetric=args.symmetric,
-                       sample_weighting=args.sample_weighting,
-                       kmeans=KMeansConfig(method=args.kmeans_method, init=args.init,
-                                           max_iter=args.max_iter, tol=args.tol, seed=args.seed))
+                       sample_weighting=args.sample_weighting, kmeans=_kmeans_config(args))
     # every input and output checked before the model is loaded
     if args.out:
         args.previous_output = check_output(args.out, overwrite=args.overwrite).exists()

@@ -30,9 +30,11 @@ DEFAULT_GROUP_SIZE = 128  # the paper's and the reference release's
 class KMeansConfig:
     """Weighted k-means over the group-scaled values of each row (docs/design.md s.4).
 
-    method: "lloyd" (k-means++ seeding and Lloyd iterations: a local optimum) or "optimal"
-      (the global minimum of the weighted SSE, by dynamic programming over the sorted row:
-      exact and deterministic; init, max_iter, tol and seed do not apply to it).
+    method: "optimal" (the global minimum of the weighted SSE, by dynamic programming over
+      the sorted row: exact and deterministic) or "lloyd" (k-means++ seeding and Lloyd
+      iterations: a local optimum). Default: "optimal", unless one of Lloyd's own settings
+      (init, max_iter, tol, seed) is given another value than its default, which asks for
+      Lloyd; method="optimal" with one of them is an error (they would be ignored).
     init: "kmeans++" (weighted, greedy, 2 + floor(ln k) local trials), "random" (k weighted
       samples without replacement), "int" (uniform grid over the row's range) or "nf4" (the
       nf4 table mapped onto the row's range).
@@ -42,13 +44,22 @@ class KMeansConfig:
       does not depend on the rows it is batched or sharded with.
     """
 
-    method: str = "lloyd"
+    method: str | None = None
     init: str = "kmeans++"
     max_iter: int = 300
     tol: float = 1e-4
     seed: int = 0
 
     def __post_init__(self):
+        lloyd_only = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                      if f.name != "method" and getattr(self, f.name) != f.default}
+        if self.method is None:
+            object.__setattr__(self, "method", "lloyd" if lloyd_only else "optimal")
+        elif self.method == "optimal" and lloyd_only:
+            given = ", ".join(f"{k}={v!r}" for k, v in lloyd_only.items())
+            raise ValueError(f"KMeansConfig: {given} apply to method='lloyd' only (the optimal "
+                             "solver has no initialisation, iterations or randomness); pass "
+                             "method='lloyd' with them, or drop them")
         if self.method not in KMEANS_METHODS:
             raise ValueError(f"KMeansConfig: unknown method={self.method!r}; choose one of "
                              f"{KMEANS_METHODS}")

@@ -29,11 +29,14 @@ TARGET = "any4_kmeans_rows"
 OPTIMAL_TARGET = "any4_optimal_kmeans_rows"
 
 
-@functools.cache
 def available() -> bool:
-    """Whether the compiled k-means runs here (built, loaded and registered, once)."""
-    if not settings.cpu_kmeans_enabled():
-        return False
+    """Whether the compiled k-means runs here: ANY4_JAX_CPU_KMEANS (read on every call) and
+    the library (built, loaded and registered once)."""
+    return settings.cpu_kmeans_enabled() and _registered()
+
+
+@functools.cache
+def _registered() -> bool:
     why = loader.register(loader.load_cpu("kmeans_cpu"), target=TARGET,
                           symbol="Any4KMeansRows", platform="cpu", what="the CPU k-means")
     if why:
@@ -55,11 +58,14 @@ def kmeans_rows_cpu(ws, sws, row_ids, init, *, k: int, max_iter: int, tol: float
       tol=np.float32(tol), seed=np.int64(seed), plusplus=np.int64(plusplus))
 
 
-@functools.cache
 def available_optimal() -> bool:
-    """Whether the compiled optimal k-means runs here (built, loaded and registered, once)."""
-    if not settings.cpu_kmeans_enabled():
-        return False
+    """Whether the compiled optimal k-means runs here: ANY4_JAX_CPU_KMEANS (read on every
+    call) and the library (built, loaded and registered once)."""
+    return settings.cpu_kmeans_enabled() and _registered_optimal()
+
+
+@functools.cache
+def _registered_optimal() -> bool:
     why = loader.register(loader.load_cpu("kmeans_optimal_cpu"), target=OPTIMAL_TARGET,
                           symbol="Any4OptimalKMeansRows", platform="cpu",
                           what="the CPU optimal k-means")

@@ -127,9 +127,15 @@ def test_degenerate_rows(solver):
     np.testing.assert_allclose(cost[4], _brute_contiguous(x[4], w[4], k), rtol=1e-6)
 
 
-def test_method_is_validated():
+def test_method_is_validated_and_defaults_to_optimal():
     assert KMEANS_METHODS == ("lloyd", "optimal")
-    assert KMeansConfig().method == "lloyd"
+    assert KMeansConfig().method == "optimal" and KMeansConfig() == KMeansConfig(method="optimal")
+    assert QuantConfig().kmeans.method == "optimal"
+    # Lloyd's own settings ask for Lloyd; with method="optimal" they are an error, not ignored
+    for kw in ({"init": "int"}, {"max_iter": 0}, {"tol": 1e-3}, {"seed": 1}):
+        assert KMeansConfig(**kw).method == "lloyd"
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}=.*method='lloyd'"):
+            KMeansConfig(method="optimal", **kw)
     with pytest.raises(ValueError, match="method='exact'"):
         KMeansConfig(method="exact")
 
@@ -151,7 +157,7 @@ def _tables(w, xbar, config):
 
 
 def _compare_with_lloyd(w, xbar, fmt="any4", group_size=128):
-    lloyd = QuantConfig(format=fmt, group_size=group_size)
+    lloyd = QuantConfig(format=fmt, group_size=group_size, kmeans=KMeansConfig(method="lloyd"))
     optimal = lloyd.replace(kmeans=KMeansConfig(method="optimal"))
     ws, sw = _scaled(w, xbar, lloyd)
     _, c_l = _tables(w, xbar, lloyd)
@@ -204,7 +210,8 @@ def test_quantize_weight_end_to_end(solver, rng):
     w, xbar = _real_looking(rng, 64, 256)
     cfg = QuantConfig(format="any4", group_size=64, kmeans=KMeansConfig(method="optimal"))
     qw, info = quantize_weight(jnp.asarray(w), cfg, sample_weight=xbar, return_info=True)
-    ql = quantize_weight(jnp.asarray(w), cfg.replace(kmeans=KMeansConfig()), sample_weight=xbar)
+    ql = quantize_weight(jnp.asarray(w), cfg.replace(kmeans=KMeansConfig(method="lloyd")),
+                         sample_weight=xbar)
     assert qw.codes.shape == ql.codes.shape and qw.lut.shape == (64, 16)
     assert info["kmeans_iters_max"] == 0
     # the weighted reconstruction error (the k-means objective, in weight units) is not worse
@@ -220,7 +227,9 @@ def test_quantize_weight_end_to_end(solver, rng):
 
 def test_quantize_weight_symmetric_and_any2(solver, rng):
     w, xbar = _real_looking(rng, 32, 128)
-    for cfg in [QuantConfig(format="any4", symmetric=True), QuantConfig(format="any2")]:
+    lloyd = KMeansConfig(method="lloyd")
+    for cfg in [QuantConfig(format="any4", symmetric=True, kmeans=lloyd),
+                QuantConfig(format="any2", kmeans=lloyd)]:
         opt = cfg.replace(kmeans=KMeansConfig(method="optimal"))
         ws, sw = _scaled(w, xbar, cfg)
         _, c_o = _tables(w, xbar, opt)
@@ -253,10 +262,17 @@ def test_cli_flag():
 
     p = argparse.ArgumentParser()
     add_quant_settings(p)
-    assert p.parse_args([]).kmeans_method == "lloyd"
+    assert p.parse_args([]).kmeans_method is None  # KMeansConfig's default: optimal
     assert p.parse_args(["--kmeans-method", "optimal"]).kmeans_method == "optimal"
     with pytest.raises(SystemExit):
         p.parse_args(["--kmeans-method", "exact"])
+
+
+def test_cli_refuses_lloyd_settings_with_the_optimal_solver(capsys):
+    from any4_jax.cli import main
+
+    assert main(["quantize", "--kmeans-method", "optimal", "--seed", "3"]) == 2
+    assert "--kmeans-method lloyd" in capsys.readouterr().err
 
 
 def _dp_reference(x, w, k):
@@ -315,3 +331,23 @@ def test_portable_build_equals_the_vectorised_one(solver, rng):
         c_ref, cost_ref = solver(x, w, k)
         np.testing.assert_array_equal(np.asarray(c), c_ref)
         np.testing.assert_array_equal(np.asarray(cost), cost_ref)
+
+
+def test_quantize_weight_through_the_xla_solver(solver, rng, monkeypatch):
+    """`quantize_weight` with the compiled k-means off (ANY4_JAX_CPU_KMEANS=0, what runs on a
+    GPU) takes the XLA solver: the same tables as the compiled one up to near-ties."""
+    w, xbar = _real_looking(rng, 64, 256)
+    cfg = QuantConfig(format="any4", group_size=64, kmeans=KMeansConfig(method="optimal"))
+    cpu = quantize_weight(jnp.asarray(w), cfg, sample_weight=xbar)
+    from any4_jax.quant.quantize import _use_cpu_kmeans
+
+    monkeypatch.setenv("ANY4_JAX_CPU_KMEANS", "0")
+    assert not _use_cpu_kmeans(cfg.kmeans)
+    xla, info = quantize_weight(jnp.asarray(w), cfg, sample_weight=xbar, return_info=True)
+    assert info["kmeans_iters_max"] == 0
+    # the tables in the scaled domain k-means works in (any4 stores centroid - 8)
+    lut_c, lut_x = (np.asarray(q.lut, np.float64) + 8 for q in (cpu, xla))
+    same = np.all(np.abs(lut_c - lut_x) <= 1e-5 * np.ptp(lut_c, axis=1, keepdims=True), axis=1)
+    assert same.mean() >= 0.9, same.mean()
+    ws, sw = _scaled(w, xbar, cfg)  # near-ties aside, both optimal: the same SSE
+    np.testing.assert_allclose(_sse64(ws, sw, lut_x), _sse64(ws, sw, lut_c), rtol=1e-4)
