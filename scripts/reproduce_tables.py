@@ -1,7 +1,7 @@
 """The paper's ablation tables on SmolLM2-135M: perplexity on Pride and Prejudice.
 
     python scripts/reproduce_tables.py [--tables main,groups,calibration,weighting,init,bits,
-                                                 kmeans,seeds]
+                                                 kmeans,methods,seeds]
                                        [--windows 16] [--out benchmarks/results]
 
 Protocol (docs/design.md s.4): first `--windows` windows of 2048 tokens, no BOS, float32. Each
@@ -21,8 +21,10 @@ from pathlib import Path
 # (key, label, quantize kwargs); kwargs: format, group, calib ("prompt"|"none"|
 # "sensesensibility"), mode, stat, weighting, init
 # kmeans: "lloyd" (the paper's ablations; the default of the first runs) or "optimal"
+# method: "rtn" (round to nearest, the first runs) or "gptq"
 BASE = dict(format="any4", group=64, calib="prompt", mode="sequential", stat="abs_of_mean",
-            weighting="activations_x_scales", init="kmeans++", seed=0, kmeans="lloyd")
+            weighting="activations_x_scales", init="kmeans++", seed=0, kmeans="lloyd",
+            method="rtn")
 
 
 def row(**kw):
@@ -81,6 +83,11 @@ TABLES = {
                                                        weighting="none")),
                     ("any3 g64, calibrated", dict(format="any3")),
                 ]]),
+    "methods": ("Post-training methods (g64, calibrated on the prompt; any4 with exact k-means; "
+                "perplexity, then quantization seconds)",
+                ["format", "rtn", "gptq"],
+                [(f, {m: row(format=f, kmeans="optimal", method=m) for m in ("rtn", "gptq")})
+                 for f in ("int4", "nf4", "any4")]),
     "seeds": ("Spread over k-means seeds (any4)",
               ["setting", "seed 0", "seed 1", "seed 2"],
               [(label, {f"seed {s}": row(seed=s, **kw) for s in (0, 1, 2)}) for label, kw in [
@@ -92,15 +99,20 @@ TABLES = {
 
 def key_of(r: dict) -> str:
     fmt = r["format"]
-    if not fmt.startswith("any"):  # calibration settings do not apply
-        return f"{fmt}|g{r['group']}"
-    # the keys of the first runs (seed 0, Lloyd) stay as they were
+    if not fmt.startswith("any"):  # calibration and k-means settings do not apply to RTN
+        if r["method"] == "rtn":
+            return f"{fmt}|g{r['group']}"
+        return f"{fmt}|g{r['group']}|method={r['method']}|calib={r['calib']}"
+    # the keys of the first runs (seed 0, Lloyd, RTN) stay as they were
     return "|".join(f"{k}={r[k]}" for k in sorted(r)
-                    if not ((k == "seed" and r[k] == 0) or (k == "kmeans" and r[k] == "lloyd")))
+                    if not ((k == "seed" and r[k] == 0) or (k == "kmeans" and r[k] == "lloyd")
+                            or (k == "method" and r[k] == "rtn")))
 
 
 def command_of(r: dict, windows: int) -> str:
     parts = ["any4 quantize", f"--format {r['format']}", f"--group-size {r['group']}"]
+    if r["method"] != "rtn":
+        parts.append(f"--method {r['method']}")
     if r["format"].startswith("any"):
         parts.append(f"--calibration {r['calib']}")
         if r["calib"] != "none":
@@ -133,11 +145,12 @@ def run_row(lm, ids, r: dict, windows: int) -> dict:
     calib = CalibrationConfig(source="prompt" if r["calib"] in ("prompt", "none") else "text",
                               statistic=r["stat"], mode=r["mode"])
     tokens = None
-    if r["format"].startswith("any") and r["calib"] != "none":
+    if (r["format"].startswith("any") or r["method"] == "gptq") and r["calib"] != "none":
         text = None if r["calib"] == "prompt" else load_text(r["calib"])[0]
         tokens = calibration_tokens(lm.tokenizer.encode, calib, text)
     t0 = time.perf_counter()
-    qm, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, progress=False)
+    qm, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens,
+                             method=r["method"], progress=False)
     q_s = time.perf_counter() - t0
     res = perplexity(qm, ids, seq_len=2048, max_windows=windows, batch_size=2, progress=False)
     return {"ppl": res.ppl, "windows": res.windows, "quantize_seconds": q_s,
@@ -191,7 +204,8 @@ def main():
                 # rows were computed)
                 cache[k]["command"] = command_of(r, args.windows)
                 cache_path.write_text(json.dumps(cache, indent=2))
-                vals.append(f"{cache[k]['ppl']:.4f}")
+                vals.append(f"{cache[k]['ppl']:.4f}" + (
+                    f" ({cache[k]['quantize_seconds']:.1f} s)" if name == "methods" else ""))
             md.append(f"| {label} | " + " | ".join(vals) + " |")
         md.append("")
     (out / "tables_smollm2.md").write_text("\n".join(md))

@@ -135,6 +135,16 @@ def add_quant_settings(p) -> None:
                    help="optimal (default): the exact weighted k-means of each row; lloyd: "
                         "k-means++ and Lloyd iterations, a local optimum (also what "
                         "--init/--max-iter/--tol/--seed ask for)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: each weight to its nearest table entry (default); gptq: GPTQ's "
+                        "codes against the same tables and scales, with inverse-Hessian error "
+                        "feedback (needs calibration; sequential)")
+    p.add_argument("--percdamp", type=nonnegative_float, default=0.01,
+                   help="GPTQ dampening: this fraction of the mean Hessian diagonal (0.01)")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: columns in order of decreasing Hessian diagonal")
+    p.add_argument("--gptq-block", type=nonnegative_int, default=128,
+                   help="GPTQ: columns per lazy-batch block (128)")
     p.add_argument("--init", choices=KMEANS_INITS, default="kmeans++")
     p.add_argument("--max-iter", type=nonnegative_int, default=300)
     p.add_argument("--tol", type=nonnegative_float, default=1e-4)

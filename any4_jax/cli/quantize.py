@@ -27,6 +27,7 @@ from any4_jax.ptq.calibrate import (
 )
 from any4_jax.ptq.quantize_model import model_bytes, quantize_model, select_layers
 from any4_jax.quant.config import KMeansConfig, QuantConfig
+from any4_jax.quant.gptq import GPTQConfig
 
 
 def _log(msg: str) -> None:
@@ -89,6 +90,12 @@ def _kmeans_config(args) -> KMeansConfig:
 def _run_quantize(args) -> int:
     qcfg = QuantConfig(format=args.format, group_size=args.group_size, symmetric=args.symmetric,
                        sample_weighting=args.sample_weighting, kmeans=_kmeans_config(args))
+    gptq = GPTQConfig(percdamp=args.percdamp, block=args.gptq_block, act_order=args.act_order)
+    if args.method == "gptq" and (args.calibration == "none" or args.stats
+                                  or args.calib_mode != "sequential"):
+        raise ValueError("--method gptq needs calibration tokens in sequential mode (each "
+                         "layer's input Hessian): drop --calibration none / --stats / "
+                         "--calib-mode offline")
     # every input and output checked before the model is loaded
     if args.out:
         args.previous_output = check_output(args.out, overwrite=args.overwrite).exists()
@@ -115,7 +122,8 @@ def _run_quantize(args) -> int:
         _log("--calibration none: any-n k-means without sample weights")
     qmodel, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, stats=stats,
                                  include=args.include or ("*",), exclude=args.exclude,
-                                 overrides=overrides, in_place=True)
+                                 overrides=overrides, method=args.method, gptq=gptq,
+                                 in_place=True)
     total_s = time.perf_counter() - t0
     if rep.uncalibrated_experts:
         idle = sum(len(v) for v in rep.uncalibrated_experts.values())
@@ -142,7 +150,10 @@ def _run_quantize(args) -> int:
     record = {
         "model": lm.source, "quantization": {**dataclasses.asdict(qcfg), "overrides": overrides,
                                              "include": list(args.include or ["*"]),
-                                             "exclude": list(args.exclude)},
+                                             "exclude": list(args.exclude),
+                                             "method": args.method,
+                                             **({"gptq": dataclasses.asdict(gptq)}
+                                                if args.method == "gptq" else {})},
         "calibration": calib_desc, "report": rep.to_dict(),
         "seconds_total_with_load": total_s, "bits_per_weight": bpw,
         "memory_bytes": {"model": mb["quantized"] + mb["other"], "dense_model": dense_bytes,

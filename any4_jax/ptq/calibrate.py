@@ -159,7 +159,10 @@ def _tapped_forward(graphdef, state, x, extras, taps):
     sink: list = []
     _tapped(block, taps, sink)
     y = _out(block(x, *extras))
-    return y, [(k, v.reshape(-1, v.shape[-1]), e, n) for k, v, e, n in sink]
+    flat: dict = {}  # one reshaped array per distinct input: taps that share it share it
+    for _, v, _, _ in sink:
+        flat.setdefault(id(v), v.reshape(-1, v.shape[-1]))
+    return y, [(k, flat[id(v)], e, n) for k, v, e, n in sink]
 
 
 def _input_sums(xin, experts, n: int):
@@ -172,19 +175,30 @@ def _input_sums(xin, experts, n: int):
     return per(x32), per(jnp.abs(x32)), per(jnp.ones_like(seg, jnp.float32))
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _run(graphdef, state, x, extras, taps: tuple[str, ...]):
-    """One block forward; returns (output, {tap: (sum x, sum |x|) or experts' triple})."""
+@partial(jax.jit, static_argnums=(0, 4, 5))
+def _run(graphdef, state, x, extras, taps: tuple[str, ...], hessian: bool = False):
+    """One block forward; returns (output, {tap: (sum x, sum |x|) or experts' triple}) and,
+    with `hessian`, {tap: X^T X [K, K] float32} for the plain (not stacked) taps, computed
+    once per distinct input (q, k and v share theirs)."""
     y, sink = _tapped_forward(graphdef, state, x, extras, taps)
     sums: dict = {}
+    xtx: dict = {}
+    seen: dict = {}
     for key, xin, experts, n in sink:
         add_sums(sums, key, _input_sums(xin, experts, n))
-    return y, sums
+        if hessian and experts is None:
+            if id(xin) not in seen:
+                x32 = xin.astype(jnp.float32)
+                seen[id(xin)] = jnp.matmul(x32.T, x32, precision=jax.lax.Precision.HIGHEST)
+            xtx[key] = seen[id(xin)]
+    return (y, sums, xtx) if hessian else (y, sums)
 
 
-def run_block(block, x, extras, taps=()):
+def run_block(block, x, extras, taps=(), *, hessian: bool = False):
+    """One forward of `block`: (output, input sums per tap) and, with `hessian`, the taps'
+    X^T X (see `_run`)."""
     graphdef, state = nnx.split(block)
-    return _run(graphdef, state, x, extras, tuple(taps))
+    return _run(graphdef, state, x, extras, tuple(taps), hessian)
 
 
 def call_groups(block, x, extras, paths) -> list[list[str]]:

@@ -22,6 +22,7 @@ from any4_jax.nn.qdense import QuantDense
 from any4_jax.ptq.calibrate import CalibrationConfig
 from any4_jax.ptq.quantize_model import quantize_model
 from any4_jax.quant.config import QuantConfig
+from any4_jax.quant.gptq import GPTQConfig
 from any4_jax.quant.quantize import quantize_weight
 from any4_jax.quant.qweight import QuantizedWeight
 
@@ -84,6 +85,7 @@ def _dotted(name: str) -> str:
 def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
                     calibration: Calibration | Mapping | None = None,
                     filter: Callable[[str, object], bool] = default_filter,  # noqa: A002
+                    method: str = "rtn", gptq: GPTQConfig | None = None,
                     progress: bool = False) -> dict:
     """Returns a new params tree with the selected kernels replaced by `QuantizedWeight`s.
 
@@ -92,11 +94,15 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
       ('model/layers/0/self_attn/q_proj') or our dotted path ('layers.0.self_attn.q_proj');
       or a `Calibration` (tokens + model config) to calibrate by running the model.
     filter: (name, leaf) -> bool on the '/'-joined names of the leaves.
+    method, gptq: as `quantize_model`'s; "gptq" needs a `Calibration` (it runs the model).
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
                         "QuantConfig(**d) for a dict")
+    if method != "rtn" and not isinstance(calibration, Calibration):
+        raise ValueError(f"method={method!r} needs calibration=Calibration(tokens, "
+                         "model_config): it takes each layer's input Hessian from the model")
     root = _root(params)
     keys = {_name(k): k for k in _leaves(root)}  # '/'-joined name -> the keys as given
     flat = {_name(k): v for k, v in _leaves(root).items()}
@@ -110,7 +116,7 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
         include = [_dotted(n) for n in names]
         qmodel, _ = quantize_model(model, config, calibration=calibration.config,
                                    tokens=calibration.tokens, include=include, exclude=(),
-                                   in_place=True,
+                                   method=method, gptq=gptq, in_place=True,
                                    progress=progress)
         layers = dict(dense_layers(qmodel))
         for n in names:

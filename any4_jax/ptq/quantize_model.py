@@ -37,9 +37,11 @@ from any4_jax.ptq.calibrate import (
     uncalibrated_experts,
 )
 from any4_jax.quant.config import QuantConfig
+from any4_jax.quant.gptq import GPTQConfig, gptq_quantize
 from any4_jax.quant.quantize import quantize_weight
 
 DEFAULT_EXCLUDE = ("lm_head", "block_sparse_moe.gate")
+METHODS = ("rtn", "gptq")
 
 
 def _match(path: str, pattern: str) -> bool:
@@ -133,6 +135,7 @@ class QuantReport:
     total_seconds: float
     calibration_tokens: int
     mode: str  # "sequential" | "offline" | "stats" | "none"
+    method: str = "rtn"  # "rtn" | "gptq"
     # stacked-expert layers: the experts no calibration token was routed to (their rows were
     # quantized with uniform sample weights)
     uncalibrated_experts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
@@ -141,9 +144,12 @@ class QuantReport:
         return dataclasses.asdict(self)
 
 
-def _quantize_one(layer, cfg: QuantConfig, xbar, path: str):
+def _quantize_one(layer, cfg: QuantConfig, xbar, path: str, hessian=None,
+                  gptq: GPTQConfig | None = None):
     w = weight_rows(layer)  # Flax [K, N] -> [N, K]; experts [E, K, N] -> [E*N, K]
     qw, info = quantize_weight(w, cfg, sample_weight=xbar, name=path, return_info=True)
+    if hessian is not None:  # GPTQ: the RTN tables, scales and zeros; codes with feedback
+        qw = gptq_quantize(w, hessian, qw, gptq)
     if num_experts(layer):
         return QuantExpertDense(qw, num_experts(layer)), info
     bias = getattr(layer, "bias", None)
@@ -157,8 +163,15 @@ def quantize_model(model, config: QuantConfig | None = None, *,
                    stats: Mapping[str, np.ndarray] | None = None,
                    include: Sequence[str] = ("*",), exclude: Sequence[str] = DEFAULT_EXCLUDE,
                    overrides: Mapping[str, Mapping | QuantConfig] | None = None,
+                   method: str = "rtn", gptq: GPTQConfig | None = None,
                    progress: bool = True, in_place: bool = False):
     """Returns (quantized model, QuantReport).
+
+    method: "rtn" (round to nearest: each weight to its nearest table entry) or "gptq" (GPTQ's
+    codes against the same tables and scales, with inverse-Hessian error feedback, `gptq`
+    its settings; needs calibration tokens and runs sequentially, block by block, each layer's
+    Hessian from the model with every earlier layer already quantized; stacked experts stay
+    round-to-nearest).
 
     Activation statistics for any-n come from `stats` ({path: xbar [K]}, e.g. a file written
     by `any4 calibrate`), else from `tokens` ([n, t] calibration sequences, see
@@ -171,6 +184,17 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     """
     config = config or QuantConfig()
     calibration = calibration or CalibrationConfig()
+    if method not in METHODS:
+        raise ValueError(f"quantize_model: unknown method={method!r}; choose one of {METHODS}")
+    if gptq is not None and not isinstance(gptq, GPTQConfig):
+        raise TypeError(f"gptq must be a GPTQConfig, got {type(gptq).__name__}")
+    if method == "gptq":
+        if tokens is None:
+            raise ValueError("method='gptq' needs calibration tokens (tokens=, see "
+                             "calibration_tokens): it uses each layer's input Hessian")
+        if calibration.mode != "sequential":
+            raise ValueError("method='gptq' runs with sequential calibration (each layer's "
+                             "Hessian from the partly quantized model); use mode='sequential'")
     t_start = time.perf_counter()
     # a new object sharing the (immutable) arrays, unless asked to work in place
     new = model if in_place else nnx.merge(*nnx.split(model))
@@ -204,10 +228,10 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     reports: list[LayerReport] = []
     calib_s = 0.0
 
-    def do(path, xbar):
+    def do(path, xbar, hessian=None):
         t0 = time.perf_counter()
         bar.set_postfix_str(path, refresh=False)
-        q, info = _quantize_one(get_layer(new, path), cfgs[path], xbar, path)
+        q, info = _quantize_one(get_layer(new, path), cfgs[path], xbar, path, hessian, gptq)
         set_layer(new, path, q)
         jax.block_until_ready(q.codes.get_value())
         reports.append(LayerReport(path, tuple(q.meta.shape), q.format,
@@ -223,7 +247,11 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     idle: dict[str, list[int]] = {}
     try:  # the bar is closed on an error or an interruption too (its line ends cleanly)
         n_tok = 0 if tokens is None else int(np.asarray(tokens).size)
-        if not want_act or stats is not None:
+        if method == "gptq":
+            mode = "sequential"
+            calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for,
+                                  idle, hessian=True)
+        elif not want_act or stats is not None:
             mode = "stats" if (want_act and stats is not None) else "none"
             for p in paths:
                 do(p, xbar_for(p, stats or {}))
@@ -244,14 +272,16 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     finally:
         bar.close()
     total = time.perf_counter() - t_start
-    return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode,
+    return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode, method,
                             {k: v for k, v in idle.items() if cfgs[k].spec.family == "any"})
 
 
-def _sequential(model, tokens, paths, calibration, do, xbar_for, idle) -> float:
+def _sequential(model, tokens, paths, calibration, do, xbar_for, idle, *,
+                hessian: bool = False) -> float:
     """Block by block: each group of layers (sharing an input) is calibrated on the model in
     which every earlier layer is already quantized, then quantized. Returns calibration s;
-    adds the experts no token reached to `idle`."""
+    adds the experts no token reached to `idle`. With `hessian`, each plain layer also gets
+    H = 2 X^T X / n of its input (GPTQ), one block's at a time."""
     by_block = group_by_block(paths, "sequential calibration")
     calib_s = 0.0
     t0 = time.perf_counter()
@@ -266,17 +296,21 @@ def _sequential(model, tokens, paths, calibration, do, xbar_for, idle) -> float:
         for grp in groups:
             t0 = time.perf_counter()
             sums: dict = {}
+            xtx: dict = {}
             for x, ex in zip(xs, extras, strict=True):
-                _, s = run_block(block, x, ex, grp)
+                _, s, *h = run_block(block, x, ex, grp, hessian=hessian)
                 for k, v in s.items():
                     add_sums(sums, k, v)
+                for k, v in (h[0] if h else {}).items():
+                    xtx[k] = xtx[k] + v if k in xtx else v
             table = {f"layers.{i}.{k}": v
                      for k, v in finalize(sums, count, calibration.statistic).items()}
             idle.update({f"layers.{i}.{k}": v for k, v in uncalibrated_experts(sums).items()})
             calib_s += time.perf_counter() - t0
             for r in grp:
                 p = f"layers.{i}.{r}"
-                do(p, xbar_for(p, table))
+                h = xtx.get(r)
+                do(p, xbar_for(p, table), None if h is None else (2.0 / count) * h)
         if i + 1 < len(model.layers) and any(j > i for j in by_block):
             t0 = time.perf_counter()
             xs = [run_block(block, x, ex)[0] for x, ex in zip(xs, extras, strict=True)]
