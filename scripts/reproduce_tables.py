@@ -83,10 +83,11 @@ TABLES = {
                                                        weighting="none")),
                     ("any3 g64, calibrated", dict(format="any3")),
                 ]]),
-    "methods": ("Post-training methods (g64, calibrated on the prompt; any4 with exact k-means; "
-                "perplexity, then quantization seconds)",
-                ["format", "rtn", "gptq"],
-                [(f, {m: row(format=f, kmeans="optimal", method=m) for m in ("rtn", "gptq")})
+    "methods": ("Post-training methods (g64, calibrated on Sense and Sensibility 128 x 512, "
+                "sequential; any4 with exact k-means; perplexity, then quantization seconds)",
+                ["format", "rtn", "gptq", "awq"],
+                [(f, {m: row(format=f, kmeans="optimal", method=m, calib="sensesensibility")
+                      for m in ("rtn", "gptq", "awq")})
                  for f in ("int4", "nf4", "any4")]),
     "seeds": ("Spread over k-means seeds (any4)",
               ["setting", "seed 0", "seed 1", "seed 2"],

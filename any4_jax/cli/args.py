@@ -135,10 +135,14 @@ def add_quant_settings(p) -> None:
                    help="optimal (default): the exact weighted k-means of each row; lloyd: "
                         "k-means++ and Lloyd iterations, a local optimum (also what "
                         "--init/--max-iter/--tol/--seed ask for)")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+    p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn",
                    help="rtn: each weight to its nearest table entry (default); gptq: GPTQ's "
                         "codes against the same tables and scales, with inverse-Hessian error "
-                        "feedback (needs calibration; sequential)")
+                        "feedback; awq: per-input-channel scales searched on the calibration "
+                        "activations and folded into the preceding norm/projection, then rtn "
+                        "(gptq and awq need calibration; sequential)")
+    p.add_argument("--awq-grid", type=nonnegative_int, default=20,
+                   help="AWQ: alphas searched in [0, 1) (20)")
     p.add_argument("--percdamp", type=nonnegative_float, default=0.01,
                    help="GPTQ dampening: this fraction of the mean Hessian diagonal (0.01)")
     p.add_argument("--act-order", action="store_true",

@@ -19,6 +19,7 @@ from any4_jax.cli.model import load, use_kernel
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
 from any4_jax.nn import QuantDense, dense_layers
+from any4_jax.ptq.awq import AWQConfig
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     calibration_tokens,
@@ -91,11 +92,12 @@ def _run_quantize(args) -> int:
     qcfg = QuantConfig(format=args.format, group_size=args.group_size, symmetric=args.symmetric,
                        sample_weighting=args.sample_weighting, kmeans=_kmeans_config(args))
     gptq = GPTQConfig(percdamp=args.percdamp, block=args.gptq_block, act_order=args.act_order)
-    if args.method == "gptq" and (args.calibration == "none" or args.stats
-                                  or args.calib_mode != "sequential"):
-        raise ValueError("--method gptq needs calibration tokens in sequential mode (each "
-                         "layer's input Hessian): drop --calibration none / --stats / "
-                         "--calib-mode offline")
+    awq = AWQConfig(grid=args.awq_grid)
+    if args.method != "rtn" and (args.calibration == "none" or args.stats
+                                 or args.calib_mode != "sequential"):
+        raise ValueError(f"--method {args.method} needs calibration tokens in sequential mode "
+                         "(it works on each layer's inputs): drop --calibration none / --stats "
+                         "/ --calib-mode offline")
     # every input and output checked before the model is loaded
     if args.out:
         args.previous_output = check_output(args.out, overwrite=args.overwrite).exists()
@@ -123,7 +125,7 @@ def _run_quantize(args) -> int:
     qmodel, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, stats=stats,
                                  include=args.include or ("*",), exclude=args.exclude,
                                  overrides=overrides, method=args.method, gptq=gptq,
-                                 in_place=True)
+                                 awq=awq, in_place=True)
     total_s = time.perf_counter() - t0
     if rep.uncalibrated_experts:
         idle = sum(len(v) for v in rep.uncalibrated_experts.values())
@@ -153,7 +155,9 @@ def _run_quantize(args) -> int:
                                              "exclude": list(args.exclude),
                                              "method": args.method,
                                              **({"gptq": dataclasses.asdict(gptq)}
-                                                if args.method == "gptq" else {})},
+                                                if args.method == "gptq" else {}),
+                                             **({"awq": dataclasses.asdict(awq)}
+                                                if args.method == "awq" else {})},
         "calibration": calib_desc, "report": rep.to_dict(),
         "seconds_total_with_load": total_s, "bits_per_weight": bpw,
         "memory_bytes": {"model": mb["quantized"] + mb["other"], "dense_model": dense_bytes,

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from flax import nnx
 from flax.core import FrozenDict, freeze
 
 from any4_jax.models.llama.config import LlamaConfig
@@ -19,6 +20,7 @@ from any4_jax.models.llama.convert_flax import flax_name_to_path
 from any4_jax.models.llama.params import abstract_model, assemble
 from any4_jax.nn.layers import dense_layers, set_layer
 from any4_jax.nn.qdense import QuantDense
+from any4_jax.ptq.awq import AWQConfig
 from any4_jax.ptq.calibrate import CalibrationConfig
 from any4_jax.ptq.quantize_model import quantize_model
 from any4_jax.quant.config import QuantConfig
@@ -86,7 +88,7 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
                     calibration: Calibration | Mapping | None = None,
                     filter: Callable[[str, object], bool] = default_filter,  # noqa: A002
                     method: str = "rtn", gptq: GPTQConfig | None = None,
-                    progress: bool = False) -> dict:
+                    awq: AWQConfig | None = None, progress: bool = False) -> dict:
     """Returns a new params tree with the selected kernels replaced by `QuantizedWeight`s.
 
     calibration: None (formats that need no activations, or any-n with
@@ -94,7 +96,8 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
       ('model/layers/0/self_attn/q_proj') or our dotted path ('layers.0.self_attn.q_proj');
       or a `Calibration` (tokens + model config) to calibrate by running the model.
     filter: (name, leaf) -> bool on the '/'-joined names of the leaves.
-    method, gptq: as `quantize_model`'s; "gptq" needs a `Calibration` (it runs the model).
+    method, gptq: as `quantize_model`'s; "gptq" and "awq" need a `Calibration` (they run the
+      model); with "awq" the tree's RMSNorm weights change too (the scales folded into them).
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
@@ -116,11 +119,17 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
         include = [_dotted(n) for n in names]
         qmodel, _ = quantize_model(model, config, calibration=calibration.config,
                                    tokens=calibration.tokens, include=include, exclude=(),
-                                   method=method, gptq=gptq, in_place=True,
+                                   method=method, gptq=gptq, awq=awq, in_place=True,
                                    progress=progress)
         layers = dict(dense_layers(qmodel))
         for n in names:
             out[n] = layers[_dotted(n)].qweight
+        if method == "awq":  # the scales folded into the norms (and unquantized kernels)
+            state = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(qmodel))}
+            for n, leaf in flat.items():
+                path = flax_name_to_path(n)
+                if n not in out and path is not None and path in state:
+                    out[n] = np.asarray(state[path]).astype(np.asarray(leaf).dtype)
     elif calibration is None or isinstance(calibration, Mapping):
         stats = {}
         for k, v in (calibration or {}).items():

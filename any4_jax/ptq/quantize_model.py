@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from any4_jax.nn.layers import dense_layers, get_layer, num_experts, set_layer, weight_rows
 from any4_jax.nn.qdense import QuantDense, QuantState
 from any4_jax.nn.qexperts import QuantExpertDense
+from any4_jax.ptq.awq import AWQConfig, apply_awq
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     add_sums,
@@ -41,7 +42,7 @@ from any4_jax.quant.gptq import GPTQConfig, gptq_quantize
 from any4_jax.quant.quantize import quantize_weight
 
 DEFAULT_EXCLUDE = ("lm_head", "block_sparse_moe.gate")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 
 
 def _match(path: str, pattern: str) -> bool:
@@ -135,7 +136,9 @@ class QuantReport:
     total_seconds: float
     calibration_tokens: int
     mode: str  # "sequential" | "offline" | "stats" | "none"
-    method: str = "rtn"  # "rtn" | "gptq"
+    method: str = "rtn"  # "rtn" | "gptq" | "awq"
+    # AWQ: the scale search's result per group of layers sharing an input
+    awq: list[dict] = dataclasses.field(default_factory=list)
     # stacked-expert layers: the experts no calibration token was routed to (their rows were
     # quantized with uniform sample weights)
     uncalibrated_experts: dict[str, list[int]] = dataclasses.field(default_factory=dict)
@@ -164,6 +167,7 @@ def quantize_model(model, config: QuantConfig | None = None, *,
                    include: Sequence[str] = ("*",), exclude: Sequence[str] = DEFAULT_EXCLUDE,
                    overrides: Mapping[str, Mapping | QuantConfig] | None = None,
                    method: str = "rtn", gptq: GPTQConfig | None = None,
+                   awq: AWQConfig | None = None,
                    progress: bool = True, in_place: bool = False):
     """Returns (quantized model, QuantReport).
 
@@ -171,7 +175,9 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     codes against the same tables and scales, with inverse-Hessian error feedback, `gptq`
     its settings; needs calibration tokens and runs sequentially, block by block, each layer's
     Hessian from the model with every earlier layer already quantized; stacked experts stay
-    round-to-nearest).
+    round-to-nearest); or "awq" (AWQ's per-input-channel scales, searched on the calibration
+    activations with the layers' own quantization and folded into the preceding norm or
+    projection, then round to nearest; `awq` its settings; sequential too).
 
     Activation statistics for any-n come from `stats` ({path: xbar [K]}, e.g. a file written
     by `any4 calibrate`), else from `tokens` ([n, t] calibration sequences, see
@@ -188,13 +194,15 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         raise ValueError(f"quantize_model: unknown method={method!r}; choose one of {METHODS}")
     if gptq is not None and not isinstance(gptq, GPTQConfig):
         raise TypeError(f"gptq must be a GPTQConfig, got {type(gptq).__name__}")
-    if method == "gptq":
+    if awq is not None and not isinstance(awq, AWQConfig):
+        raise TypeError(f"awq must be an AWQConfig, got {type(awq).__name__}")
+    if method != "rtn":
         if tokens is None:
-            raise ValueError("method='gptq' needs calibration tokens (tokens=, see "
-                             "calibration_tokens): it uses each layer's input Hessian")
+            raise ValueError(f"method={method!r} needs calibration tokens (tokens=, see "
+                             "calibration_tokens): it works on each layer's inputs")
         if calibration.mode != "sequential":
-            raise ValueError("method='gptq' runs with sequential calibration (each layer's "
-                             "Hessian from the partly quantized model); use mode='sequential'")
+            raise ValueError(f"method={method!r} runs with sequential calibration (block by "
+                             "block on the partly quantized model); use mode='sequential'")
     t_start = time.perf_counter()
     # a new object sharing the (immutable) arrays, unless asked to work in place
     new = model if in_place else nnx.merge(*nnx.split(model))
@@ -245,12 +253,15 @@ def quantize_model(model, config: QuantConfig | None = None, *,
             else None
 
     idle: dict[str, list[int]] = {}
+    awq_report: list[dict] = []
     try:  # the bar is closed on an error or an interruption too (its line ends cleanly)
         n_tok = 0 if tokens is None else int(np.asarray(tokens).size)
-        if method == "gptq":
+        if method != "rtn":
             mode = "sequential"
             calib_s = _sequential(new, np.asarray(tokens), paths, calibration, do, xbar_for,
-                                  idle, hessian=True)
+                                  idle, hessian=method == "gptq",
+                                  awq=(awq or AWQConfig()) if method == "awq" else None,
+                                  cfgs=cfgs, awq_report=awq_report)
         elif not want_act or stats is not None:
             mode = "stats" if (want_act and stats is not None) else "none"
             for p in paths:
@@ -273,15 +284,18 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         bar.close()
     total = time.perf_counter() - t_start
     return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode, method,
+                            awq_report,
                             {k: v for k, v in idle.items() if cfgs[k].spec.family == "any"})
 
 
 def _sequential(model, tokens, paths, calibration, do, xbar_for, idle, *,
-                hessian: bool = False) -> float:
+                hessian: bool = False, awq: AWQConfig | None = None, cfgs=None,
+                awq_report=None) -> float:
     """Block by block: each group of layers (sharing an input) is calibrated on the model in
     which every earlier layer is already quantized, then quantized. Returns calibration s;
     adds the experts no token reached to `idle`. With `hessian`, each plain layer also gets
-    H = 2 X^T X / n of its input (GPTQ), one block's at a time."""
+    H = 2 X^T X / n of its input (GPTQ), one block's at a time. With `awq`, each block's
+    AWQ scales are searched and folded (in float) before its layers are calibrated."""
     by_block = group_by_block(paths, "sequential calibration")
     calib_s = 0.0
     t0 = time.perf_counter()
@@ -292,6 +306,14 @@ def _sequential(model, tokens, paths, calibration, do, xbar_for, idle, *,
     calib_s += time.perf_counter() - t0
     for i, block in enumerate(model.layers):
         rel = by_block.get(i, [])
+        if awq is not None and rel:
+            t0 = time.perf_counter()
+            c = model.config
+            found = apply_awq(block, list(zip(xs, extras, strict=True)), rel,
+                              {r: cfgs[f"layers.{i}.{r}"] for r in rel}, awq,
+                              mha=c.num_heads == c.num_kv_heads)
+            awq_report += [{"block": i, **dataclasses.asdict(g)} for g in found]
+            calib_s += time.perf_counter() - t0
         groups = call_groups(block, xs[0], extras[0], rel) if rel else []
         for grp in groups:
             t0 = time.perf_counter()

@@ -103,3 +103,5 @@ def test_cli_method_gptq(capsys):
 
     assert main(["quantize", "--method", "gptq", "--calibration", "none"]) == 2
     assert "--method gptq needs calibration" in capsys.readouterr().err
+    assert main(["quantize", "--method", "awq", "--calib-mode", "offline"]) == 2
+    assert "--method awq needs calibration" in capsys.readouterr().err
