@@ -24,7 +24,7 @@ from pathlib import Path
 # method: "rtn" (round to nearest, the first runs) or "gptq"
 BASE = dict(format="any4", group=64, calib="prompt", mode="sequential", stat="abs_of_mean",
             weighting="activations_x_scales", init="kmeans++", seed=0, kmeans="lloyd",
-            method="rtn")
+            method="rtn", samples=128)
 
 
 def row(**kw):
@@ -83,10 +83,11 @@ TABLES = {
                                                        weighting="none")),
                     ("any3 g64, calibrated", dict(format="any3")),
                 ]]),
-    "methods": ("Post-training methods (g64, calibrated on Sense and Sensibility 128 x 512, "
+    "methods": ("Post-training methods (g64, calibrated on Sense and Sensibility 16 x 512, "
                 "sequential; any4 with exact k-means; perplexity, then quantization seconds)",
                 ["format", "rtn", "gptq", "awq"],
-                [(f, {m: row(format=f, kmeans="optimal", method=m, calib="sensesensibility")
+                [(f, {m: row(format=f, kmeans="optimal", method=m, calib="sensesensibility",
+                             samples=16)
                       for m in ("rtn", "gptq", "awq")})
                  for f in ("int4", "nf4", "any4")]),
     "seeds": ("Spread over k-means seeds (any4)",
@@ -103,26 +104,31 @@ def key_of(r: dict) -> str:
     if not fmt.startswith("any"):  # calibration and k-means settings do not apply to RTN
         if r["method"] == "rtn":
             return f"{fmt}|g{r['group']}"
-        return f"{fmt}|g{r['group']}|method={r['method']}|calib={r['calib']}"
+        return (f"{fmt}|g{r['group']}|method={r['method']}|calib={r['calib']}"
+                + (f"|samples={r['samples']}" if r["samples"] != 128 else ""))
     # the keys of the first runs (seed 0, Lloyd, RTN) stay as they were
     return "|".join(f"{k}={r[k]}" for k in sorted(r)
                     if not ((k == "seed" and r[k] == 0) or (k == "kmeans" and r[k] == "lloyd")
-                            or (k == "method" and r[k] == "rtn")))
+                            or (k == "method" and r[k] == "rtn")
+                            or (k == "samples" and r[k] == 128)))
 
 
 def command_of(r: dict, windows: int) -> str:
     parts = ["any4 quantize", f"--format {r['format']}", f"--group-size {r['group']}"]
     if r["method"] != "rtn":
         parts.append(f"--method {r['method']}")
-    if r["format"].startswith("any"):
+    if r["format"].startswith("any") or r["method"] != "rtn":
         parts.append(f"--calibration {r['calib']}")
+        if r["calib"] not in ("prompt", "none") and r["samples"] != 128:
+            parts.append(f"--num-samples {r['samples']}")
         if r["calib"] != "none":
             if r["mode"] != "sequential":
                 parts.append(f"--calib-mode {r['mode']}")
             if r["stat"] != "abs_of_mean":
                 parts.append(f"--statistic {r['stat']}")
-            if r["weighting"] != "activations_x_scales":
+            if r["weighting"] != "activations_x_scales" and r["format"].startswith("any"):
                 parts.append(f"--sample-weighting {r['weighting']}")
+    if r["format"].startswith("any"):  # the k-means settings
         if r["kmeans"] == "lloyd" and r["init"] == "kmeans++" and not r["seed"]:
             parts.append("--kmeans-method lloyd")
         if r["init"] != "kmeans++":
@@ -144,9 +150,9 @@ def run_row(lm, ids, r: dict, windows: int) -> dict:
                        kmeans=KMeansConfig(method=r["kmeans"], init=r["init"],
                                            seed=r["seed"]))
     calib = CalibrationConfig(source="prompt" if r["calib"] in ("prompt", "none") else "text",
-                              statistic=r["stat"], mode=r["mode"])
+                              statistic=r["stat"], mode=r["mode"], num_samples=r["samples"])
     tokens = None
-    if (r["format"].startswith("any") or r["method"] == "gptq") and r["calib"] != "none":
+    if (r["format"].startswith("any") or r["method"] != "rtn") and r["calib"] != "none":
         text = None if r["calib"] == "prompt" else load_text(r["calib"])[0]
         tokens = calibration_tokens(lm.tokenizer.encode, calib, text)
     t0 = time.perf_counter()
