@@ -57,9 +57,17 @@ def test_equals_an_independent_numpy_gptq(rng, fmt, act_order):
                        2 ** rtn.n_bit, percdamp=0.01, act_order=act_order)
     codes = np.asarray(unpack_codes(got.codes))
     same = codes == want
-    # float32 with lazy batches against float64 column by column: a code may flip only where
-    # the value sits on the midpoint between two table entries
-    assert same.mean() > 0.999, same.mean()
+    # float32 with lazy batches against float64 column by column: identical in most draws; a
+    # value on a midpoint between two table entries can flip, and the flip's error feedback
+    # then moves a few later codes (seen: 44 of 9216 once, int4 with act_order), so the two
+    # must agree almost everywhere and give the same output error
+    assert same.mean() > 0.99, same.mean()
+    lut = np.where(np.arange(16) < 2 ** rtn.n_bit, np.asarray(rtn.lut, np.float64), 0.0)
+    groups = np.arange(w.shape[1]) // 64
+    deq = lambda c: (np.take_along_axis(lut, c, axis=1) * np.asarray(rtn.scales)[:, groups]
+                     + np.asarray(rtn.zeros)[:, groups])
+    err = lambda c: np.linalg.norm(x @ (w - deq(c)).T)
+    assert err(codes) <= 1.02 * err(want), (err(codes), err(want))
     assert np.array_equal(np.asarray(got.lut), np.asarray(rtn.lut))
     assert np.array_equal(np.asarray(got.scales), np.asarray(rtn.scales))
 
