@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -72,18 +71,9 @@ def bytes_per_token(model, position: int) -> int:
     return total + kv
 
 
-def decode_speed(model, prompt, tokens: int, runs: int) -> float:
-    from any4_jax.models.llama.generate import generate_ids
-
-    speeds = []
-    for _ in range(runs):
-        out, _, _, decode_s, _ = generate_ids(model, prompt, max_new_tokens=tokens)
-        speeds.append((len(out) - 2) / decode_s)  # first token: prefill; second: compile
-    return statistics.median(speeds)
-
-
 def main():
     from any4_jax.models.llama.config import PRESETS
+    from any4_jax.models.llama.generate import decode_speed
     from any4_jax.models.llama.params import random_model
     from any4_jax.nn import prepare_model
 

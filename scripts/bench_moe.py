@@ -41,18 +41,9 @@ def forward_speed(model, ids, runs: int) -> tuple[float, jax.Array]:
     return ids.size / statistics.median(times), logits
 
 
-def decode_speed(model, prompt, tokens: int, runs: int) -> float:
-    from any4_jax.models.llama.generate import generate_ids
-
-    speeds = []
-    for _ in range(runs):
-        out, _, _, decode_s, _ = generate_ids(model, prompt, max_new_tokens=tokens)
-        speeds.append((len(out) - 2) / decode_s)  # first token: prefill; second: compile
-    return statistics.median(speeds)
-
-
 def main():
     from any4_jax.models.llama.config import TINY
+    from any4_jax.models.llama.generate import decode_speed
     from any4_jax.models.llama.params import random_model
     from any4_jax.nn import prepare_model
     from any4_jax.ptq import quantize_model

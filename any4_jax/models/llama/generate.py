@@ -146,3 +146,15 @@ def generate(model, tokenizer, prompt: str, **kw) -> Generation:
     return Generation(text=tokenizer.decode(shown), tokens=new, prompt_tokens=len(ids),
                       prefill_seconds=pre_s, first_decode_seconds=first_s,
                       decode_seconds=dec_s, stopped_by=reason)
+
+
+def decode_speed(model, prompt_ids, tokens: int, runs: int) -> float:
+    """Median tokens/s of greedy batch-1 decoding over `runs` runs of `tokens` new tokens,
+    the first (prefill) and second (compiling) token excluded (the benchmarks' measure)."""
+    import statistics
+
+    speeds = []
+    for _ in range(runs):
+        out, _, _, decode_s, _ = generate_ids(model, prompt_ids, max_new_tokens=tokens)
+        speeds.append((len(out) - 2) / decode_s)
+    return statistics.median(speeds)
