@@ -3,6 +3,7 @@
   any4 fetch | eval | generate      cli/model.py
   any4 quantize | calibrate         cli/quantize.py
   any4 analyze | quantize-matrix    cli/analyze.py
+  any4 lm-eval | lm-eval-tasks      cli/harness.py
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 from any4_jax import settings
 from any4_jax.assets import AssetError
-from any4_jax.cli import analyze, model, quantize
+from any4_jax.cli import analyze, harness, model, quantize
 from any4_jax.cli.args import fix_defaults
 
 # errors of the user's input: exit code 2, the message alone
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_commands(sub)
     quantize.add_commands(sub)
     analyze.add_commands(sub)
+    harness.add_commands(sub)
     return parser
 
 

@@ -60,6 +60,12 @@ NLL_CHUNK = 128
 
 def token_nll(model, h, targets, *, chunk: int = NLL_CHUNK):
     """h: [b, t, d] hidden states, targets: [b, t] -> NLL of each target [b, t] (float32)."""
+    return token_scores(model, h, targets, chunk=chunk)[0]
+
+
+def token_scores(model, h, targets, *, chunk: int = NLL_CHUNK):
+    """h: [b, t, d], targets: [b, t] -> (NLL of each target [b, t] float32, whether the
+    target is the argmax [b, t] bool). Unused outputs cost nothing under jit."""
     b, t, d = h.shape
     tp = -(-t // chunk) * chunk
     hc = jnp.pad(h, [(0, 0), (0, tp - t), (0, 0)]).reshape(b, tp // chunk, chunk, d)
@@ -69,10 +75,12 @@ def token_nll(model, h, targets, *, chunk: int = NLL_CHUNK):
         hh, tt = args  # [b, chunk, d], [b, chunk]
         logits = model.logits(hh)  # [b, chunk, vocab] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
-        return lse - jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
+        return lse - picked, jnp.argmax(logits, axis=-1) == tt
 
-    out = jax.lax.map(one, (hc.transpose(1, 0, 2, 3), tc.transpose(1, 0, 2)))
-    return out.transpose(1, 0, 2).reshape(b, tp)[:, :t]
+    nll, top = jax.lax.map(one, (hc.transpose(1, 0, 2, 3), tc.transpose(1, 0, 2)))
+    return (nll.transpose(1, 0, 2).reshape(b, tp)[:, :t],
+            top.transpose(1, 0, 2).reshape(b, tp)[:, :t])
 
 
 def window_nll(model, tokens):

@@ -28,7 +28,7 @@ class Generation:
     prefill_seconds: float  # includes compilation on the first call of a shape
     first_decode_seconds: float  # the first decode step, which compiles on a new shape
     decode_seconds: float  # every later decode step
-    stopped_by: str  # "eos" | "max_new_tokens"
+    stopped_by: str  # "eos" | "stop" | "max_new_tokens"
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -71,8 +71,10 @@ def _decode(graphdef, state, token, cache, pos, temperature, top_p, key):
 
 def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, eos_ids=(),
-                 on_token: Callable[[int], None] | None = None):
-    """Generate after `prompt_ids` (batch 1).
+                 on_token: Callable[[int], None] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None):
+    """Generate after `prompt_ids` (batch 1). `stop(new_ids)`, asked after every new token,
+    ends the generation when it returns True (stop strings; reason "stop").
 
     Returns (new ids, prefill s, first decode step s, later decode steps s, stop reason).
     """
@@ -103,7 +105,7 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     if on_token:
         on_token(out[-1])
     eos = set(int(e) for e in eos_ids)
-    reason = "eos" if out[-1] in eos else "max_new_tokens"
+    reason = "eos" if out[-1] in eos else "stop" if stop and stop(out) else "max_new_tokens"
     t0 = time.perf_counter()
     first_s = 0.0
     pos = p
@@ -113,7 +115,7 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     # dropped.
     dev_tok = tok
     inflight = None  # a dispatched step's token, not yet read
-    while reason != "eos":
+    while reason == "max_new_tokens":
         wanted = len(out) + (inflight is not None) < max_new_tokens
         if wanted:
             key, sub = jax.random.split(key)
@@ -130,6 +132,8 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
                 on_token(out[-1])
             if out[-1] in eos:
                 reason = "eos"
+            elif stop and stop(out):
+                reason = "stop"
         if not wanted:
             break
         inflight = dev_tok

@@ -156,11 +156,13 @@ class Attention(nnx.Module):
         self.v_proj = Dense(d, c.num_kv_heads * hd, dtype=dtype, rngs=rngs)
         self.o_proj = Dense(c.num_heads * hd, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, q_pos, cache=None, start=None):
-        """x: [b, t, d]; q_pos: [t] absolute positions of the queries.
+    def __call__(self, x, cos, sin, q_pos, cache=None, start=None, mask=None):
+        """x: [b, t, d]; q_pos: [t] absolute positions of the queries ([b, t] with `mask`).
 
         cache: None (keys are this call's tokens) or (k, v) each [b, s_max, kv_heads, hd],
         written at `start` and attended in full (unwritten slots are masked by position).
+        mask: None (causal) or [b, t, t] bool, which keys each query sees (packed sequences,
+        `Llama.hidden(segments=...)`; no cache).
         Returns (y [b, t, d], new cache or None).
         """
         b, t, _ = x.shape
@@ -170,7 +172,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, kvh, hd)
         g = h // kvh
         q = q.reshape(b, t, kvh, g, hd)  # [b, t, kvh, g, hd]
-        if cache is None and t > ATTN_BLOCK:
+        if cache is None and mask is None and t > ATTN_BLOCK:
             o = blocked_causal_attention(q, k, v, window=self.sliding_window)
             return self.o_proj(o.reshape(b, t, h * hd)), None
         if cache is not None:
@@ -183,9 +185,15 @@ class Attention(nnx.Module):
             k_pos = q_pos
         s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
                        preferred_element_type=jnp.float32) * (1.0 / np.sqrt(hd))
-        allowed = k_pos[None, :] <= q_pos[:, None]  # [t, s]
-        if self.sliding_window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+        if mask is not None:
+            allowed = mask  # [b, t, s]
+            if self.sliding_window is not None:
+                allowed &= q_pos[:, None, :] > q_pos[:, :, None] - self.sliding_window
+            allowed = allowed[:, None, None]
+        else:
+            allowed = k_pos[None, :] <= q_pos[:, None]  # [t, s]
+            if self.sliding_window is not None:
+                allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
         s = jnp.where(allowed, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
@@ -217,8 +225,8 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, q_pos, cache=None, start=None):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, cache, start)
+    def __call__(self, x, cos, sin, q_pos, cache=None, start=None, mask=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, cache, start, mask)
         x = x + a
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
         return x + ffn(self.post_attention_layernorm(x)), cache
@@ -255,16 +263,33 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(jnp.asarray(rope_inv_freq(self.config)), q_pos[None])
         return self.embed_tokens(tokens), (cos, sin, q_pos)
 
-    def hidden(self, tokens, *, start=0, cache=None):
+    def hidden(self, tokens, *, start=0, cache=None, segments=None, positions=None):
         """tokens: [b, t] -> final-norm hidden states [b, t, d], new cache (or None).
 
         `start` (int or traced scalar) is the position of tokens[:, 0]; with a cache the
         keys/values are written there.
+
+        Packed sequences (no cache): `segments` [b, t] int and `positions` [b, t] int. A token
+        sees the earlier tokens of its own segment and of segment 0, a prefix they share:
+        [prefix (0), cont A (1), cont B (2)] with B's positions continuing the prefix's scores
+        B exactly as [prefix, cont B] alone, one prefix for several continuations.
         """
-        x, (cos, sin, q_pos) = self.embed_inputs(tokens, start=start)
+        mask = None
+        if segments is not None:
+            if positions is None or cache is not None:
+                raise ValueError("segments need positions, and no cache")
+            idx = jnp.arange(tokens.shape[1])
+            seg_k, seg_q = segments[:, None, :], segments[:, :, None]
+            mask = (idx[None, :] <= idx[:, None])[None] & ((seg_k == seg_q) | (seg_k == 0))
+            x = self.embed_tokens(tokens)
+            cos, sin = rope_cos_sin(jnp.asarray(rope_inv_freq(self.config)), positions)
+            q_pos = positions
+        else:
+            x, (cos, sin, q_pos) = self.embed_inputs(tokens, start=start)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start)
+            x, c = layer(x, cos, sin, q_pos, None if cache is None else cache[i], start,
+                         mask)
             new_cache.append(c)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 

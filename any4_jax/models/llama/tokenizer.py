@@ -26,14 +26,31 @@ class Tokenizer:
         self._tok = backend
         self.bos_id, self.eos_ids, self.add_bos, self.source = bos_id, eos_ids, add_bos, source
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens=False`: without the BOS (or other special
+        tokens) the tokenizer would add (lm-eval's convention)."""
         if hasattr(self._tok, "encode_batch"):  # tokenizers.Tokenizer
             ids = self._tok.encode(text, add_special_tokens=False).ids
-            return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + ids
-        return list(self._tok(text, add_special_tokens=True)["input_ids"])
+            bos = add_special_tokens and self.add_bos and self.bos_id is not None
+            return ([self.bos_id] if bos else []) + ids
+        return list(self._tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (Hugging Face tokenizers only), or None."""
+        return getattr(self._tok, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        """`messages` ([{"role", "content"}]) rendered as the checkpoint's template does."""
+        if not self.chat_template:
+            raise ValueError(f"{self.source}: the tokenizer has no chat template (a Hugging "
+                             "Face tokenizer_config.json carries one; GGUF files are read "
+                             "without it)")
+        return self._tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
 
     def __len__(self) -> int:
         if hasattr(self._tok, "get_vocab_size"):
