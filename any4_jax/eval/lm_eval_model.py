@@ -267,7 +267,8 @@ class Any4LM(TemplateLM):
             n = max(1, min(self.batch_size, self.max_batch_tokens // t))
             batch = [r for r in rows[i:i + n] if (len(r.members) > 1) == packed]
             n = min(n, 1 << (len(batch) - 1).bit_length())  # a short last batch: 1, 2, 4...
-            k = min(t, bucket(max(r.scored for r in batch), smallest=8))
+            # a packed row scores one more position per member than it has tail tokens
+            k = bucket(max(r.scored for r in batch), smallest=8)
             tokens = np.zeros((n, t), np.int32)
             seg = np.zeros((n, t), np.int32)
             positions = np.zeros((n, t), np.int32)
