@@ -64,6 +64,9 @@ def bucket(n: int, *, smallest: int = 32) -> int:
 # Packed rows (a shared prefix and several continuations) attend through a [t, t] mask
 # (models.llama: `hidden(segments=...)`): rows longer than this are split into smaller groups.
 PACK_MAX = 1024
+# A shorter shared prefix is not worth the mask: such requests (the first windows of rolling
+# documents share the one prefix token) run as plain causal rows, through blocked attention.
+PACK_MIN_PREFIX = 8
 
 
 @partial(jax.jit, static_argnums=0)
@@ -102,7 +105,7 @@ def plan_rows(rows_in: list[tuple[list[int], list[int]]], *, max_len: int) -> li
     where the continuation's predictions start: a prefix (ending with the token that predicts
     the continuation's first token) and a tail (the continuation but its last token).
     Requests with the same prefix (the choices of one multiple-choice question) share one
-    row, up to PACK_MAX tokens.
+    row, up to PACK_MAX tokens, when the prefix has at least PACK_MIN_PREFIX tokens.
     """
     groups: dict[tuple, list] = {}
     for j, (ctx, cont) in enumerate(rows_in):
@@ -111,6 +114,9 @@ def plan_rows(rows_in: list[tuple[list[int], list[int]]], *, max_len: int) -> li
         groups.setdefault(tuple(inp[:cut]), []).append((j, inp[cut:], cont))
     out = []
     for prefix, members in groups.items():
+        if len(prefix) < PACK_MIN_PREFIX:
+            out += [_Row(list(prefix), [m]) for m in members]
+            continue
         row = _Row(list(prefix), [])
         for m in members:
             if row.members and row.length + len(m[1]) > PACK_MAX:

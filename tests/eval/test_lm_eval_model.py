@@ -64,10 +64,11 @@ def test_bucket_pads_at_most_half_and_is_monotone():
 
 
 def test_plan_rows_shares_prefixes_and_keeps_lm_eval_inputs():
-    reqs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([1, 2, 3], [7, 8, 9]), ([9, 9], [1])]
+    c = list(range(1, 10))
+    reqs = [(c, [4, 5]), (c, [6]), (c, [7, 8, 9]), ([9, 9], [1])]
     rows = plan_rows(reqs, max_len=100)
     shared = [r for r in rows if len(r.members) > 1]
-    assert len(shared) == 1 and shared[0].prefix == [1, 2, 3]
+    assert len(shared) == 1 and shared[0].prefix == c
     assert sorted(m[0] for m in shared[0].members) == [0, 1, 2]
     # every request's lm-eval input is its row's prefix + its own tail
     for r in rows:
@@ -78,6 +79,7 @@ def test_plan_rows_shares_prefixes_and_keeps_lm_eval_inputs():
     (row,) = plan_rows([(list(range(1, 50)), [60, 61, 62])], max_len=10)
     assert row.prefix + row.members[0][1] == list(range(42, 50)) + [60, 61]
     # a group longer than PACK_MAX is split into rows that each keep the prefix
+    assert all(len(r.members) == 1 for r in plan_rows([([5], [1, 2]), ([5], [3])], max_len=9))
     many = [([1] * 10, [2] * 300) for _ in range(8)]
     rows = plan_rows(many, max_len=PACK_MAX)
     assert all(r.length <= PACK_MAX for r in rows) and sum(len(r.members) for r in rows) == 8
@@ -109,13 +111,13 @@ def test_loglikelihood_equals_brute_force(tiny, max_length):
     assert lm.stats["loglikelihood"]["requests"] == len(reqs)
 
 
-def test_many_continuations_of_a_one_token_prefix(tiny):
-    """The first rolling windows all start from the prefix token: packed into rows that score
-    more positions than they hold tokens."""
+def test_many_continuations_of_one_prefix(tiny):
+    """Packed rows score more positions than they hold tokens (one more per member)."""
     model, tok = tiny
     lm = Any4LM(model=model, tokenizer=tok, batch_size=2, progress=False)
     rng = np.random.default_rng(1)
-    reqs = [(None, [lm.prefix_token_id], rng.integers(0, 256, 40).tolist()) for _ in range(7)]
+    ctx = rng.integers(0, 256, 8).tolist()
+    reqs = [(None, ctx, rng.integers(0, 256, 40).tolist()) for _ in range(7)]
     got = lm._loglikelihood_tokens(reqs)
     for (_, ctx, cont), (ll, _) in zip(reqs, got, strict=True):
         assert ll == pytest.approx(_brute(model, ctx, cont, 512)[0], abs=2e-4)
