@@ -16,63 +16,39 @@ INSTALL = "pip install 'any4-jax[lm-eval]' (or pip install lm_eval)"
 
 
 def _harness():
-    """lm-eval and our registered model, or a clear error naming the install."""
+    """Our lm-eval module (it registers "any4"), or a clear error naming the install."""
     try:
-        import lm_eval
-        import lm_eval.tasks
-
         from any4_jax.eval import lm_eval_model
     except ImportError as e:
         raise ImportError(f"any4 lm-eval needs lm-evaluation-harness: {INSTALL} ({e})") from None
-    return lm_eval, lm_eval.tasks, lm_eval_model
+    return lm_eval_model
 
 
-def _task_manager(tasks_mod, args):
-    """lm-eval's TaskManager over --include-path (default: our offline tasks, built from the
-    fetched novel when missing), and the requested names checked before any model loads."""
-    from any4_jax.eval.lm_eval_tasks import ensure_default_tasks
-
+def _run_lm_eval(args) -> int:
+    le = _harness()
+    if args.json_path:
+        outputs.check_file_output(args.json_path, what="--json")
     include = args.include_path
     if include is None:
+        from any4_jax.eval.lm_eval_tasks import ensure_default_tasks
+
         include = str(ensure_default_tasks(log=lambda m: print(m, file=sys.stderr)))
     elif not os.path.isdir(include):
         raise NotADirectoryError(f"--include-path {include}: not a directory (build the "
                                  "offline tasks with `any4 lm-eval-tasks --out DIR`)")
-    tm = tasks_mod.TaskManager(include_path=include)
+    tm = le.task_manager(include)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not names:
-        raise ValueError("--tasks: give at least one task name")
-    known = set(tm.all_tasks) | set(tm.all_groups) | set(tm.all_tags)
-    unknown = [n for n in names if n not in known and not os.path.isfile(n)]
-    if unknown:
-        local = sorted(n for n in tm.all_tasks if n.startswith("austen"))
-        raise ValueError(f"--tasks: unknown task(s) {unknown}; offline tasks here: "
-                         f"{', '.join(local) or 'none'} (tag: austen). Hub tasks (hellaswag, "
-                         "mmlu, ...) need network access the first time")
-    return tm, names
-
-
-def _run_lm_eval(args) -> int:
-    lm_eval, tasks_mod, lm_eval_model = _harness()
-    if args.json_path:
-        outputs.check_file_output(args.json_path, what="--json")
-    tm, names = _task_manager(tasks_mod, args)
+    le.check_tasks(tm, names)  # before the model loads
     t0 = time.perf_counter()
-    model = lm_eval_model.Any4LM(args.model, kernel=args.kernel, dtype=args.dtype,
-                                 batch_size=args.batch_size, max_length=args.max_length,
-                                 seed=args.seed)
+    model = le.Any4LM(args.model, kernel=args.kernel, dtype=args.dtype,
+                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     load_s = time.perf_counter() - t0
     print(f"model: {model.source}, loaded in {load_s:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=args.num_fewshot,
-                                  limit=args.limit, task_manager=tm,
-                                  log_samples=args.log_samples, random_seed=args.seed,
-                                  numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                  fewshot_random_seed=args.seed, )
+    out = le.evaluate(model, names, tm=tm, limit=args.limit, num_fewshot=args.num_fewshot,
+                      seed=args.seed, log_samples=args.log_samples)
     eval_s = time.perf_counter() - t0
-    from lm_eval.utils import make_table
-
-    print(make_table(out))
+    print(le.results_table(out))
     print(f"{sum(s['requests'] for s in model.stats.values())} requests in {eval_s:.1f} s",
           file=sys.stderr)
     if args.json_path:
@@ -81,10 +57,9 @@ def _run_lm_eval(args) -> int:
             "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
             "batch_size": args.batch_size, "seed": args.seed,
             "device": str(jax.devices()[0]), "load_seconds": load_s, "eval_seconds": eval_s,
-            "requests": model.stats,
-            "results": out["results"], "n-shot": out.get("n-shot"),
+            "requests": model.stats, "results": out["results"], "n-shot": out.get("n-shot"),
             "n-samples": out.get("n-samples"), "versions": out.get("versions"),
-            "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+            "lm_eval_version": le.lm_eval_version(),
         }
         if args.log_samples:
             record["samples"] = out.get("samples")

@@ -1,19 +1,15 @@
-"""Our models as an lm-evaluation-harness model: `@register_model("any4")`.
+"""Our models as an lm-evaluation-harness model, `@register_model("any4")`, and the calls that
+run lm-eval on it (`task_manager`, `check_tasks`, `evaluate`, `results_table`).
 
-Importing this module registers "any4" with lm-eval (the only module that imports lm-eval:
-`pip install 'any4-jax[lm-eval]'`). Any model `load_model` reads (the embedded SmolLM2, a GGUF
-file, a Hugging Face directory, an any4-jax checkpoint of any format) or a model already in
-memory (`Any4LM(model=..., tokenizer=...)`) is scored with the same request semantics as
-lm-eval's own `hf` model (`TemplateLM`'s context/continuation split, left truncation to
-`max_length`, rolling windows with the BOS/EOS prefix, stop sequences), so the two agree to
-float tolerance on the same weights (tests/eval/test_lm_eval_parity.py).
-
-Speed: requests are sorted by length, cut into batches and padded to a few bucket lengths
-(`bucket`), so a whole task compiles a handful of programs; the vocabulary projection runs
-only at the scored positions (a multiple-choice continuation is a few tokens of a long input),
-where `hf` computes log-softmax over every position of the batch; requests that share a
-prefix (the choices of a multiple-choice question) are packed into one sequence with the
-prefix once (`plan_rows`).
+This is the one module of the package that imports lm-eval (`pip install
+'any4-jax[lm-eval]'`); importing it registers "any4". Any model `load_model` reads (the
+embedded SmolLM2, a GGUF file, a Hugging Face directory, an any4-jax checkpoint of any format)
+or a model already in memory (`Any4LM(model=..., tokenizer=...)`) is scored with the request
+semantics of lm-eval's own `hf` model (`TemplateLM`'s context/continuation split, left
+truncation to `max_length`, rolling windows with the BOS/EOS prefix, stop sequences), so the
+two agree to float tolerance on the same weights (tests/eval/test_lm_eval_parity.py).
+Log-likelihoods go through `eval.scoring` (packed, bucketed, jitted); generation through
+`generate_ids` (KV cache).
 
 `lm_eval.models` is imported before "any4" is registered: lm-eval imports that module (its
 own models) only while its registry is empty, so registering first would hide "hf".
@@ -22,14 +18,10 @@ own models) only while its registry is empty, so registering first would hide "h
 from __future__ import annotations
 
 import logging
+import os
 import time
-from functools import partial
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import lm_eval.models  # noqa: F401 - before registering "any4" (see the module docstring)
-import numpy as np
 from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -41,7 +33,7 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
-from any4_jax.eval.perplexity import token_scores
+from any4_jax.eval.scoring import score_requests
 from any4_jax.kernels.api import KNOWN
 from any4_jax.loading import load_model
 from any4_jax.models.llama.generate import generate_ids
@@ -50,81 +42,6 @@ from any4_jax.nn.prepare import prepare_model
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", *KNOWN)
-
-
-def bucket(n: int, *, smallest: int = 32) -> int:
-    """The padded length for `n` tokens: `smallest`, then 1x and 1.5x each power of two
-    (32, 48, 64, 96, 128, ...): at most 50% padding, two programs per doubling."""
-    b = smallest
-    while b < n:
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else b * 4 // 3
-    return b
-
-
-# Packed rows (a shared prefix and several continuations) attend through a [t, t] mask
-# (models.llama: `hidden(segments=...)`): rows longer than this are split into smaller groups.
-PACK_MAX = 1024
-# A shorter shared prefix is not worth the mask: such requests (the first windows of rolling
-# documents share the one prefix token) run as plain causal rows, through blocked attention.
-PACK_MIN_PREFIX = 8
-
-
-@partial(jax.jit, static_argnums=0)
-def _score(graphdef, state, tokens, segments, positions, pos, targets):
-    """tokens [b, t] (segments, positions [b, t] for packed rows, else None); pos, targets
-    [b, k]: the scored positions and the token expected after each -> (log-probabilities
-    [b, k] float32, whether each target is the argmax [b, k])."""
-    model = nnx.merge(graphdef, state)
-    if segments is None:
-        h, _ = model.hidden(tokens)
-    else:
-        h, _ = model.hidden(tokens, segments=segments, positions=positions)
-    hs = jnp.take_along_axis(h, pos[..., None], axis=1)  # [b, k, d]
-    nll, top = token_scores(model, hs, targets)
-    return -nll, top
-
-
-class _Row(NamedTuple):
-    """One sequence of a batch: a prefix and the tails of the requests that share it."""
-    prefix: list[int]
-    members: list[tuple[int, list[int], list[int]]]  # (request index, tail, continuation)
-
-    @property
-    def length(self) -> int:
-        return len(self.prefix) + sum(len(t) for _, t, _ in self.members)
-
-    @property
-    def scored(self) -> int:
-        return sum(len(c) for _, _, c in self.members)
-
-
-def plan_rows(rows_in: list[tuple[list[int], list[int]]], *, max_len: int) -> list[_Row]:
-    """(context ids, continuation ids) per request -> rows, longest first.
-
-    Each request is lm-eval's input, `(context + continuation)[-(max_len + 1):][:-1]`, cut
-    where the continuation's predictions start: a prefix (ending with the token that predicts
-    the continuation's first token) and a tail (the continuation but its last token).
-    Requests with the same prefix (the choices of one multiple-choice question) share one
-    row, up to PACK_MAX tokens, when the prefix has at least PACK_MIN_PREFIX tokens.
-    """
-    groups: dict[tuple, list] = {}
-    for j, (ctx, cont) in enumerate(rows_in):
-        inp = (ctx + cont)[-(max_len + 1):][:-1]
-        cut = len(inp) - len(cont) + 1
-        groups.setdefault(tuple(inp[:cut]), []).append((j, inp[cut:], cont))
-    out = []
-    for prefix, members in groups.items():
-        if len(prefix) < PACK_MIN_PREFIX:
-            out += [_Row(list(prefix), [m]) for m in members]
-            continue
-        row = _Row(list(prefix), [])
-        for m in members:
-            if row.members and row.length + len(m[1]) > PACK_MAX:
-                out.append(row)
-                row = _Row(list(prefix), [])
-            row.members.append(m)
-        out.append(row)
-    return sorted(out, key=lambda r: (len(r.members) > 1, -r.length))
 
 
 def _as_int(value, name: str, *, allow_none: bool = False):
@@ -262,51 +179,15 @@ class Any4LM(TemplateLM):
             if len(cont) > L:
                 raise ValueError(f"a continuation of {len(cont)} tokens is longer than "
                                  f"max_length={L}")
-        rows = plan_rows([(c, k) for _, c, k in requests], max_len=L)
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="loglikelihood (any4)", leave=False,
-                   disable=disable_tqdm or not self.progress)
-        i = 0
-        while i < len(rows):
-            packed = len(rows[i].members) > 1
-            t = bucket(rows[i].length)
-            n = max(1, min(self.batch_size, self.max_batch_tokens // t))
-            batch = [r for r in rows[i:i + n] if (len(r.members) > 1) == packed]
-            n = min(n, 1 << (len(batch) - 1).bit_length())  # a short last batch: 1, 2, 4...
-            # a packed row scores one more position per member than it has tail tokens
-            k = bucket(max(r.scored for r in batch), smallest=8)
-            tokens = np.zeros((n, t), np.int32)
-            seg = np.zeros((n, t), np.int32)
-            positions = np.zeros((n, t), np.int32)
-            pos = np.zeros((n, k), np.int32)
-            tgt = np.zeros((n, k), np.int32)
-            spans = []
-            for r, row in enumerate(batch):
-                p = len(row.prefix)
-                tokens[r, :p] = row.prefix
-                positions[r, :p] = np.arange(p)
-                at, scored = p, 0
-                for s_id, (j, tail, cont) in enumerate(row.members, start=1):
-                    e = at + len(tail)
-                    tokens[r, at:e] = tail
-                    seg[r, at:e] = s_id
-                    positions[r, at:e] = np.arange(p, p + len(tail))
-                    pos[r, scored:scored + len(cont)] = [p - 1, *range(at, e)]
-                    tgt[r, scored:scored + len(cont)] = cont
-                    spans.append((j, r, scored, scored + len(cont)))
-                    at, scored = e, scored + len(cont)
-            args = (jnp.asarray(seg), jnp.asarray(positions)) if packed else (None, None)
-            lp, top = _score(self._graphdef, self._state, jnp.asarray(tokens), *args,
-                             jnp.asarray(pos), jnp.asarray(tgt))
-            lp, top = np.asarray(lp, np.float64), np.asarray(top)
-            for j, r, a, b in spans:
-                out[j] = (float(lp[r, a:b].sum()), bool(top[r, a:b].all()))
-                if requests[j][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[j][0], out[j])
-            bar.update(sum(len(r.members) for r in batch))
-            i += len(batch)
-        bar.close()
-        return out
+
+        def done(j, result):
+            if requests[j][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[j][0], result)
+
+        return score_requests(self._graphdef, self._state, [(c, k) for _, c, k in requests],
+                              max_length=L, batch_size=self.batch_size,
+                              max_batch_tokens=self.max_batch_tokens,
+                              progress=self.progress and not disable_tqdm, on_result=done)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The whole text of each request, in windows of max_length (lm-eval's rolling
@@ -380,3 +261,47 @@ class Any4LM(TemplateLM):
         s = self.stats.setdefault(kind, {"requests": 0, "seconds": 0.0})
         s["requests"] += n
         s["seconds"] += time.perf_counter() - t0
+
+
+def task_manager(include_path: str | None):
+    """lm-eval's TaskManager with `include_path` (a directory of task YAMLs) added."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def check_tasks(tm, names: list[str]) -> None:
+    """A ValueError naming unknown task names and the local ones, before any model loads."""
+    if not names:
+        raise ValueError("--tasks: give at least one task name")
+    known = set(tm.all_tasks) | set(tm.all_groups) | set(tm.all_tags)
+    unknown = [n for n in names if n not in known and not os.path.isfile(n)]
+    if unknown:
+        local = sorted(n for n in tm.all_tasks if n.startswith(("austen", "text_")))
+        raise ValueError(f"--tasks: unknown task(s) {unknown}; offline tasks here: "
+                         f"{', '.join(local) or 'none'} (tag: austen). Hub tasks (hellaswag, "
+                         "mmlu, ...) need network access the first time")
+
+
+def evaluate(model: Any4LM, names: list[str], *, tm, limit=None, num_fewshot=None,
+             seed: int = 1234, log_samples: bool = False) -> dict:
+    """`lm_eval.simple_evaluate` on `model`, every seed set to `seed`."""
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=num_fewshot,
+                                   limit=limit, task_manager=tm, log_samples=log_samples,
+                                   random_seed=seed, numpy_random_seed=seed,
+                                   torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def results_table(out: dict) -> str:
+    """lm-eval's markdown table of `evaluate`'s result."""
+    from lm_eval.utils import make_table
+
+    return make_table(out)
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")

@@ -14,8 +14,9 @@ pytest.importorskip("lm_eval")
 from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from any4_jax.eval.lm_eval_model import PACK_MAX, Any4LM, bucket, plan_rows  # noqa: E402
+from any4_jax.eval.lm_eval_model import Any4LM  # noqa: E402
 from any4_jax.eval.perplexity import window_nll  # noqa: E402
+from any4_jax.eval.scoring import PACK_MAX, bucket, plan_rows  # noqa: E402
 from any4_jax.models.llama.generate import generate_ids  # noqa: E402
 from any4_jax.models.llama.tokenizer import Tokenizer  # noqa: E402
 from tests.tiny_lm import byte_tokenizer, tiny_model  # noqa: E402

@@ -66,11 +66,12 @@ def test_multiple_choice_task_scores_as_hf(hf_dir, task_dir):
 
 
 def test_rolling_loglikelihood_as_hf(hf_dir, pride_text):
-    paras = [p for c in chapters(pride_text)[1:15] for p in c if 25 < len(p.split()) < 80][:50]
-    reqs = [Instance("loglikelihood_rolling", {}, (p,), i) for i, p in enumerate(paras)]
-    # max_length 64: most paragraphs take several windows
-    a = _hf(hf_dir, batch_size=8, max_length=64).loglikelihood_rolling(reqs, disable_tqdm=True)
-    b = _ours(hf_dir, max_length=64).loglikelihood_rolling(reqs, disable_tqdm=True)
+    # 20-50 words (30-80 tokens): hf's float32 drift (3e-6 of the sum) stays under 1e-3
+    paras = [p for c in chapters(pride_text)[1:15] for p in c if 20 <= len(p.split()) <= 50]
+    reqs = [Instance("loglikelihood_rolling", {}, (p,), i) for i, p in enumerate(paras[:50])]
+    # max_length 24: every paragraph takes two to four windows
+    a = _hf(hf_dir, batch_size=8, max_length=24).loglikelihood_rolling(reqs, disable_tqdm=True)
+    b = _ours(hf_dir, max_length=24).loglikelihood_rolling(reqs, disable_tqdm=True)
     assert len(reqs) == 50
     np.testing.assert_allclose(b, a, atol=1e-3, rtol=0)
 
