@@ -69,6 +69,20 @@ struct Isa {  // 16 codes a step: the row's table is one register, one permute l
     const __m128i c = nibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), t);
   }
+  // The values of p's 64 codes (32 bytes) as four vectors, codes 0-15, 16-31, 32-47, 48-63:
+  // the nibble split runs once on 32 bytes instead of four times on 8.
+  static constexpr int kWide = 4;
+  static void lookup_wide(const Table& t, const uint8_t* p, Vec out[kWide]) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    const __m256i a = _mm256_unpacklo_epi8(lo, hi);  // codes 0-15 | 32-47 (in-lane unpack)
+    const __m256i c = _mm256_unpackhi_epi8(lo, hi);  // codes 16-31 | 48-63
+    out[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(a)), t);
+    out[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(c)), t);
+    out[2] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(a, 1)), t);
+    out[3] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(c, 1)), t);
+  }
   static Vec set1(float v) { return _mm512_set1_ps(v); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
@@ -83,6 +97,10 @@ struct Isa {  // 8 codes a step: a permute reads 8 entries, so both table halves
   };
   static Table table(const float* lut) {
     return {_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
+  }
+  static constexpr int kWide = 1;
+  static void lookup_wide(const Table& t, const uint8_t* p, Vec out[kWide]) {
+    out[0] = lookup(t, p);
   }
   static Vec lookup(const Table& t, const uint8_t* p) {  // the values of p's 8 codes
     int32_t word;
@@ -161,31 +179,79 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
+// Rows [m0, m0 + MB) of x against weight row n, with U accumulators per row of x: U
+// independent FMA chains, so that a single row of x (decoding) is not bound by the FMA
+// latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
+template <int R, int MB, int U, int W>
+inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
+  const int64_t groups = p.K / p.g;
+  const uint8_t* c = p.codes + n * (p.K / 2);
+  const float* xm = p.x + m0 * p.K;
+  Vec acc[MB][U];
+  for (int i = 0; i < MB; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const Vec s = Isa::set1(p.scales[n * groups + grp]);
+    const Vec z = Isa::set1(p.zeros[n * groups + grp]);
+    if (W > 1) {  // kWide vectors of codes per step, the accumulators in turn
+      for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * W) {
+        Vec v[Isa::kWide];
+        Isa::lookup_wide(lut, c + k / 2, v);
+        for (int j = 0; j < W; ++j) {
+          const Vec w = vround<R>(Isa::fma(v[j], s, z));  // fmaf's rounding
+          for (int i = 0; i < MB; ++i)
+            acc[i][j % U] = Isa::fma(w, Isa::load(xm + i * p.K + k + j * kVec), acc[i][j % U]);
+        }
+      }
+      continue;
+    }
+    for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t ku = k + u * kVec;
+        const Vec w = vround<R>(Isa::fma(Isa::lookup(lut, c + ku / 2), s, z));  // fmaf's rounding
+        for (int i = 0; i < MB; ++i) acc[i][u] = Isa::fma(w, Isa::load(xm + i * p.K + ku), acc[i][u]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    Vec t = acc[i][0];
+    for (int u = 1; u < U; ++u) t = t + acc[i][u];
+    p.y[(m0 + i) * p.N + n] = Isa::sum(t);
+  }
+}
+
+// MB rows of x. One or two rows (decoding): 4 / MB accumulators per row and, with AVX-512,
+// 64 codes per step (measured 1.2-1.3x at M = 1 on the 2-core EPYC, docs/cpu_kernel_notes.md).
+// Three or four rows: one chain per row (4 chains already), 16 codes per step: the wide step
+// measured no faster there.
+template <int R, int MB>
+inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
+  if constexpr (MB >= 3) {
+    row_block<R, MB, 1, 1>(p, n, m0, lut);
+  } else {
+    constexpr int U = 4 / MB;
+    constexpr int W = Isa::kWide;
+    if constexpr (W > 1) {  // whole steps of kWide vectors (U divides W)
+      if (p.g % (W * kVec) == 0) return row_block<R, MB, U, W>(p, n, m0, lut);
+    }
+    if (p.g % (U * kVec) == 0) return row_block<R, MB, U, 1>(p, n, m0, lut);
+    if (p.g % (2 * kVec) == 0) return row_block<R, MB, 2, 1>(p, n, m0, lut);
+    row_block<R, MB, 1, 1>(p, n, m0, lut);
+  }
+}
+
 // Weight rows [n0, n1) with vectors (K and g multiples of kVec).
 template <int R>
 void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t groups = p.K / p.g;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * (p.K / 2);
     const Isa::Table lut = Isa::table(p.lut + n * 16);
     for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
-      const int mb = static_cast<int>(std::min<int64_t>(kMB, p.M - m0));
-      const float* xm = p.x + m0 * p.K;
-      Vec acc[kMB];
-      for (int i = 0; i < kMB; ++i) acc[i] = Vec{};
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        const Vec s = Isa::set1(p.scales[n * groups + grp]);
-        const Vec z = Isa::set1(p.zeros[n * groups + grp]);
-        for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec) {
-          const Vec w = vround<R>(Isa::fma(Isa::lookup(lut, c + k / 2), s, z));  // fmaf's rounding
-          if (mb == kMB) {
-            for (int i = 0; i < kMB; ++i) acc[i] = Isa::fma(w, Isa::load(xm + i * p.K + k), acc[i]);
-          } else {
-            for (int i = 0; i < mb; ++i) acc[i] = Isa::fma(w, Isa::load(xm + i * p.K + k), acc[i]);
-          }
-        }
+      switch (std::min<int64_t>(kMB, p.M - m0)) {
+        case 1: row_block_any<R, 1>(p, n, m0, lut); break;
+        case 2: row_block_any<R, 2>(p, n, m0, lut); break;
+        case 3: row_block_any<R, 3>(p, n, m0, lut); break;
+        default: row_block_any<R, kMB>(p, n, m0, lut); break;
       }
-      for (int i = 0; i < mb; ++i) p.y[(m0 + i) * p.N + n] = Isa::sum(acc[i]);
     }
   }
 }
