@@ -220,24 +220,24 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
   }
 }
 
-// MB rows of x. One or two rows (decoding): 4 / MB accumulators per row and, with AVX-512,
-// 64 codes per step (measured 1.2-1.3x at M = 1 on the 2-core EPYC, docs/cpu_kernel_notes.md).
-// Three or four rows: one chain per row (4 chains already), 16 codes per step: the wide step
-// measured no faster there.
+// MB rows of x. Each row of x sums its products in the same order whatever MB is (U chains
+// taking the vectors in turn, U and the step set by the group size alone), so that a row's
+// result does not depend on the rows batched with it. Two chains per row (docs/
+// cpu_kernel_notes.md: v2): 1.2x at M = 1 (one chain waits on the FMA latency), and as fast
+// as one at M = 4 (four chains per row were 10% slower there: registers); with AVX-512, 64
+// codes per lookup step (the nibble split once per 32 bytes).
+constexpr int kChains = 2;
 template <int R, int MB>
 inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
-  if constexpr (MB >= 3) {
-    row_block<R, MB, 1, 1>(p, n, m0, lut);
-  } else {
-    constexpr int U = 4 / MB;
-    constexpr int W = Isa::kWide;
-    if constexpr (W > 1) {  // whole steps of kWide vectors (U divides W)
-      if (p.g % (W * kVec) == 0) return row_block<R, MB, U, W>(p, n, m0, lut);
+  constexpr int W = Isa::kWide;
+  if (p.g % (kChains * kVec) == 0) {
+    if constexpr (W > 1 && W % kChains == 0) {
+      if (p.g % (W * kVec) == 0) return row_block<R, MB, kChains, W>(p, n, m0, lut);
     }
-    if (p.g % (U * kVec) == 0) return row_block<R, MB, U, 1>(p, n, m0, lut);
-    if (p.g % (2 * kVec) == 0) return row_block<R, MB, 2, 1>(p, n, m0, lut);
-    row_block<R, MB, 1, 1>(p, n, m0, lut);
+    return row_block<R, MB, kChains, 1>(p, n, m0, lut);
   }
+  if (p.g % (2 * kVec) == 0) return row_block<R, MB, 2, 1>(p, n, m0, lut);
+  row_block<R, MB, 1, 1>(p, n, m0, lut);
 }
 
 // Weight rows [n0, n1) with vectors (K and g multiples of kVec).

@@ -116,3 +116,23 @@ def test_many_independent_calls_in_one_jit_finish():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, cwd=root, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target", [None, "avx2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_a_rows_result_does_not_depend_on_its_batch(rng, target, dtype, g):
+    """Rows of x go four at a time, the rest in a smaller block: each row sums in the same
+    order in every block, so y[i] is bit for bit the same in batches of 1 to 9 rows."""
+    if target is not None:
+        lib = loader.load_cpu("lut_gemm_cpu", VARIANTS[target]).lib
+        target = f"{cpu_kernel.TARGET}_{target}_inv"
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.Any4LutGemmCpu),
+                                    platform="cpu")
+    qw = make_qweight(rng, 24, 256, fmt="any4", g=g, dtype=dtype)
+    x = jnp.asarray(rng.standard_normal((9, 256)), dtype)
+    call = lambda xs: cpu_kernel._call(xs, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=g,
+                                       **({} if target is None else {"target": target}))
+    alone = np.stack([np.asarray(call(x[i:i + 1]))[0] for i in range(9)])
+    for m in range(2, 10):
+        np.testing.assert_array_equal(np.asarray(call(x[:m])), alone[:m])
