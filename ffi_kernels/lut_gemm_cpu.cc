@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -154,6 +155,7 @@ struct Problem {
   float* y;
   int64_t M, N, K, g;
   int round;
+  const float* xsum;  // [M, K / g]: each group's sum of x (the post-scaled paths)
 };
 
 // Weight rows [n0, n1), every row of x; the scalar loop (any K and group size).
@@ -182,14 +184,19 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // Rows [m0, m0 + MB) of x against weight row n, with U accumulators per row of x: U
 // independent FMA chains, so that a single row of x (decoding) is not bound by the FMA
 // latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
-template <int R, int MB, int U, int W>
+// kPost: post-scaled (see rows()): per group sum(lut[c] x), then one FMA by the scale, and
+// the zero times the group's sum of x at the end. Otherwise the reference's arithmetic:
+// fmaf(lut, s, z) per weight, rounded to x's dtype (bit for bit the dequantized weight).
+template <int R, bool kPost, int MB, int U, int W>
 inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
   const int64_t groups = p.K / p.g;
   const uint8_t* c = p.codes + n * (p.K / 2);
   const float* xm = p.x + m0 * p.K;
-  Vec acc[MB][U];
-  for (int i = 0; i < MB; ++i)
+  Vec acc[MB][U], tot[MB];
+  for (int i = 0; i < MB; ++i) {
+    tot[i] = Vec{};
     for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
+  }
   for (int64_t grp = 0; grp < groups; ++grp) {
     const Vec s = Isa::set1(p.scales[n * groups + grp]);
     const Vec z = Isa::set1(p.zeros[n * groups + grp]);
@@ -198,71 +205,100 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
         Vec v[Isa::kWide];
         Isa::lookup_wide(lut, c + k / 2, v);
         for (int j = 0; j < W; ++j) {
-          const Vec w = vround<R>(Isa::fma(v[j], s, z));  // fmaf's rounding
+          const Vec w = kPost ? v[j] : vround<R>(Isa::fma(v[j], s, z));  // fmaf's rounding
           for (int i = 0; i < MB; ++i)
             acc[i][j % U] = Isa::fma(w, Isa::load(xm + i * p.K + k + j * kVec), acc[i][j % U]);
         }
       }
-      continue;
+    } else {
+      for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * U) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t ku = k + u * kVec;
+          const Vec l = Isa::lookup(lut, c + ku / 2);
+          const Vec w = kPost ? l : vround<R>(Isa::fma(l, s, z));
+          for (int i = 0; i < MB; ++i)
+            acc[i][u] = Isa::fma(w, Isa::load(xm + i * p.K + ku), acc[i][u]);
+        }
+      }
     }
-    for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * U) {
-      for (int u = 0; u < U; ++u) {
-        const int64_t ku = k + u * kVec;
-        const Vec w = vround<R>(Isa::fma(Isa::lookup(lut, c + ku / 2), s, z));  // fmaf's rounding
-        for (int i = 0; i < MB; ++i) acc[i][u] = Isa::fma(w, Isa::load(xm + i * p.K + ku), acc[i][u]);
+    if constexpr (kPost) {  // this group's partial sums, scaled, into the totals
+      for (int i = 0; i < MB; ++i) {
+        Vec t = acc[i][0];
+        for (int u = 1; u < U; ++u) t = t + acc[i][u];
+        tot[i] = Isa::fma(t, s, tot[i]);
+        for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
       }
     }
   }
   for (int i = 0; i < MB; ++i) {
-    Vec t = acc[i][0];
-    for (int u = 1; u < U; ++u) t = t + acc[i][u];
-    p.y[(m0 + i) * p.N + n] = Isa::sum(t);
+    float y;
+    if constexpr (kPost) {
+      y = Isa::sum(tot[i]);
+      const float* zs = p.zeros + n * groups;
+      const float* xs = p.xsum + (m0 + i) * groups;
+      for (int64_t grp = 0; grp < groups; ++grp) y = std::fmaf(zs[grp], xs[grp], y);
+    } else {
+      Vec t = acc[i][0];
+      for (int u = 1; u < U; ++u) t = t + acc[i][u];
+      y = Isa::sum(t);
+    }
+    p.y[(m0 + i) * p.N + n] = y;
   }
 }
 
-// MB rows of x. Each row of x sums its products in the same order whatever MB is (U chains
-// taking the vectors in turn, U and the step set by the group size alone), so that a row's
-// result does not depend on the rows batched with it. Two chains per row (docs/
-// cpu_kernel_notes.md: v2): 1.2x at M = 1 (one chain waits on the FMA latency), and as fast
-// as one at M = 4 (four chains per row were 10% slower there: registers); with AVX-512, 64
-// codes per lookup step (the nibble split once per 32 bytes).
-constexpr int kChains = 2;
-template <int R, int MB>
+// MB rows of x. Calls with one or two rows (decoding) take two chains per row, the vectors in
+// turn (one chain waits on the FMA latency), and with AVX-512 64 codes per lookup step (the
+// nibble split once per 32 bytes): 1.2x at M = 1 (docs/cpu_kernel_notes.md, v3). Calls with
+// more rows keep one chain per row and 16 codes per step (the rows already give four chains;
+// the two-chain form measured 3-7% slower there). Every block of one call sums in the same
+// order, so a row's result does not depend on where in the call it sits.
+template <int R, bool P, int MB>
 inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
   constexpr int W = Isa::kWide;
-  if (p.g % (kChains * kVec) == 0) {
-    if constexpr (W > 1 && W % kChains == 0) {
-      if (p.g % (W * kVec) == 0) return row_block<R, MB, kChains, W>(p, n, m0, lut);
+  if (p.M <= 2 && p.g % (2 * kVec) == 0) {
+    if constexpr (W > 1 && W % 2 == 0) {
+      if (p.g % (W * kVec) == 0) return row_block<R, P, MB, 2, W>(p, n, m0, lut);
     }
-    return row_block<R, MB, kChains, 1>(p, n, m0, lut);
+    return row_block<R, P, MB, 2, 1>(p, n, m0, lut);
   }
-  if (p.g % (2 * kVec) == 0) return row_block<R, MB, 2, 1>(p, n, m0, lut);
-  row_block<R, MB, 1, 1>(p, n, m0, lut);
+  row_block<R, P, MB, 1, 1>(p, n, m0, lut);
 }
 
 // Weight rows [n0, n1) with vectors (K and g multiples of kVec).
-template <int R>
+template <int R, bool P>
 void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const Isa::Table lut = Isa::table(p.lut + n * 16);
     for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
       switch (std::min<int64_t>(kMB, p.M - m0)) {
-        case 1: row_block_any<R, 1>(p, n, m0, lut); break;
-        case 2: row_block_any<R, 2>(p, n, m0, lut); break;
-        case 3: row_block_any<R, 3>(p, n, m0, lut); break;
-        default: row_block_any<R, kMB>(p, n, m0, lut); break;
+        case 1: row_block_any<R, P, 1>(p, n, m0, lut); break;
+        case 2: row_block_any<R, P, 2>(p, n, m0, lut); break;
+        case 3: row_block_any<R, P, 3>(p, n, m0, lut); break;
+        default: row_block_any<R, P, kMB>(p, n, m0, lut); break;
       }
     }
   }
 }
 #endif
 
+// Calls with one or two rows of x (decoding) in bf16 or f16 are post-scaled: the weight is
+// not rounded to x's dtype before the product (closer to the exact dequantized weight than
+// the reference; within the stated tolerance, as on the GPU) and the per-weight FMA and
+// rounding go: 1.8x at M = 1 (docs/cpu_kernel_notes.md, v4). With 3+ rows it measured slower
+// (0.8x at M = 4), so those calls keep the reference's arithmetic, as float32 always does.
+// The choice is per call, so every row of one call is computed the same way.
+bool post_scaled(const Problem& p) { return p.round != kNone && p.M <= 2; }
+
 void rows(const Problem& p, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (p.g % kVec == 0) {
-    if (p.round == kBF16) return rows_vector<kBF16>(p, n0, n1);
-    if (p.round == kF16) return rows_vector<kF16>(p, n0, n1);
-    return rows_vector<kNone>(p, n0, n1);
+    if (post_scaled(p)) {
+      return p.round == kBF16 ? rows_vector<kBF16, true>(p, n0, n1)
+                              : rows_vector<kF16, true>(p, n0, n1);
+    }
+    if (p.round == kBF16) return rows_vector<kBF16, false>(p, n0, n1);
+    if (p.round == kF16) return rows_vector<kF16, false>(p, n0, n1);
+    return rows_vector<kNone, false>(p, n0, n1);
   }
 #endif
   rows_scalar(p, n0, n1);
@@ -287,6 +323,18 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: inconsistent shapes");
   }
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  // each group's sum of x, once per call, for the post-scaled (bf16 / f16) vector paths
+  std::vector<float> xsum;
+  if (post_scaled(p)) {
+    xsum.resize(p.M * groups);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        float t = 0.f;
+        for (int64_t k = grp * p.g; k < (grp + 1) * p.g; ++k) t += p.x[m * p.K + k];
+        xsum[m * groups + grp] = t;
+      }
+    p.xsum = xsum.data();
+  }
   // Rows of w in chunks claimed from a shared counter by this thread and by tasks on XLA's
   // intra-op pool. The caller works too and then waits only for chunks other threads have
   // claimed (they are running), never for a task still queued: two such calls running on
