@@ -146,15 +146,32 @@ inline Vec vround(Vec w) {
 constexpr int kVec = 0;
 #endif
 
+// Tables, scales and zeros arrive in the weight's own dtype (float32, bf16 or f16): widening
+// them to float32 before the call cost a bf16 model ~60% more time per GEMV at M = 1
+// (docs/cpu_kernel_notes.md, v5); each value is widened where it is read (16 per row, one
+// scale and zero per group).
+enum Param : int { kParamF32 = 0, kParamBF16 = 1, kParamF16 = 2 };
+inline float widen(const void* p, int64_t i, int dt) {
+  if (dt == kParamBF16) {
+    const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+  }
+  if (dt == kParamF16) return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
 struct Problem {
   const float* x;
   const uint8_t* codes;
-  const float* lut;
-  const float* scales;
-  const float* zeros;
+  const void* lut;
+  const void* scales;
+  const void* zeros;
   float* y;
   int64_t M, N, K, g;
   int round;
+  int param;  // Param: the dtype of lut, scales and zeros
   const float* xsum;  // [M, K / g]: each group's sum of x (the post-scaled paths)
 };
 
@@ -163,12 +180,14 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t groups = p.K / p.g;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* c = p.codes + n * (p.K / 2);
-    const float* lut = p.lut + n * 16;
+    float lut[16];
+    for (int i = 0; i < 16; ++i) lut[i] = widen(p.lut, n * 16 + i, p.param);
     for (int64_t m = 0; m < p.M; ++m) {
       const float* xm = p.x + m * p.K;
       float acc = 0.f;
       for (int64_t grp = 0; grp < groups; ++grp) {
-        const float s = p.scales[n * groups + grp], z = p.zeros[n * groups + grp];
+        const float s = widen(p.scales, n * groups + grp, p.param);
+        const float z = widen(p.zeros, n * groups + grp, p.param);
         for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += 2) {
           const uint8_t b = c[k / 2];
           acc += xm[k] * round_scalar(std::fmaf(lut[b & 0xF], s, z), p.round);
@@ -198,8 +217,8 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
     for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
   }
   for (int64_t grp = 0; grp < groups; ++grp) {
-    const Vec s = Isa::set1(p.scales[n * groups + grp]);
-    const Vec z = Isa::set1(p.zeros[n * groups + grp]);
+    const Vec s = Isa::set1(widen(p.scales, n * groups + grp, p.param));
+    const Vec z = Isa::set1(widen(p.zeros, n * groups + grp, p.param));
     if (W > 1) {  // kWide vectors of codes per step, the accumulators in turn
       for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * W) {
         Vec v[Isa::kWide];
@@ -234,9 +253,9 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
     float y;
     if constexpr (kPost) {
       y = Isa::sum(tot[i]);
-      const float* zs = p.zeros + n * groups;
       const float* xs = p.xsum + (m0 + i) * groups;
-      for (int64_t grp = 0; grp < groups; ++grp) y = std::fmaf(zs[grp], xs[grp], y);
+      for (int64_t grp = 0; grp < groups; ++grp)
+        y = std::fmaf(widen(p.zeros, n * groups + grp, p.param), xs[grp], y);
     } else {
       Vec t = acc[i][0];
       for (int u = 1; u < U; ++u) t = t + acc[i][u];
@@ -268,7 +287,9 @@ inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Ta
 template <int R, bool P>
 void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const Isa::Table lut = Isa::table(p.lut + n * 16);
+    float row_lut[16];
+    for (int i = 0; i < 16; ++i) row_lut[i] = widen(p.lut, n * 16 + i, p.param);
+    const Isa::Table lut = Isa::table(row_lut);
     for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
       switch (std::min<int64_t>(kMB, p.M - m0)) {
         case 1: row_block_any<R, P, 1>(p, n, m0, lut); break;
@@ -305,16 +326,24 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                      ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::F32> scales,
-                      ffi::Buffer<ffi::F32> zeros, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t group_size, int64_t round) {
+                      ffi::AnyBuffer lut, ffi::AnyBuffer scales, ffi::AnyBuffer zeros,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t group_size, int64_t round) {
   const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 2) {
+  if (xd.size() != 2 || cd.size() != 2 || lut.dimensions().size() != 2 ||
+      scales.dimensions().size() != 2 || zeros.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: x must be [M, K], codes [N, K/2]");
   }
-  Problem p{x.typed_data(), codes.typed_data(), lut.typed_data(), scales.typed_data(),
-            zeros.typed_data(), y->typed_data(), xd[0], cd[0], xd[1], group_size,
-            static_cast<int>(round)};
+  const ffi::DataType dt = lut.element_type();
+  if (scales.element_type() != dt || zeros.element_type() != dt ||
+      (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16 && dt != ffi::DataType::F16)) {
+    return ffi::Error::InvalidArgument(
+        "any4_lut_gemm_cpu: lut, scales and zeros must share one dtype: float32, bf16 or f16");
+  }
+  const int param = dt == ffi::DataType::BF16 ? kParamBF16
+                    : dt == ffi::DataType::F16 ? kParamF16 : kParamF32;
+  Problem p{x.typed_data(), codes.typed_data(), lut.untyped_data(), scales.untyped_data(),
+            zeros.untyped_data(), y->typed_data(), xd[0], cd[0], xd[1], group_size,
+            static_cast<int>(round), param};
   const int64_t groups = p.g > 0 ? p.K / p.g : 0;
   if (p.K != 2 * cd[1] || p.g <= 0 || p.K % p.g || lut.dimensions()[0] != p.N ||
       lut.dimensions()[1] != 16 || scales.dimensions()[0] != p.N ||
@@ -391,9 +420,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemmCpu, LutGemmCpu,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::U8>>()   // codes [N, K/2]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lut [N, 16]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales [N, K/g]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // zeros [N, K/g]
+                                  .Arg<ffi::AnyBuffer>()  // lut [N, 16] (f32, bf16, f16)
+                                  .Arg<ffi::AnyBuffer>()  // scales [N, K/g], lut's dtype
+                                  .Arg<ffi::AnyBuffer>()  // zeros [N, K/g], lut's dtype
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("round"));

@@ -45,7 +45,7 @@ NAMES = {"xla": "reference", "pallas": "Pallas", "cuda": "CUDA", "cpu": "CPU ker
          "pallas_unsplit": "Pallas select, no split", "pallas_select": "Pallas select",
          "pallas_gather": "Pallas gather", "pallas_pair": "Pallas pair+post",
          "cuda_scaled": "CUDA scaled", "cuda_unit_pair": "CUDA unit pair",
-         "cuda_unit_lane": "CUDA unit lane"}
+         "cuda_unit_lane": "CUDA unit lane", "torch_int4": "torch int4 (bf16 x)"}
 # bench: Pallas variants timed beside the configured kernel ("pallas": tuning table or rule,
 # the rule being gather + post-scale) at its block sizes, so that their ratios come from one
 # run (pallas_gpu.py): the select tree without split K (the configuration of the first GPU
@@ -103,6 +103,38 @@ def qweights(n, k, fmt, g, copies=None, seed=0, dtype=jnp.bfloat16):
     copies = copies or copies_for(make(0).nbytes())
     w = 0.02 * jax.random.normal(jax.random.fold_in(key, 2**20), (n, k), jnp.float32)
     return [make(i) for i in range(copies)], w.astype(dtype)
+
+
+def torch_int4_seconds(n: int, k: int, g: int, m: int, reps: int) -> tuple[float, int] | None:
+    """On a CPU with torch: seconds per call of torch's tinygemm CPU op
+    (`aten._weight_int4pack_mm_for_cpu`, int4 codes, bf16 activations and scales/zeros) on
+    [m, k] x [n, k], rotating over copies that together exceed the caches, median of `reps`
+    rounds of one pass over the copies; and its bytes per call. None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import statistics
+    import time
+
+    nbytes = n * k // 2 + (k // g) * n * 2 * 2
+    copies = copies_for(nbytes)
+    gen = torch.Generator().manual_seed(0)
+    ws = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+              torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1),
+           torch.randn(k // g, n, 2, dtype=torch.bfloat16, generator=gen) * 0.01)
+          for _ in range(copies)]
+    x = torch.randn(m, k, dtype=torch.bfloat16, generator=gen)
+    op = torch.ops.aten._weight_int4pack_mm_for_cpu
+    for w, sz in ws[:2]:
+        op(x, w, g, sz)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for w, sz in ws:
+            op(x, w, g, sz)
+        times.append((time.perf_counter() - t0) / copies)
+    return statistics.median(times), nbytes + 2 * (m * k + m * n)
 
 
 def command() -> str:
@@ -163,6 +195,10 @@ def bench(args, ap):
                 print(f"warning: {name} M={m}: dense timing implies "
                       f"{100 * row['dense_bw_fraction']:.0f}% of copy bandwidth; not trusted",
                       file=sys.stderr)
+            if dev.platform == "cpu" and (ti := torch_int4_seconds(n, k, args.group_size, m,
+                                                                  args.reps)):
+                row["torch_int4_s"], row["torch_int4_bytes"] = ti
+                row["torch_int4_bw_fraction"] = ti[1] / ti[0] / bw
             for col, impl, variant in runs:
                 reasons = can_use(impl, x, qws[0])
                 if reasons or impl not in prepared:
@@ -199,7 +235,7 @@ def bench(args, ap):
             print(json.dumps({k2: v for k2, v in row.items() if not k2.endswith("declined")}),
                   file=sys.stderr)
     save()
-    print_bench_table(rows, [col for col, _, _ in runs], dt)
+    print_bench_table(rows, [col for col, _, _ in runs] + ["torch_int4"], dt)
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -72,13 +72,21 @@ def can_use_cpu(x, qweight) -> list[str]:
 _ROUND = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 
 
+# The kernel reads tables, scales and zeros in these dtypes as they are (one dtype for the
+# three); anything else is widened to float32 first.
+_PARAM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def _call(x2, codes, lut, scales, zeros, *, group_size: int, target: str = TARGET):
     m = x2.shape[0]
     n = codes.shape[0]
     f32 = jnp.float32
+    dt = jnp.dtype(lut.dtype)
+    if dt not in _PARAM_DTYPES or scales.dtype != dt or zeros.dtype != dt:
+        lut, scales, zeros = lut.astype(f32), scales.astype(f32), zeros.astype(f32)
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), f32),
                             vmap_method="sequential")(
-        x2.astype(f32), codes, lut.astype(f32), scales.astype(f32), zeros.astype(f32),
+        x2.astype(f32), codes, lut, scales, zeros,
         group_size=np.int64(group_size), round=np.int64(_ROUND[jnp.dtype(x2.dtype)]))
 
 
