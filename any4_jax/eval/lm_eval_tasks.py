@@ -71,10 +71,11 @@ def next_paragraph_docs(chaps: list[list[str]], *, n: int, seed: int,
         if pi == 0 or not lo <= lengths[k] <= hi:
             continue
         ctx: list[str] = []
-        j = pi - 1
+        j, words = pi - 1, 0
         while j >= 0 and len(ctx) < max_context_paras:
             ctx.insert(0, chaps[ci][j])
-            if sum(map(_words, ctx)) >= min_context_words:
+            words += lengths[k - (pi - j)]  # paragraph j of this chapter, counted once above
+            if words >= min_context_words:
                 break
             j -= 1
         cands.append((k, ctx))
@@ -110,11 +111,13 @@ def rolling_docs(chaps: list[list[str]], *, doc_words: int) -> list[dict]:
     docs = []
     for ci, c in enumerate(chaps):
         cur: list[str] = []
+        words = 0
         for p in c:
             cur.append(p)
-            if sum(map(_words, cur)) >= doc_words:
+            words += _words(p)
+            if words >= doc_words:
                 docs.append({"text": "\n\n".join(cur), "chapter": ci + 1})
-                cur = []
+                cur, words = [], 0
         if cur:
             docs.append({"text": "\n\n".join(cur), "chapter": ci + 1})
     return docs
