@@ -15,7 +15,7 @@ import sys
 
 from any4_jax import settings
 from any4_jax.assets import AssetError
-from any4_jax.cli import analyze, harness, model, quantize
+from any4_jax.cli import analyze, bcq, harness, model, quantize
 from any4_jax.cli.args import fix_defaults
 
 # errors of the user's input: exit code 2, the message alone
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     model.add_commands(sub)
     quantize.add_commands(sub)
+    bcq.add_commands(sub)
     analyze.add_commands(sub)
     harness.add_commands(sub)
     return parser

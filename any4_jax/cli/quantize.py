@@ -15,6 +15,7 @@ import numpy as np
 from any4_jax import outputs
 from any4_jax.checkpoint import check_output, directory_bytes, save_quantized
 from any4_jax.cli import args as cli_args
+from any4_jax.cli import bcq as bcq_cli
 from any4_jax.cli.model import load, use_kernel
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
@@ -90,7 +91,9 @@ def _kmeans_config(args) -> KMeansConfig:
 
 def _run_quantize(args) -> int:
     qcfg = QuantConfig(format=args.format, group_size=args.group_size, symmetric=args.symmetric,
-                       sample_weighting=args.sample_weighting, kmeans=_kmeans_config(args))
+                       sample_weighting=args.sample_weighting, kmeans=_kmeans_config(args),
+                       **bcq_cli.bcq_fields(args))
+    codebooks, act_quant = bcq_cli.codebooks_and_act_quant(args, qcfg)
     gptq = GPTQConfig(percdamp=args.percdamp, block=args.gptq_block, act_order=args.act_order)
     awq = AWQConfig(grid=args.awq_grid)
     if args.method != "rtn" and (args.calibration == "none" or args.stats
@@ -118,14 +121,14 @@ def _run_quantize(args) -> int:
     if stats is not None:
         calib_desc = {"source": f"stats file {args.stats}", "statistic": args.statistic}
     overrides = dict(args.override or [])
-    if args.calibration == "none" and qcfg.spec.family == "any" and \
-            qcfg.sample_weighting != "none" and stats is None:
+    if args.calibration == "none" and qcfg.uses_activation_stats and stats is None:
         qcfg = qcfg.replace(sample_weighting="none")
-        _log("--calibration none: any-n k-means without sample weights")
+        _log(f"--calibration none: {qcfg.format} without activation sample weights")
     qmodel, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, stats=stats,
                                  include=args.include or ("*",), exclude=args.exclude,
                                  overrides=overrides, method=args.method, gptq=gptq,
-                                 awq=awq, in_place=True)
+                                 awq=awq, codebooks=codebooks, act_quant=act_quant,
+                                 in_place=True)
     total_s = time.perf_counter() - t0
     if rep.uncalibrated_experts:
         idle = sum(len(v) for v in rep.uncalibrated_experts.values())
@@ -143,7 +146,9 @@ def _run_quantize(args) -> int:
           "calibration s | quantize s | total s |")
     print("|---|---|---|---|---|---|---|---|---|")
     mem = (mb["quantized"] + mb["other"]) / 2**20
-    print(f"| {os.path.basename(lm.source)} | {qcfg.format} | {qcfg.group_size or 'row'} | "
+    group = (f"Lb{qcfg.block_len}/La{qcfg.array_len}/Nc{qcfg.n_codebooks}"
+             if qcfg.format == "bcq" else qcfg.group_size or "row")
+    print(f"| {os.path.basename(lm.source)} | {qcfg.format} | {group} | "
           f"{len(rep.layers)} | {bpw:.3f} | {mem:.1f} ({dense_bytes / 2**20:.1f}) | "
           f"{rep.calibration_seconds:.1f} | {rep.quantize_seconds:.1f} | {total_s:.1f} |")
     _log(f"quantized layers: {n_q / 1e6:.1f}M weights, {mb['quantized'] / 2**20:.1f} MB "
@@ -160,6 +165,11 @@ def _run_quantize(args) -> int:
                                                 if args.method == "awq" else {})},
         "calibration": calib_desc, "report": rep.to_dict(),
         "seconds_total_with_load": total_s, "bits_per_weight": bpw,
+        **({"format_bits_per_weight": bcq_cli.format_bits(qcfg),
+            "codebooks": args.codebooks or "local"} if qcfg.format == "bcq" else {}),
+        "act_quant": None if act_quant is None else {
+            **act_quant.to_dict(), "codebooks": "from --codebooks" if act_quant.codebooks
+            else None},
         "memory_bytes": {"model": mb["quantized"] + mb["other"], "dense_model": dense_bytes,
                          "quantized_layers": mb["quantized"]},
         "device": str(jax.devices()[0]),
@@ -212,6 +222,7 @@ def add_commands(sub) -> None:
                        "embedding excluded by default), optionally evaluate, save a checkpoint.")
     cli_args.add_model(p)
     cli_args.add_quant_settings(p)
+    bcq_cli.add_bcq_settings(p)
     cli_args.add_calibration(p)
     p.add_argument("--stats", help="activation statistics from `any4 calibrate` (npz)")
     cli_args.add_layer_selection(p, overrides=True)

@@ -25,9 +25,11 @@ from any4_jax import settings
 from any4_jax.kernels.cuda_layout import CudaWeight, prepare_cuda
 from any4_jax.kernels.reference import lut_matmul_reference
 from any4_jax.kernels.tuning import cuda_dense_threshold
+from any4_jax.quant.bcq import BCQWeight
 from any4_jax.quant.qweight import QuantizedWeight
 
-Weight = QuantizedWeight | CudaWeight
+# BCQWeight (LO-BCQ: a codebook chosen per block, not a table per row) runs on "xla" only
+Weight = QuantizedWeight | CudaWeight | BCQWeight
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -45,9 +47,9 @@ class Implementation:
 
 def _common_reasons(x, qweight) -> list[str]:
     reasons = []
-    if not isinstance(qweight, QuantizedWeight | CudaWeight):
-        return [f"qweight must be a QuantizedWeight (or a prepared CudaWeight), got "
-                f"{type(qweight).__name__}"]
+    if not isinstance(qweight, QuantizedWeight | CudaWeight | BCQWeight):
+        return [f"qweight must be a QuantizedWeight (or a prepared CudaWeight, or a "
+                f"BCQWeight), got {type(qweight).__name__}"]
     n, k = qweight.shape
     if x.ndim < 1 or x.shape[-1] != k:
         reasons.append(f"x has shape {tuple(x.shape)}; its last dim must be K={k} of the "
@@ -95,6 +97,8 @@ def available() -> list[str]:
 def prepare(qweight: Weight, implementation: str | None) -> Weight:
     """`qweight` in the layout `implementation` reads (once, at load or quantize time):
     a CudaWeight for "cuda", the canonical QuantizedWeight for every other."""
+    if isinstance(qweight, BCQWeight):
+        return qweight  # one layout: the reference reads it
     if implementation == "cuda":
         return qweight if isinstance(qweight, CudaWeight) else prepare_cuda(qweight)
     if implementation is not None and implementation not in KNOWN:
@@ -132,6 +136,9 @@ def can_use(implementation: str, x: jax.Array, qweight: Weight) -> list[str]:
     if implementation != "cuda" and isinstance(qweight, CudaWeight):
         # the others read the canonical form (`lut_matmul` converts); judge its shapes
         qweight = jax.eval_shape(CudaWeight.canonical, qweight)
+    if isinstance(qweight, BCQWeight) and implementation != "xla":
+        return reasons + [f"the {implementation} kernel reads a table per row; a 'bcq' weight "
+                          "(a codebook per block) runs on the reference, implementation='xla'"]
     return reasons + _REGISTRY[implementation].can_use(x, qweight)
 
 
@@ -140,8 +147,9 @@ def lut_matmul(x: jax.Array, qweight: Weight, *,
     """y = x @ dequantize(qweight).T with float32 accumulation.
 
     x: [..., K] bfloat16 / float16 / float32; qweight: a [N, K] QuantizedWeight, or the
-    weight `prepare` made for an implementation. Returns [..., N] in x's dtype. Works under
-    jit and vmap. implementation: "xla", "pallas", "cuda", or None for `pick(x, qweight)`.
+    weight `prepare` made for an implementation, or a BCQWeight (reference only). Returns
+    [..., N] in x's dtype. Works under jit and vmap. implementation: "xla", "pallas", "cuda",
+    or None for `pick(x, qweight)`.
     """
     name = implementation or pick(x, qweight)
     reasons = can_use(name, x, qweight)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from any4_jax.kernels.api import can_use, lut_matmul, prepare
 from any4_jax.kernels.cuda_layout import CudaWeight
+from any4_jax.quant.act_quant import ActQuantConfig, fake_quantize
 from any4_jax.quant.qweight import QuantizedWeight, WeightMeta
 
 
@@ -27,12 +28,16 @@ class QuantState(nnx.Variable):
 class QuantDense(nnx.Module):
     """y = lut_matmul(x, qweight) (+ bias): float32 accumulation, y in x's dtype.
 
+    `act_quant` (an ActQuantConfig, static) fake-quantizes x first: simulated W4A4.
+
     `implementation` is the layer's preference: it runs wherever it takes the input, and an
     input it declines (a prefill above a kernel's row threshold, say) gets the automatic choice.
     """
 
-    def __init__(self, qweight: QuantizedWeight, bias=None, *, implementation: str | None = None):
+    def __init__(self, qweight: QuantizedWeight, bias=None, *, implementation: str | None = None,
+                 act_quant: ActQuantConfig | None = None):
         qweight.check()
+        self.act_quant = act_quant  # static: simulated activation quantization (W4A4)
         self.meta: WeightMeta = qweight.meta  # static: format, group size, shape, dtype
         self.table_dtype = str(jnp.dtype(qweight.lut.dtype))
         self._store(qweight)
@@ -79,6 +84,8 @@ class QuantDense(nnx.Module):
         """out_dtype: None = x's dtype; float32 for logits (x is promoted first)."""
         if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
             x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        if self.act_quant is not None:
+            x = fake_quantize(x, self.act_quant)
         w = self.weight
         impl = self.implementation
         if impl is not None and can_use(impl, x, w):
@@ -93,7 +100,11 @@ class QuantDense(nnx.Module):
         m = self.meta
         return {"format": m.format, "n_bit": m.n_bit, "group_size": m.group_size,
                 "symmetric": m.symmetric, "shape": list(m.shape), "dtype": m.dtype,
-                "table_dtype": self.table_dtype, "bias": self.bias is not None}
+                "table_dtype": self.table_dtype, "bias": self.bias is not None,
+                **self._act_meta()}
+
+    def _act_meta(self) -> dict:
+        return {} if self.act_quant is None else {"act_quant": self.act_quant.to_dict()}
 
     @classmethod
     def placeholder(cls, meta: dict) -> QuantDense:
@@ -103,6 +114,10 @@ class QuantDense(nnx.Module):
             from any4_jax.nn.qexperts import QuantExpertDense
 
             return QuantExpertDense.placeholder(meta)
+        if meta.get("format") == "bcq" and cls is QuantDense:
+            from any4_jax.nn.bcqdense import BCQDense
+
+            return BCQDense.placeholder(meta)
         n, k = meta["shape"]
         g = meta["group_size"]
         tdt = jnp.dtype(meta["table_dtype"])
@@ -111,4 +126,10 @@ class QuantDense(nnx.Module):
             scales=jnp.zeros((n, k // g), tdt), zeros=jnp.zeros((n, k // g), tdt),
             format=meta["format"], n_bit=int(meta["n_bit"]), group_size=int(g),
             symmetric=bool(meta["symmetric"]), shape=(int(n), int(k)), dtype=meta["dtype"])
-        return cls(qw, np.zeros((n,), tdt) if meta.get("bias") else None)
+        return cls(qw, np.zeros((n,), tdt) if meta.get("bias") else None,
+                   act_quant=act_quant_from_meta(meta))
+
+
+def act_quant_from_meta(meta: dict) -> ActQuantConfig | None:
+    a = meta.get("act_quant")
+    return None if a is None else ActQuantConfig.from_dict(a)

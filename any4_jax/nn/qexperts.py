@@ -16,6 +16,7 @@ from jax import lax
 from any4_jax.kernels.api import can_use, lut_matmul
 from any4_jax.models.llama.moe import Routing, map_tiles
 from any4_jax.nn.qdense import QuantDense
+from any4_jax.quant.act_quant import fake_quantize
 from any4_jax.quant.qweight import QuantizedWeight
 
 
@@ -24,12 +25,12 @@ class QuantExpertDense(QuantDense):
     (`prepare_model` leaves it so: each call slices one expert's rows)."""
 
     def __init__(self, qweight: QuantizedWeight, num_experts: int, *,
-                 implementation: str | None = None):
+                 implementation: str | None = None, act_quant=None):
         n = qweight.shape[0]
         if num_experts < 1 or n % num_experts:
             raise ValueError(f"QuantExpertDense: {n} rows cannot be split into "
                              f"num_experts={num_experts} experts of equal size")
-        super().__init__(qweight, implementation=implementation)
+        super().__init__(qweight, implementation=implementation, act_quant=act_quant)
         self.num_experts = num_experts
         self.expert_meta = dataclasses.replace(self.meta, shape=(n // num_experts,
                                                                  self.meta.shape[1]))
@@ -51,6 +52,8 @@ class QuantExpertDense(QuantDense):
     def __call__(self, x, routing: Routing):
         """x: [tiles, B, K] -> [tiles, B, N], tile t through expert routing.tile_expert[t]."""
         impl = self.implementation
+        if self.act_quant is not None:  # per token row: the same wherever it is routed
+            x = fake_quantize(x, self.act_quant)
 
         def one(e, xt):
             w = self.expert(e)
@@ -65,4 +68,4 @@ class QuantExpertDense(QuantDense):
     @classmethod
     def placeholder(cls, meta: dict) -> QuantExpertDense:
         base = QuantDense.placeholder({**meta, "bias": False, "num_experts": 0})
-        return cls(base.qweight, int(meta["num_experts"]))
+        return cls(base.qweight, int(meta["num_experts"]), act_quant=base.act_quant)

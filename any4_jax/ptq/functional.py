@@ -18,11 +18,13 @@ from flax.core import FrozenDict, freeze
 from any4_jax.models.llama.config import LlamaConfig
 from any4_jax.models.llama.convert_flax import flax_name_to_path
 from any4_jax.models.llama.params import abstract_model, assemble
+from any4_jax.nn.bcqdense import BCQDense
 from any4_jax.nn.layers import dense_layers, set_layer
 from any4_jax.nn.qdense import QuantDense
 from any4_jax.ptq.awq import AWQConfig
 from any4_jax.ptq.calibrate import CalibrationConfig
 from any4_jax.ptq.quantize_model import quantize_model
+from any4_jax.quant.bcq import BCQWeight
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.gptq import GPTQConfig
 from any4_jax.quant.quantize import quantize_weight
@@ -135,14 +137,14 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
         for k, v in (calibration or {}).items():
             stats[k if "/" not in k else ".".join(
                 str(x) for x in flax_name_to_path(k + "/kernel")[:-1])] = v
-        needs = config.spec.family == "any" and config.sample_weighting != "none"
+        needs = config.uses_activation_stats
         for n in names:
             xbar = stats.get(_dotted(n))
             if needs and xbar is None:
                 raise ValueError(
-                    f"{n}: any-n with sample_weighting={config.sample_weighting!r} needs an "
-                    "activation statistic: pass calibration= (statistics or a Calibration), "
-                    "or use sample_weighting='none'")
+                    f"{n}: {config.format} with sample_weighting={config.sample_weighting!r} "
+                    "needs an activation statistic: pass calibration= (statistics or a "
+                    "Calibration), or use sample_weighting='none'")
             out[n] = quantize_weight(np.asarray(flat[n]).T, config,
                                      sample_weight=xbar if needs else None, name=n)
     elif calibration is not None and not isinstance(calibration, Mapping):
@@ -158,7 +160,7 @@ def model_from_params(params: dict, config: LlamaConfig, *, param_dtype=None):
     """Our Llama from a Linen-layout params tree whose kernels may be `QuantizedWeight`s
     (from `quantize_params`): those layers become `QuantDense`."""
     flat = {_name(k): v for k, v in _leaves(_root(params)).items()}
-    quantized = {n: v for n, v in flat.items() if isinstance(v, QuantizedWeight)}
+    quantized = {n: v for n, v in flat.items() if isinstance(v, QuantizedWeight | BCQWeight)}
     dense = [(flax_name_to_path(n), np.asarray(v)) for n, v in flat.items()
              if n not in quantized and flax_name_to_path(n) is not None]
     dtype = param_dtype or str(dense[0][1].dtype)
@@ -170,5 +172,6 @@ def model_from_params(params: dict, config: LlamaConfig, *, param_dtype=None):
         if p is None or p[-1] != "kernel":
             raise ValueError(f"a QuantizedWeight sits at {n!r}, which is not a Dense kernel "
                              "of the Llama")
-        set_layer(model, ".".join(str(x) for x in p[:-1]), QuantDense(qw))
+        layer = BCQDense(qw) if isinstance(qw, BCQWeight) else QuantDense(qw)
+        set_layer(model, ".".join(str(x) for x in p[:-1]), layer)
     return assemble(config, dense, param_dtype=dtype, source="params", model=model)

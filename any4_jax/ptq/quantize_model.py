@@ -22,10 +22,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from any4_jax.nn.bcqdense import BCQDense
 from any4_jax.nn.layers import dense_layers, get_layer, num_experts, set_layer, weight_rows
 from any4_jax.nn.qdense import QuantDense, QuantState
 from any4_jax.nn.qexperts import QuantExpertDense
 from any4_jax.ptq.awq import AWQConfig, apply_awq
+from any4_jax.ptq.bcq import check_bcq
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
     add_sums,
@@ -37,6 +39,8 @@ from any4_jax.ptq.calibrate import (
     run_block,
     uncalibrated_experts,
 )
+from any4_jax.quant.act_quant import ActQuantConfig
+from any4_jax.quant.bcq_codebooks import BCQCodebooks
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.gptq import GPTQConfig, gptq_quantize
 from any4_jax.quant.quantize import quantize_weight
@@ -114,7 +118,7 @@ def _check_group_sizes(model, cfgs: dict[str, QuantConfig]) -> None:
 
 
 def needs_activations(cfgs: dict[str, QuantConfig]) -> bool:
-    return any(c.spec.family == "any" and c.sample_weighting != "none" for c in cfgs.values())
+    return any(c.uses_activation_stats for c in cfgs.values())
 
 
 @dataclasses.dataclass
@@ -126,6 +130,8 @@ class LayerReport:
     seconds: float
     kmeans_iters_mean: float | None = None
     kmeans_iters_max: int | None = None
+    # bcq: the weighted MSE of the codes (normalized units), local codebooks' fit iterations
+    bcq: dict | None = None
 
 
 @dataclasses.dataclass
@@ -148,16 +154,20 @@ class QuantReport:
 
 
 def _quantize_one(layer, cfg: QuantConfig, xbar, path: str, hessian=None,
-                  gptq: GPTQConfig | None = None):
+                  gptq: GPTQConfig | None = None, codebooks: BCQCodebooks | None = None,
+                  act_quant: ActQuantConfig | None = None):
     w = weight_rows(layer)  # Flax [K, N] -> [N, K]; experts [E, K, N] -> [E*N, K]
-    qw, info = quantize_weight(w, cfg, sample_weight=xbar, name=path, return_info=True)
+    bcq = cfg.spec.family == "bcq"
+    cb = codebooks.weights if bcq and codebooks is not None else None
+    qw, info = quantize_weight(w, cfg, sample_weight=xbar, name=path, return_info=True,
+                               codebooks=cb)
     if hessian is not None:  # GPTQ: the RTN tables, scales and zeros; codes with feedback
         qw = gptq_quantize(w, hessian, qw, gptq)
     if num_experts(layer):
-        return QuantExpertDense(qw, num_experts(layer)), info
+        return QuantExpertDense(qw, num_experts(layer), act_quant=act_quant), info
     bias = getattr(layer, "bias", None)
     bias = None if bias is None else bias[...]
-    return QuantDense(qw, bias), info
+    return (BCQDense if bcq else QuantDense)(qw, bias, act_quant=act_quant), info
 
 
 def quantize_model(model, config: QuantConfig | None = None, *,
@@ -168,6 +178,8 @@ def quantize_model(model, config: QuantConfig | None = None, *,
                    overrides: Mapping[str, Mapping | QuantConfig] | None = None,
                    method: str = "rtn", gptq: GPTQConfig | None = None,
                    awq: AWQConfig | None = None,
+                   codebooks: BCQCodebooks | None = None,
+                   act_quant: ActQuantConfig | None = None,
                    progress: bool = True, in_place: bool = False):
     """Returns (quantized model, QuantReport).
 
@@ -183,6 +195,11 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     by `any4 calibrate`), else from `tokens` ([n, t] calibration sequences, see
     `ptq.calibrate.calibration_tokens`) with `calibration` (mode, statistic, batch size). Formats
     that need none (int/nf4/fp4, any-n with sample_weighting="none") ignore both.
+
+    codebooks: format "bcq": universal codebooks (`BCQCodebooks.load(path)`) for every bcq
+    layer; None learns local codebooks per layer (`config.bcq_fit`).
+    act_quant: an activation quantizer every quantized layer applies to its input (simulated
+    W4A4, `ActQuantConfig`); None keeps activations as they are.
 
     in_place: replace the layers of `model` itself instead of a copy, so each dense kernel is
     freed as soon as its layer is quantized (peak memory: the model plus one layer, plus the
@@ -221,13 +238,15 @@ def quantize_model(model, config: QuantConfig | None = None, *,
         raise ValueError(f"no Dense layer matches include={list(include)} "
                          f"exclude={list(exclude)} (layers already quantized are skipped)")
     cfgs = layer_configs(paths, config, overrides)
-    _check_group_sizes(new, cfgs)
+    _check_group_sizes(new, {p: c for p, c in cfgs.items() if c.spec.family != "bcq"})
+    check_bcq(new, cfgs, method, codebooks, act_quant)
     want_act = needs_activations(cfgs)
     if want_act and stats is None and tokens is None:
-        raise ValueError("any-n with activation sample weights needs calibration: pass tokens= "
+        raise ValueError("any-n and bcq with activation sample weights need calibration: pass "
+                         "tokens= "
                          "(see calibration_tokens) or stats=, or use sample_weighting='none'")
     if stats is not None:
-        missing = [p for p in paths if cfgs[p].spec.family == "any" and p not in stats]
+        missing = [p for p in paths if cfgs[p].uses_activation_stats and p not in stats]
         if want_act and missing:
             raise ValueError(f"the calibration statistics lack {len(missing)} layers, e.g. "
                              f"{missing[:3]}; they were computed for another model")
@@ -239,18 +258,20 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     def do(path, xbar, hessian=None):
         t0 = time.perf_counter()
         bar.set_postfix_str(path, refresh=False)
-        q, info = _quantize_one(get_layer(new, path), cfgs[path], xbar, path, hessian, gptq)
+        q, info = _quantize_one(get_layer(new, path), cfgs[path], xbar, path, hessian, gptq,
+                                codebooks, act_quant)
         set_layer(new, path, q)
         jax.block_until_ready(q.codes.get_value())
         reports.append(LayerReport(path, tuple(q.meta.shape), q.format,
                                    q.group_size, time.perf_counter() - t0,
-                                   info.get("kmeans_iters_mean"), info.get("kmeans_iters_max")))
+                                   info.get("kmeans_iters_mean"), info.get("kmeans_iters_max"),
+                                   {k: info[k] for k in ("mse", "local", "fit_iters",
+                                                         "fit_seconds") if k in info} or None))
         bar.update(1)
 
     def xbar_for(path, table):
         c = cfgs[path]
-        return table.get(path) if c.spec.family == "any" and c.sample_weighting != "none" \
-            else None
+        return table.get(path) if c.uses_activation_stats else None
 
     idle: dict[str, list[int]] = {}
     awq_report: list[dict] = []
@@ -285,7 +306,7 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     total = time.perf_counter() - t_start
     return new, QuantReport(reports, calib_s, total - calib_s, total, n_tok, mode, method,
                             awq_report,
-                            {k: v for k, v in idle.items() if cfgs[k].spec.family == "any"})
+                            {k: v for k, v in idle.items() if cfgs[k].uses_activation_stats})
 
 
 def _sequential(model, tokens, paths, calibration, do, xbar_for, idle, *,

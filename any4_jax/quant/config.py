@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from any4_jax.quant.bcq_fit import BCQFitConfig
 from any4_jax.quant.formats import FormatSpec, parse_format
 from any4_jax.quant.qweight import check_group_size
 
@@ -89,6 +90,10 @@ class QuantConfig:
       "activations" (xbar_j), "activations_x_scales" (xbar_j * alpha_ij, the paper's default).
       Without a `sample_weight` argument, xbar is taken as all ones.
     kmeans: the k-means settings (any-n only).
+    block_len, array_len, n_codebooks, codebook_bits, bcq_fit: "bcq" only (LO-BCQ, docs/bcq.md):
+      blocks of block_len scalars each pick one of n_codebooks shared codebooks of 16
+      codebook_bits-bit integers; arrays of array_len scalars share an 8-bit scale (group_size
+      and dtype do not apply); bcq_fit: how codebooks are learned where none are given.
     """
 
     format: str = "any4"
@@ -97,10 +102,16 @@ class QuantConfig:
     dtype: str | None = None
     sample_weighting: str = "activations_x_scales"
     kmeans: KMeansConfig = dataclasses.field(default_factory=KMeansConfig)
+    block_len: int = 8
+    array_len: int = 64
+    n_codebooks: int = 16
+    codebook_bits: int = 6
+    bcq_fit: BCQFitConfig = dataclasses.field(default_factory=BCQFitConfig)
 
     def __post_init__(self):
         spec = parse_format(self.format)  # raises on unknown names / bad n_bit
         object.__setattr__(self, "format", spec.name)
+        self._check_bcq(spec)
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
             raise ValueError(
                 f"QuantConfig: group_size={self.group_size!r} must be a positive integer "
@@ -131,6 +142,40 @@ class QuantConfig:
             object.__setattr__(self, "dtype", dt.name)
         if not isinstance(self.kmeans, KMeansConfig):
             raise TypeError(f"QuantConfig: kmeans must be a KMeansConfig, got {self.kmeans!r}")
+
+    def _check_bcq(self, spec: FormatSpec) -> None:
+        names = ("block_len", "array_len", "n_codebooks", "codebook_bits", "bcq_fit")
+        if spec.family != "bcq":
+            given = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                     if f.name in names and getattr(self, f.name) != (
+                         f.default if f.default is not dataclasses.MISSING
+                         else f.default_factory())]
+            if given:
+                raise ValueError(f"QuantConfig: {', '.join(given)} apply to format='bcq' only; "
+                                 f"drop them for {spec.name!r}")
+            return
+        for name, low, high in (("block_len", 1, 64), ("array_len", 2, 4096),
+                                ("n_codebooks", 1, 16), ("codebook_bits", 2, 8)):
+            v = getattr(self, name)
+            if not _is_int(v) or not low <= v <= high:
+                raise ValueError(f"QuantConfig: {name}={v!r} must be an integer in [{low}, "
+                                 f"{high}]" + (" (selectors are 4-bit)" if name == "n_codebooks"
+                                               else ""))
+        if self.array_len % (2 * self.block_len):
+            raise ValueError(f"QuantConfig: array_len={self.array_len} must be a multiple of "
+                             f"2 * block_len = {2 * self.block_len} (whole blocks per array, "
+                             "two selectors per byte), e.g. array_len=64 with block_len=8")
+        if self.symmetric:
+            raise ValueError("QuantConfig: symmetric=True does not apply to 'bcq' (its "
+                             "codebooks are signed and absmax-scaled); drop symmetric")
+        if not isinstance(self.bcq_fit, BCQFitConfig):
+            raise TypeError(f"QuantConfig: bcq_fit must be a BCQFitConfig, got {self.bcq_fit!r}")
+
+    @property
+    def uses_activation_stats(self) -> bool:
+        """Whether quantizing with this config reads per-input-channel activation statistics
+        (any-n and bcq sample weights)."""
+        return self.spec.family in ("any", "bcq") and self.sample_weighting != "none"
 
     @property
     def spec(self) -> FormatSpec:

@@ -1,8 +1,9 @@
 """Number formats: the fixed 4-bit tables and the names users pass.
 
-Every format ends up in the same storage form (a per-row 16-entry table, per-group scale and
-zero, see `QuantizedWeight`); this module only knows which table and which scaling rule a
-format uses. The tables are the bit patterns of docs/design.md section 4.
+Every format but LO-BCQ ends up in the same storage form (a per-row 16-entry table,
+per-group scale and zero, see `QuantizedWeight`); this module only knows which table and which
+scaling rule a format uses. "bcq" (shared codebooks chosen per block) has its own storage,
+`bcq.BCQWeight`. The tables are the bit patterns of docs/design.md section 4.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ FIXED_TABLES: dict[str, np.ndarray] = {
 _GRID_RE = re.compile(r"^(int|any)([0-9]+)$")
 MIN_BITS, MAX_BITS = 2, 4
 
-FORMAT_NAMES = ("int4", "int3", "int2", "any4", "any3", "any2", "nf4", "fp4", "fp4_e2m1")
+FORMAT_NAMES = ("int4", "int3", "int2", "any4", "any3", "any2", "nf4", "fp4", "fp4_e2m1", "bcq")
+# LO-BCQ (block-clustered codebooks): its own storage form, `bcq.BCQWeight`
+BCQ = "bcq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,7 @@ class FormatSpec:
     """What a format name means: its family, bit width and scaling rule."""
 
     name: str  # canonical name, e.g. "any4"
-    family: str  # "int" | "any" | "table"
+    family: str  # "int" | "any" | "table" | "bcq"
     n_bit: int
 
     @property
@@ -81,6 +84,8 @@ def parse_format(name: str) -> FormatSpec:
     if not isinstance(name, str):
         raise TypeError(f"format must be a string such as 'any4', got {name!r}")
     key = name.strip().lower()
+    if key == BCQ:
+        return FormatSpec(name=BCQ, family="bcq", n_bit=4)
     if key in FIXED_TABLES:
         return FormatSpec(name=key, family="table", n_bit=4)
     m = _GRID_RE.match(key)

@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from any4_jax.quant import kmeans_cpu, scaling
+from any4_jax.quant.bcq import check_bcq_shape
+from any4_jax.quant.bcq_quantize import quantize_bcq
 from any4_jax.quant.config import KMeansConfig, QuantConfig
 from any4_jax.quant.formats import FormatSpec, int_grid_table
 from any4_jax.quant.kmeans import assign_sorted_codes, grid_init, kmeans_rows, pow2_normalize_rows
@@ -318,6 +320,7 @@ def quantize_weight(
     name: str = "weight",
     return_info: bool = False,
     progress: bool = False,
+    codebooks=None,
 ):
     """Quantizes one weight matrix.
 
@@ -328,7 +331,10 @@ def quantize_weight(
     mesh: a 1-D mesh (see `row_mesh`) to split the rows of each chunk over its devices.
     chunk_elements: rows are processed in chunks of about this many elements (memory bound).
     progress: show a progress bar over the row chunks (useful for very large matrices).
-    Returns a `QuantizedWeight` (and, with return_info, a dict of k-means iteration counts).
+    codebooks: format "bcq" only: universal codebooks [n_codebooks, 16] to encode with (e.g.
+      `BCQCodebooks.load(path).weights`); None learns local ones on this matrix.
+    Returns a `QuantizedWeight` (a `BCQWeight` for "bcq"; and, with return_info, a dict of
+    k-means iteration counts or the bcq fit's MSE and iterations).
 
     Every argument is checked before any work: TypeError for a config, mesh, name or
     sample_weight of the wrong type; ValueError for an empty, non-2-D, non-float or
@@ -340,8 +346,14 @@ def quantize_weight(
     _check_structure(w, name)
     out_dtype = jnp.dtype(config.dtype or w.dtype)
     n, k = w.shape
-    g = config.resolve_group_size(k, name=name)
     xbar = _validate_sample_weight(sample_weight, n, k, name)
+    if spec.family == "bcq":
+        return _quantize_bcq(w, config, sample_weight, xbar, codebooks, name=name,
+                             return_info=return_info, progress=progress)
+    if codebooks is not None:
+        raise ValueError(f"{name}: codebooks apply to format='bcq' only, not {spec.name!r}; "
+                         "drop codebooks=")
+    g = config.resolve_group_size(k, name=name)
     w = validate_weight(w, name=name, storage_dtype=out_dtype)  # a pass over w: the last check
 
     n_dev = 1 if mesh is None else mesh.size
@@ -386,6 +398,18 @@ def quantize_weight(
         it = np.asarray(iters)
         info.update(kmeans_iters_mean=float(it.mean()), kmeans_iters_max=int(it.max()))
     return qw, info
+
+
+def _quantize_bcq(w, config, sample_weight, xbar, codebooks, *, name, return_info, progress):
+    if xbar.ndim != 1:
+        raise ValueError(f"{name}: format 'bcq' takes one statistic per input channel "
+                         f"(sample_weight of shape ({w.shape[1]},)), got {tuple(xbar.shape)}")
+    check_bcq_shape(w.shape[1], config.block_len, config.array_len, name=name)
+    w = validate_weight(w, name=name)  # a pass over w: the last check
+    qw, info = quantize_bcq(w, config, xbar=None if sample_weight is None else xbar,
+                            codebooks=codebooks, fit=config.bcq_fit, name=name,
+                            progress=progress)
+    return (qw, {"rows": w.shape[0], **info}) if return_info else qw
 
 
 def _shard_rows(a, *, mesh: Mesh):
