@@ -35,8 +35,9 @@ def add_bcq_settings(p, *, act: bool = True) -> None:
                    help="LO-BCQ steps at most when learning codebooks (50)")
     g.add_argument("--bcq-tol", type=cli_args.nonnegative_float, default=1e-4,
                    help="stop once a step lowers the MSE by less than this fraction (1e-4)")
-    g.add_argument("--bcq-max-blocks", type=cli_args.positive_int, default=1 << 17,
-                   help="learn codebooks on at most this many blocks (131072)")
+    blocks = 1 << 15 if act else 1 << 17  # per layer (local) / once for the model (universal)
+    g.add_argument("--bcq-max-blocks", type=cli_args.positive_int, default=blocks,
+                   help=f"learn codebooks on at most this many blocks ({blocks})")
     g.add_argument("--bcq-seed", type=int, default=0, help="the draw of those blocks (0)")
     if act:
         g.add_argument("--codebooks", help="universal codebooks from `any4 bcq-calibrate` "
@@ -115,11 +116,11 @@ def _run_bcq_calibrate(args) -> int:
     cb.save(args.out)
     w = cb.info["weights"]
     msg = (f"{len(paths)} layers; weight codebooks: {w['blocks']} blocks, {w['iters']} steps, "
-           f"MSE {w['mse'][0]:.4g} -> {w['mse'][-1]:.4g}, {w['seconds']:.1f} s")
+           f"MSE {w['mse_float'][0]:.4g} -> {w['mse'][-1]:.4g}, {w['seconds']:.1f} s")
     if cb.activations is not None:
         a = cb.info["activations"]
         msg += (f"; activation codebooks: {a['blocks']} blocks, {a['iters']} steps, MSE "
-                f"{a['mse'][0]:.4g} -> {a['mse'][-1]:.4g}, {a['seconds']:.1f} s")
+                f"{a['mse_float'][0]:.4g} -> {a['mse'][-1]:.4g}, {a['seconds']:.1f} s")
     print(msg, file=sys.stderr)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     if args.json_path:

@@ -145,7 +145,8 @@ def learn_codebooks(model, config: QuantConfig, paths: list[str], *, stats=None,
     res = fit_codebooks(x, w, n_codebooks=config.n_codebooks,
                         codebook_bits=config.codebook_bits, config=fit, progress=progress,
                         desc="weight codebooks")
-    info["weights"] = {"blocks": res.blocks, "iters": res.iters, "mse": res.mse,
+    info["weights"] = {"blocks": res.blocks, "iters": res.iters, "mse_float": res.mse_float,
+                       "mse": res.mse,
                        "seconds": time.perf_counter() - t0}
     acts = None
     if activations:
@@ -156,7 +157,8 @@ def learn_codebooks(model, config: QuantConfig, paths: list[str], *, stats=None,
                            codebook_bits=config.codebook_bits, config=fit, pin_range=True,
                            progress=progress, desc="activation codebooks")
         acts = ra.codebooks
-        info["activations"] = {"blocks": ra.blocks, "iters": ra.iters, "mse": ra.mse,
+        info["activations"] = {"blocks": ra.blocks, "iters": ra.iters,
+                               "mse_float": ra.mse_float, "mse": ra.mse,
                                "tokens": int(np.asarray(tokens).size),
                                "seconds": time.perf_counter() - t0}
     return BCQCodebooks(weights=res.codebooks, block_len=config.block_len,

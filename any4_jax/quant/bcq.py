@@ -84,7 +84,10 @@ def normalize(x, e, ts, array_len: int):
     r, k = x.shape
     s = (e * ts).reshape(r, k // array_len, 1)
     xa = x.astype(jnp.float32).reshape(r, k // array_len, array_len)
-    return jnp.where(s > 0, xa / jnp.where(s > 0, s, 1.0), 0.0).reshape(r, k)
+    # a divisor XLA cannot see is a broadcast: it would multiply by a rounded reciprocal
+    # instead, and a value on the grid (c * s) would no longer divide back to c exactly
+    d = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(s > 0, s, 1.0), xa.shape))
+    return jnp.where(s > 0, xa / d, 0.0).reshape(r, k)
 
 
 def e4m3_bits(e) -> jax.Array:

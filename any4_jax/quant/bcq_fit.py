@@ -13,7 +13,8 @@ sample weights W [B, Lb] >= 0 and codebooks C [Nc, 16] (sorted, integer-valued),
 Neither step raises the weighted MSE, so the sequence MSE(C_t) falls monotonically; the loop
 stops when a step lowers it by less than `tol` (relative) or after `max_iter` steps.
 Initialisation: blocks sorted by their largest |value|, cut into Nc equal-count groups; each
-group's codebook is 16 quantiles (at (j + 1/2) / 16) of its scalars, rounded.
+group's codebook is 16 quantiles (at (j + 1/2) / 16) of its scalars, rounded, and spread to 16
+distinct integers (qmax >= 8).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ CHUNK_BLOCKS = 1 << 15
 class BCQFitConfig:
     """How codebooks are learned.
 
-    max_iter: LO-BCQ steps at most (0 keeps the initial codebooks).
+    max_iter: LO-BCQ steps at most, in each of the two phases (real-valued entries, then
+      integer ones; 0 keeps the initial codebooks).
     tol: stop once a step lowers the weighted MSE by less than tol * MSE.
     max_blocks: learn on at most this many blocks, drawn without replacement with `seed`
       (all of them when there are fewer); every block is still encoded.
@@ -47,7 +49,7 @@ class BCQFitConfig:
 
     max_iter: int = 50
     tol: float = 1e-4
-    max_blocks: int = 1 << 17
+    max_blocks: int = 1 << 15
     seed: int = 0
 
     def __post_init__(self):
@@ -114,17 +116,19 @@ def pin(c, qmax: int):
     return c.at[:, 0].set(-qmax).at[:, -1].set(qmax)
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "pin_range"))
-def update(x, w, c, sel, idx, *, qmax: int, pin_range: bool = False):
+@functools.partial(jax.jit, static_argnames=("qmax", "pin_range", "integer"))
+def update(x, w, c, sel, idx, *, qmax: int, pin_range: bool = False, integer: bool = True):
     """Step 2: c [Nc, 16] -> each entry the integer nearest the weighted mean of its cell
     (blocks by `sel` [B], scalars by `idx` [B, Lb]), clipped; empty cells keep their entry;
-    rows sorted; with pin_range the end entries stay at -qmax and qmax."""
+    rows sorted; with pin_range the end entries stay at -qmax and qmax. integer=False: the
+    weighted means themselves (the float phase of `fit_codebooks`)."""
     nc = c.shape[0]
     key = (sel[:, None] * 16 + idx).reshape(-1)
     ws = jnp.zeros(nc * 16, jnp.float32).at[key].add(w.reshape(-1))
     wx = jnp.zeros(nc * 16, jnp.float32).at[key].add((w * x).reshape(-1))
     mean = wx / jnp.where(ws > 0, ws, 1.0)
-    new = jnp.where(ws > 0, jnp.clip(jnp.round(mean), -qmax, qmax), c.reshape(-1))
+    mean = jnp.round(mean) if integer else mean
+    new = jnp.where(ws > 0, jnp.clip(mean, -qmax, qmax), c.reshape(-1))
     new = jnp.sort(new.reshape(nc, 16), axis=-1)
     return pin(new, qmax) if pin_range else new
 
@@ -139,14 +143,20 @@ def init_codebooks(x, *, n_codebooks: int, qmax: int):
     groups = x[order[: per * n_codebooks]].reshape(n_codebooks, per * lb)  # [Nc, per * Lb]
     q = (jnp.arange(16, dtype=jnp.float32) + 0.5) / 16
     c = jnp.quantile(groups, q, axis=-1).T  # [Nc, 16]
-    return jnp.sort(jnp.clip(jnp.round(c), -qmax, qmax), axis=-1)
+    c = jnp.sort(jnp.clip(jnp.round(c), -qmax, qmax), axis=-1)
+    # distinct entries (a repeated one would start empty): each at least its left neighbour
+    # + 1, then at most qmax - (entries to its right)
+    j = jnp.arange(16, dtype=c.dtype)
+    c = jax.lax.cummax(c - j, axis=1) + j
+    return jnp.minimum(c, qmax - (15 - j))
 
 
 @dataclasses.dataclass
 class FitResult:
     codebooks: np.ndarray  # [Nc, 16] float32, integer-valued, rows sorted
-    mse: list[float]  # weighted MSE after each assignment (normalized units), first = init
-    iters: int
+    mse_float: list[float]  # weighted MSE (normalized units) of the float phase, first = init
+    mse: list[float]  # of the integer phase, first = the rounded float codebooks
+    iters: int  # steps of both phases
     blocks: int  # blocks learned on
     seconds: float
 
@@ -160,14 +170,37 @@ def subsample(x, w, max_blocks: int, seed: int):
     return x[pick], w[pick]
 
 
+def _descend(x, w, c, *, config, qmax, pin_range, integer, bar):
+    """LO-BCQ steps from c until a step gains less than config.tol (relative) or max_iter:
+    (codebooks, MSE history with the start first, steps taken)."""
+    total_w = float(jnp.sum(w)) or 1.0
+    sel, idx, err = assign(x, w, c)
+    history = [float(jnp.sum(err)) / total_w]
+    for _ in range(config.max_iter):
+        new = update(x, w, c, sel, idx, qmax=qmax, pin_range=pin_range, integer=integer)
+        sel, idx, err = assign(x, w, new)
+        history.append(float(jnp.sum(err)) / total_w)
+        c = new
+        bar.update(1)
+        bar.set_postfix_str(f"{'int' if integer else 'float'} mse {history[-1]:.4g}",
+                            refresh=False)
+        if history[-2] - history[-1] <= config.tol * history[-2]:
+            break
+    return c, history, len(history) - 1
+
+
 def fit_codebooks(x, w=None, *, n_codebooks: int = 16, codebook_bits: int = 6,
                   config: BCQFitConfig | None = None, init=None, pin_range: bool = False,
                   progress: bool = False, desc: str = "LO-BCQ") -> FitResult:
-    """Learns Nc codebooks on normalized blocks x [B, Lb] with weights w [B, Lb] (None: 1).
+    """Learns Nc integer codebooks on normalized blocks x [B, Lb] with weights w [B, Lb]
+    (None: 1), in two phases: LO-BCQ steps with real-valued entries (integer-rounded steps
+    alone stall within a few steps: a mean that moves by less than 1/2 never moves its
+    entry), then the entries rounded and integer steps to convergence. Each phase lowers the
+    MSE monotonically; the rounding between them may raise it.
 
     init: starting codebooks [Nc, 16] (default `init_codebooks`). pin_range: keep entries 0
     and 15 at -qmax and qmax (activation codebooks: see `act_quant`). The blocks are
-    subsampled to config.max_blocks first. Returns a FitResult with the MSE history."""
+    subsampled to config.max_blocks first."""
     config = config or BCQFitConfig()
     qmax = qmax_of(codebook_bits)
     x = jnp.asarray(x, jnp.float32)
@@ -184,21 +217,11 @@ def fit_codebooks(x, w=None, *, n_codebooks: int = 16, codebook_bits: int = 6,
         jnp.sort(jnp.asarray(init, jnp.float32), axis=-1)
     if pin_range:
         c = pin(c, qmax)
-    total_w = float(jnp.sum(w)) or 1.0
-    sel, idx, err = assign(x, w, c)
-    history = [float(jnp.sum(err)) / total_w]
-    steps = range(config.max_iter)
-    bar = tqdm(steps, desc=desc, unit="step", leave=False, disable=not progress)
-    it = 0
-    for it in bar:
-        c = update(x, w, c, sel, idx, qmax=qmax, pin_range=pin_range)
-        sel, idx, err = assign(x, w, c)
-        history.append(float(jnp.sum(err)) / total_w)
-        bar.set_postfix_str(f"mse {history[-1]:.4g}", refresh=False)
-        if history[-2] - history[-1] <= config.tol * history[-2]:
-            it += 1
-            break
-    else:
-        it = config.max_iter
-    bar.close()
-    return FitResult(np.asarray(c), history, it, int(x.shape[0]), time.perf_counter() - t0)
+    kw = dict(config=config, qmax=qmax, pin_range=pin_range)
+    with tqdm(total=2 * config.max_iter, desc=desc, unit="step", leave=False,
+              disable=not progress) as bar:
+        c, h_float, n_float = _descend(x, w, c, integer=False, bar=bar, **kw)
+        c = jnp.sort(jnp.clip(jnp.round(c), -qmax, qmax), axis=-1)
+        c, h_int, n_int = _descend(x, w, c, integer=True, bar=bar, **kw)
+    return FitResult(np.asarray(c), h_float, h_int, n_float + n_int, int(x.shape[0]),
+                     time.perf_counter() - t0)

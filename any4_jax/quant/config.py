@@ -155,7 +155,7 @@ class QuantConfig:
                                  f"drop them for {spec.name!r}")
             return
         for name, low, high in (("block_len", 1, 64), ("array_len", 2, 4096),
-                                ("n_codebooks", 1, 16), ("codebook_bits", 2, 8)):
+                                ("n_codebooks", 1, 16), ("codebook_bits", 5, 8)):
             v = getattr(self, name)
             if not _is_int(v) or not low <= v <= high:
                 raise ValueError(f"QuantConfig: {name}={v!r} must be an integer in [{low}, "
