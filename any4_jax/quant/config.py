@@ -25,6 +25,7 @@ def _is_real(v) -> bool:
         v, bool | np.bool_)
 SAMPLE_WEIGHTINGS = ("none", "activations", "activations_x_scales")
 DEFAULT_GROUP_SIZE = 128  # the paper's and the reference release's
+_BCQ_FIELDS = ("block_len", "array_len", "n_codebooks", "codebook_bits", "bcq_fit")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,7 +145,7 @@ class QuantConfig:
             raise TypeError(f"QuantConfig: kmeans must be a KMeansConfig, got {self.kmeans!r}")
 
     def _check_bcq(self, spec: FormatSpec) -> None:
-        names = ("block_len", "array_len", "n_codebooks", "codebook_bits", "bcq_fit")
+        names = _BCQ_FIELDS
         if spec.family != "bcq":
             given = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                      if f.name in names and getattr(self, f.name) != (
@@ -188,4 +189,11 @@ class QuantConfig:
         return g
 
     def replace(self, **changes) -> QuantConfig:
+        """A copy with `changes`; a change of format away from "bcq" drops the bcq settings
+        (an override `down_proj: format=int4` on a bcq config means int4 there)."""
+        if "format" in changes and parse_format(changes["format"]).family != "bcq":
+            for f in dataclasses.fields(self):
+                if f.name in _BCQ_FIELDS and f.name not in changes:
+                    changes[f.name] = (f.default if f.default is not dataclasses.MISSING
+                                       else f.default_factory())
         return dataclasses.replace(self, **changes)
