@@ -1,4 +1,4 @@
-"""Activation fake-quantization for simulated W4A4 (docs/bcq.md s.Activations).
+"""Activation fake-quantization for simulated W4A4 (docs/design.md s.7, docs/bcq.md).
 
 `ActQuantConfig` says how a layer's input `x [..., K]` is rounded before its matmul; it is
 static (hashable: the codebooks are a tuple), so a layer keeps it as plain metadata.

@@ -1,4 +1,4 @@
-"""LO-BCQ's storage format: block-clustered codebooks (docs/design.md s.10, docs/bcq.md).
+"""LO-BCQ's storage format: block-clustered codebooks (docs/design.md s.7, docs/bcq.md).
 
 A weight `[N, K]` is cut along K into blocks of `Lb` scalars and block arrays of `La`
 scalars (La a multiple of 2 Lb). Every block picks one of `Nc` shared codebooks of 16 signed
