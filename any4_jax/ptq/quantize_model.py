@@ -242,8 +242,8 @@ def quantize_model(model, config: QuantConfig | None = None, *,
     check_bcq(new, cfgs, method, codebooks, act_quant)
     want_act = needs_activations(cfgs)
     if want_act and stats is None and tokens is None:
-        raise ValueError("any-n and bcq with activation sample weights need calibration: pass "
-                         "tokens= "
+        raise ValueError("quantizing any-n or bcq with activation sample weights needs "
+                         "calibration: pass tokens= "
                          "(see calibration_tokens) or stats=, or use sample_weighting='none'")
     if stats is not None:
         missing = [p for p in paths if cfgs[p].uses_activation_stats and p not in stats]

@@ -103,7 +103,7 @@ def test_bad_combinations_are_named_before_any_work(books, tokens):
                        act_quant=ActQuantConfig(kind="int4", group_size=48))
     with pytest.raises(TypeError, match="codebooks must be a BCQCodebooks"):
         quantize_model(m, BCQ, tokens=tokens, codebooks=books.weights, progress=False)
-    with pytest.raises(ValueError, match="need calibration"):
+    with pytest.raises(ValueError, match="needs calibration"):
         quantize_model(m, BCQ, progress=False)
     # without activation weighting no calibration is needed
     quantize_model(m, BCQ.replace(sample_weighting="none"), include=["layers.0.mlp.*"],

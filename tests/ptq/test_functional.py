@@ -71,3 +71,22 @@ def test_quantize_params_any4_with_statistics_and_by_running_the_model(tmp_path)
     a = via_stats["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
     b = seq["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
     np.testing.assert_array_equal(a.lut, b.lut)
+
+
+def test_quantize_params_with_bcq_gives_bcq_weights_and_layers(tmp_path):
+    from any4_jax.models.llama.config import LlamaConfig
+    from any4_jax.nn import BCQDense
+    from any4_jax.quant import BCQFitConfig, BCQWeight
+
+    hf = tiny_hf_model("llama")
+    params = load_flax_params(write_flax_checkpoint(hf, tmp_path / "ck"))
+    cfg = QuantConfig(format="bcq", sample_weighting="none", array_len=32,
+                      bcq_fit=BCQFitConfig(max_iter=5))
+    q = quantize_params(params, cfg)
+    qp = q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(qp, BCQWeight) and qp.shape == (64, 64)
+    model = model_from_params(q, LlamaConfig.from_hf(hf.config.to_dict()))
+    assert isinstance(model.layers[0].self_attn.q_proj, BCQDense)
+    logits, _ = model(ids())
+    ref, _ = model_from_params(params, LlamaConfig.from_hf(hf.config.to_dict()))(ids())
+    assert 0 < float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)) < 0.3
