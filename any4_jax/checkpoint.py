@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tokenizers import Tokenizer as HFTok
 
-from any4_jax import outputs
+from any4_jax import distributed, outputs
 from any4_jax.models.llama.config import LlamaConfig
 from any4_jax.models.llama.modules import Llama
 from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
@@ -141,16 +141,42 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
                         f"load_model(...).tokenizer), got {type(tokenizer).__name__}")
     if not isinstance(metadata, dict):
         raise TypeError(f"save_quantized: metadata must be a dict, got {type(metadata).__name__}")
-    final = check_output(path, overwrite=overwrite)  # also clears a killed run's debris
-    tmp = outputs.sibling(final, "partial")
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    # In a multi-process run (jax.distributed) the arrays are global and orbax writes them
+    # collectively into one directory (a shared filesystem); the first process alone does
+    # the rest (checks, tokenizer, metadata, the final rename), the others wait for it.
+    primary = distributed.is_primary()
+    final = Path(path).absolute()
+    error = None
+    if primary:
+        try:
+            final = check_output(path, overwrite=overwrite)  # clears a killed run's debris
+        except BaseException as e:  # noqa: BLE001 - the others learn of it below
+            error = e
+    if jax.process_count() > 1:
+        failed = distributed.broadcast_flag(error is not None)
+        if failed:
+            if error is not None:
+                raise error
+            raise outputs.OutputError(f"{final}: the first process refused the output "
+                                      "directory (its message says why)")
+    elif error is not None:
+        raise error
+    tmp = outputs.sibling(final, "partial", pid=distributed.primary_pid())
+    if primary:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    distributed.barrier("any4-save-start")
     ckptr = ocp.StandardCheckpointer()
     try:
         ckptr.save(tmp / "state", _canonical_state(model))
         ckptr.wait_until_finished()
+        distributed.barrier("any4-save-arrays")
+        if not primary:
+            ckptr.close()
+            distributed.barrier("any4-save-done")
+            return final
         tok_info = _save_tokenizer(tokenizer, tmp / "tokenizer")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -168,6 +194,7 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
         with open(tmp / META_FILE, "w") as fh:  # last: marks the directory complete
             json.dump(meta, fh, indent=2, default=str)
         outputs.install_dir(tmp, final, overwrite=overwrite, is_ours=is_quantized_checkpoint)
+        distributed.barrier("any4-save-done")
     except BaseException:
         # orbax may still be writing from its own threads: let it finish before removing
         with contextlib.suppress(BaseException):  # the first error is the one to report
@@ -240,7 +267,11 @@ def load_quantized(path):
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointFormatError(f"{path}: inconsistent metadata: {e}") from None
     graphdef, state = nnx.split(abstract)
-    target = nnx.to_pure_dict(state)
+    # every array onto this process's first device, whatever topology wrote it (a
+    # multi-process run saves global arrays sharded over its processes)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                          nnx.to_pure_dict(state))
     ckptr = ocp.StandardCheckpointer()
     state_dir = os.path.join(path, "state")
     try:

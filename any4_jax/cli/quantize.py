@@ -16,6 +16,7 @@ from any4_jax import outputs
 from any4_jax.checkpoint import check_output, directory_bytes, save_quantized
 from any4_jax.cli import args as cli_args
 from any4_jax.cli import bcq as bcq_cli
+from any4_jax.cli import distributed as dist_cli
 from any4_jax.cli.model import load, use_kernel
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
@@ -111,9 +112,13 @@ def _run_quantize(args) -> int:
             qcfg.replace(**changes)
         except ValueError as e:
             raise ValueError(f"--override {pattern!r}: {e}") from None
+    stats = _load_stats(args.stats, args.statistic) if args.stats else None
+    if dist_cli.wanted(args):
+        if args.calibration == "none" and qcfg.uses_activation_stats and stats is None:
+            qcfg = qcfg.replace(sample_weighting="none")
+        return dist_cli.run(args, qcfg, stats)
     calib_text = calibration_text(args)
     eval_text = load_text(args.text)[0] if args.eval else None
-    stats = _load_stats(args.stats, args.statistic) if args.stats else None
     t0 = time.perf_counter()
     lm = load(args)
     dense_bytes = model_bytes(lm.model)["other"]
@@ -233,6 +238,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seq-len", type=cli_args.positive_int, default=2048)
     p.add_argument("--max-windows", type=cli_args.positive_int, default=16)
     p.add_argument("--json", dest="json_path", help="write the run's record as JSON")
+    dist_cli.add_flags(p)
     p.set_defaults(func=_run_quantize)
 
     p = sub.add_parser("calibrate", help="save activation statistics for `quantize --stats`",
