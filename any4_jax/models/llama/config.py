@@ -253,6 +253,13 @@ LLAMA3_70B = LlamaConfig(
     name="Llama-3-70B", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
     num_layers=80, num_heads=64, num_kv_heads=8, rope_theta=500000.0,
     max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001)
+# shapes for capacity plans (scripts/capacity_plan.py); Llama 3.1's rope scaling
+LLAMA31_405B = LlamaConfig(
+    name="Llama-3.1-405B", vocab_size=128256, hidden_size=16384, intermediate_size=53248,
+    num_layers=126, num_heads=128, num_kv_heads=8, rope_theta=500000.0,
+    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192),
+    max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001)
 LLAMA2_7B = LlamaConfig(
     name="Llama-2-7B", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
     num_layers=32, num_heads=32, num_kv_heads=32, max_position_embeddings=4096)
@@ -270,8 +277,8 @@ TINY = LlamaConfig(
     num_heads=4, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=512)
 
 PRESETS: dict[str, LlamaConfig] = {
-    c.name: c for c in (SMOLLM2_135M, LLAMA32_1B, LLAMA3_8B, LLAMA3_70B, LLAMA2_7B, MISTRAL_7B,
-                        MIXTRAL_8X7B, TINY)
+    c.name: c for c in (SMOLLM2_135M, LLAMA32_1B, LLAMA3_8B, LLAMA3_70B, LLAMA31_405B,
+                        LLAMA2_7B, MISTRAL_7B, MIXTRAL_8X7B, TINY)
 }
 # Published parameter counts (Hugging Face model cards / safetensors metadata).
 PUBLISHED_PARAMS = {
