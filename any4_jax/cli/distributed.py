@@ -10,12 +10,16 @@ from any4_jax import distributed, outputs
 from any4_jax.cli import args as cli_args
 from any4_jax.loading import default_model_path, detect_format
 
+_WHAT = {"quantize": "rows of every matrix split over the processes, the checkpoint written "
+                     "collectively",
+         "eval": "the quantized layers split over every device of every process (tensor "
+                 "parallel), the perplexity loop jitted over the global mesh"}
 
-def add_flags(p) -> None:
+
+def add_flags(p, what: str = "quantize") -> None:
     g = p.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--distributed", action="store_true",
-                   help="run as one process of a multi-process job: rows of every matrix "
-                   "split over all processes' devices, the checkpoint written collectively "
+                   help=f"run as one process of a multi-process job: {_WHAT[what]} "
                    "(auto-detected on SLURM / Cloud TPU; or the three flags below, or "
                    "$JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID)")
     g.add_argument("--coordinator", help="host:port of process 0 (manual launches)")
@@ -26,6 +30,15 @@ def add_flags(p) -> None:
 def wanted(args) -> bool:
     return bool(args.distributed or args.coordinator or args.num_processes is not None
                 or args.process_id is not None)
+
+
+def join(args) -> dict:
+    """Joins the job the flags describe; says so on the first process."""
+    info = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if distributed.is_primary():
+        print(f"jax.distributed: {info['processes']} processes, {info['devices']} devices "
+              f"({info['local_devices']} here)", file=sys.stderr)
+    return info
 
 
 def run(args, qcfg, stats) -> int:
@@ -50,11 +63,8 @@ def run(args, qcfg, stats) -> int:
         bad.append("--act-quant / --codebooks are single-process options")
     if bad:
         raise ValueError("--distributed: " + "; ".join(bad))
-    info = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    join(args)
     primary = distributed.is_primary()
-    if primary:
-        print(f"jax.distributed: {info['processes']} processes, {info['devices']} devices "
-              f"({info['local_devices']} here)", file=sys.stderr)
     dtype = None if args.dtype == "auto" else args.dtype
     rep = quantize_hf_files(path, qcfg, args.out, stats=stats,
                             include=args.include or ("*",), exclude=args.exclude,

@@ -10,8 +10,9 @@ from collections import Counter
 
 import jax
 
-from any4_jax import assets, outputs
+from any4_jax import assets, distributed, outputs
 from any4_jax.cli import args as cli_args
+from any4_jax.cli import distributed as dist_cli
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
 from any4_jax.kernels.api import pick
@@ -19,6 +20,7 @@ from any4_jax.loading import LoadedModel, load_model
 from any4_jax.models.llama.generate import generate
 from any4_jax.nn.layers import get_layer
 from any4_jax.nn.prepare import prepare_model
+from any4_jax.nn.sharding import shard_model, tp_mesh
 
 
 def use_kernel(model, kernel: str) -> None:
@@ -60,14 +62,25 @@ def _run_eval(args) -> int:
     out = args.json_path or "eval_results.json"
     outputs.check_file_output(out, what="--json")  # before the model, like --text
     text, desc = load_text(args.text)
+    sharded = dist_cli.wanted(args)
+    if sharded:
+        dist_cli.join(args)
+    primary = distributed.is_primary()
     lm = load(args)
+    if sharded:  # tensor parallel over every device of every process
+        plan = shard_model(lm.model, tp_mesh())
+        if primary:
+            print(f"sharded over {jax.device_count()} devices: " + ", ".join(
+                f"{n} {k}" for k, n in Counter(plan.values()).items()), file=sys.stderr)
     t0 = time.perf_counter()
     ids = lm.tokenizer.encode(text)
     tok_s = time.perf_counter() - t0
     print(f"text: {desc}, {len(text):,} characters -> {len(ids):,} tokens "
           f"({tok_s:.1f} s)", file=sys.stderr)
     r = perplexity(lm.model, ids, seq_len=args.seq_len, max_windows=args.max_windows,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, progress=primary)
+    if not primary:
+        return 0
     print("| model | text | seq_len | windows | tokens | perplexity | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {os.path.basename(lm.source)} | {args.text} | {r.seq_len} | {r.windows} | "
@@ -77,7 +90,8 @@ def _run_eval(args) -> int:
         "text": args.text, "text_tokens": len(ids),
         "settings": {"seq_len": args.seq_len, "max_windows": args.max_windows,
                      "batch_size": args.batch_size},
-        "device": str(jax.devices()[0]), **r.to_dict(),
+        "device": str(jax.devices()[0]), "devices": jax.device_count(),
+        "processes": jax.process_count(), **r.to_dict(),
     }
     outputs.write_json(out, record)
     print(f"wrote {out}", file=sys.stderr)
@@ -130,6 +144,7 @@ def add_commands(sub) -> None:
                    help="evaluate at most N windows")
     p.add_argument("--batch-size", type=cli_args.positive_int, default=1,
                    help="windows per jitted step")
+    dist_cli.add_flags(p, "eval")
     p.add_argument("--json", dest="json_path",
                    help="where to write the JSON result (default eval_results.json)")
     p.set_defaults(func=_run_eval)

@@ -38,6 +38,7 @@ class QuantDense(nnx.Module):
                  act_quant: ActQuantConfig | None = None):
         qweight.check()
         self.act_quant = act_quant  # static: simulated activation quantization (W4A4)
+        self.tp = None  # static: tensor-parallel split (`nn.sharding.shard_model`)
         self.meta: WeightMeta = qweight.meta  # static: format, group size, shape, dtype
         self.table_dtype = str(jnp.dtype(qweight.lut.dtype))
         self._store(qweight)
@@ -90,7 +91,12 @@ class QuantDense(nnx.Module):
         impl = self.implementation
         if impl is not None and can_use(impl, x, w):
             impl = None  # declined for this input (e.g. too many rows): the automatic choice
-        y = lut_matmul(x, w, implementation=impl)
+        if getattr(self, "tp", None) is not None:
+            from any4_jax.nn.sharding import tp_matmul
+
+            y = tp_matmul(x, w, self.tp, impl)
+        else:
+            y = lut_matmul(x, w, implementation=impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y if out_dtype is None else y.astype(out_dtype)

@@ -2,6 +2,7 @@
 Face model with `any4 quantize --distributed`; the checkpoint's arrays equal those of the
 one-process run bit for bit. Every process has a timeout, so a hang fails instead of blocking."""
 
+import json
 import os
 import socket
 import subprocess
@@ -25,6 +26,9 @@ def hf_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf") / "tiny"
     tiny_hf_model("llama").save_pretrained(d, safe_serialization=True)
     byte_tokenizer()._tok.save(str(d / "tokenizer.json"))
+    (d / "text.txt").write_text("It is a truth universally acknowledged, that a single man "
+                                "in possession of a good fortune must be in want of a wife. "
+                                * 8)
     return d
 
 
@@ -48,10 +52,10 @@ def _quantize(*args, devices=1):
     return r
 
 
-def _two_processes(*args):
+def _two_processes(*args, command="quantize"):
     port = _free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "any4_jax.cli", "quantize", *map(str, args), "--distributed",
+        [sys.executable, "-m", "any4_jax.cli", command, *map(str, args), "--distributed",
          "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2))
         for i in range(2)]
@@ -92,6 +96,20 @@ def test_two_processes_write_the_one_process_checkpoint(hf_dir, tmp_path, fmt):
         layer["shape"][0] for layer in meta["quantized_layers"].values())
     # nothing but the checkpoint beside it (no partial directories left)
     assert sorted(os.listdir(tmp_path)) == ["one", "two"]
+    if fmt != "any4":
+        return
+    # sharded evaluation: 2 processes x 2 devices, tensor parallel, against one device
+    one, two = tmp_path / "e1.json", tmp_path / "e2.json"
+    ev = ["--text", str(hf_dir / "text.txt"), "--seq-len", "64"]
+    r = subprocess.run([sys.executable, "-m", "any4_jax.cli", "eval", str(tmp_path / "two"),
+                        *ev, "--json", str(one)], capture_output=True, text=True,
+                       timeout=TIMEOUT, env=_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = _two_processes(tmp_path / "two", *ev, "--json", two, command="eval")
+    assert "sharded over 4 devices: " in outs[0][1]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["processes"] == 2 and b["devices"] == 4 and a["windows"] == b["windows"] >= 4
+    np.testing.assert_allclose(b["window_nll"], a["window_nll"], rtol=1e-5)
 
 
 def test_flags_the_multi_process_path_cannot_take_are_named(hf_dir, tmp_path, capsys):
