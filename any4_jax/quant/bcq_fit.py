@@ -66,7 +66,8 @@ class BCQFitConfig:
 def _nearest_all(x, c):
     """x [B, Lb], c [Nc, 16] sorted -> the nearest entry of every codebook [Nc, B, Lb]: the
     number of midpoints below x (ties to the lower entry), then that entry. Codebook-major,
-    as one searchsorted per codebook: 5x faster on a CPU than [B, Lb, Nc, 15] comparisons."""
+    as one searchsorted per codebook: XLA:CPU vectorizes this far better than a reduction
+    over a minor axis of 15 comparisons ([B, Lb, Nc, 15])."""
     mid = (c[:, 1:] + c[:, :-1]) * 0.5  # [Nc, 15]
     idx = jax.vmap(lambda m: jnp.searchsorted(m, x, side="left", method="compare_all"))(mid)
     nc = c.shape[0]
