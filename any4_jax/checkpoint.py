@@ -33,6 +33,7 @@ from any4_jax.models.llama.modules import Llama
 from any4_jax.models.llama.tokenizer import Tokenizer, hf_tokenizer
 from any4_jax.nn.layers import dense_layers, set_layer
 from any4_jax.nn.qdense import QuantDense
+from any4_jax.nn.sharding import plan_model, target_shardings
 
 FORMAT_VERSION = 1
 META_FILE = "any4.json"
@@ -248,8 +249,12 @@ def abstract_quantized_model(config, param_dtype, layers: dict[str, dict]):
     return nnx.eval_shape(build)
 
 
-def load_quantized(path):
-    """(model, config, tokenizer, metadata) from a checkpoint directory."""
+def load_quantized(path, *, mesh=None):
+    """(model, config, tokenizer, metadata) from a checkpoint directory.
+
+    mesh: a 1-D mesh with axis "tp" (`nn.sharding.tp_mesh()`): the model comes back tensor
+    parallel (`nn.sharding.shard_model`'s layout), each process reading from the files only
+    the shards its devices hold; None: every array on this process's first device."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"load_quantized: path must be a checkpoint directory (str or a path), "
                         f"got {type(path).__name__}")
@@ -266,12 +271,18 @@ def load_quantized(path):
                                             meta["quantized_layers"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointFormatError(f"{path}: inconsistent metadata: {e}") from None
+    if mesh is not None:
+        plan_model(abstract, mesh)
+        shardings = target_shardings(abstract, mesh)
     graphdef, state = nnx.split(abstract)
-    # every array onto this process's first device, whatever topology wrote it (a
-    # multi-process run saves global arrays sharded over its processes)
+    # whatever topology wrote it (a multi-process run saves global arrays sharded over its
+    # processes): onto the mesh as planned, or this process's first device
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
-                          nnx.to_pure_dict(state))
+    pure = nnx.to_pure_dict(state)
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: dev, pure)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          pure, shardings)
     ckptr = ocp.StandardCheckpointer()
     state_dir = os.path.join(path, "state")
     try:

@@ -61,9 +61,11 @@ def detect_format(path: str) -> str:
     raise CheckpointError(f"{path}: no such file or directory")
 
 
-def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> LoadedModel:
+def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None,
+               mesh=None) -> LoadedModel:
     """Load a model with its tokenizer. `param_dtype` None: float32 for GGUF, the checkpoint's
-    own dtype for Hugging Face directories."""
+    own dtype for Hugging Face directories. `mesh` (any4 checkpoints only): restore tensor
+    parallel over it (see `load_quantized`)."""
     path = default_model_path() if spec is None else os.fspath(spec)
     fmt = detect_format(path)
     t0 = time.perf_counter()
@@ -76,7 +78,10 @@ def load_model(spec: str | os.PathLike | None = None, *, param_dtype=None) -> Lo
         if param_dtype is not None:
             raise ValueError(f"{path} is a quantized checkpoint; its dtype is fixed at save "
                              "time (drop --dtype)")
-        model, config, tok, _ = load_quantized(path)
+        model, config, tok, _ = load_quantized(path, mesh=mesh)
+    elif mesh is not None:
+        raise ValueError(f"{path}: a sharded load reads any4 checkpoints; load this {fmt} "
+                         "model whole and call nn.sharding.shard_model on it")
     elif fmt == "flax":
         tok = hf_tokenizer(path)
         model, config = load_flax_model(path, param_dtype=param_dtype)

@@ -16,10 +16,11 @@ from any4_jax.cli import distributed as dist_cli
 from any4_jax.eval.data import load_text
 from any4_jax.eval.perplexity import perplexity
 from any4_jax.kernels.api import pick
-from any4_jax.loading import LoadedModel, load_model
+from any4_jax.loading import LoadedModel, default_model_path, detect_format, load_model
 from any4_jax.models.llama.generate import generate
-from any4_jax.nn.layers import get_layer
+from any4_jax.nn.layers import dense_layers, get_layer
 from any4_jax.nn.prepare import prepare_model
+from any4_jax.nn.qdense import QuantDense
 from any4_jax.nn.sharding import shard_model, tp_mesh
 
 
@@ -36,14 +37,15 @@ def use_kernel(model, kernel: str) -> None:
               file=sys.stderr)
 
 
-def load(args) -> LoadedModel:
-    """The model the command names (args.model, args.dtype), prepared for args.kernel."""
+def load(args, *, mesh=None) -> LoadedModel:
+    """The model the command names (args.model, args.dtype), prepared for args.kernel; with a
+    mesh, an any4 checkpoint is restored tensor parallel over it."""
     dt = None if args.dtype == "auto" else args.dtype
-    lm = load_model(args.model, param_dtype=dt)
+    lm = load_model(args.model, param_dtype=dt, mesh=mesh)
     c = lm.config
     print(f"model: {os.path.basename(lm.source)} ({lm.format}, {c.num_params() / 1e6:.1f}M "
           f"params, {lm.model.dtype}), loaded in {lm.load_seconds:.1f} s", file=sys.stderr)
-    if getattr(args, "kernel", None):
+    if getattr(args, "kernel", None) and mesh is None:  # sharded layers stay canonical
         use_kernel(lm.model, args.kernel)
     return lm
 
@@ -65,10 +67,16 @@ def _run_eval(args) -> int:
     sharded = dist_cli.wanted(args)
     if sharded:
         dist_cli.join(args)
+    else:
+        lm = load(args)
     primary = distributed.is_primary()
-    lm = load(args)
     if sharded:  # tensor parallel over every device of every process
-        plan = shard_model(lm.model, tp_mesh())
+        path = args.model or default_model_path()
+        restore = detect_format(path) == "any4"  # each process reads only its shards
+        lm = load(args, mesh=tp_mesh() if restore else None)
+        plan = ({p: ("replicated" if getattr(layer, "tp", None) is None else layer.tp.kind)
+                 for p, layer in dense_layers(lm.model) if isinstance(layer, QuantDense)}
+                if restore else shard_model(lm.model, tp_mesh()))
         if primary:
             print(f"sharded over {jax.device_count()} devices: " + ", ".join(
                 f"{n} {k}" for k, n in Counter(plan.values()).items()), file=sys.stderr)

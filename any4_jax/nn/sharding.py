@@ -73,6 +73,45 @@ def _plan(layer: QuantDense, name: str, tp: int) -> str | None:
     return None
 
 
+def plan_model(model, mesh: Mesh, *, axis: str = "tp") -> dict[str, str]:
+    """Decides, in place, how each QuantDense of `model` is split (its `tp`), without moving
+    any array (an abstract model works: what `target_shardings` and a sharded restore use);
+    returns {layer path: "column" | "row" | "replicated"}."""
+    if axis not in mesh.axis_names:
+        raise ValueError(f"shard_model: the mesh has axes {mesh.axis_names}, not {axis!r}")
+    out = {}
+    for path, layer in dense_layers(model):
+        if isinstance(layer, QuantDense):
+            kind = _plan(layer, path.split(".")[-1], mesh.shape[axis])
+            layer.tp = None if kind is None else TensorParallel(kind, mesh, axis)
+            out[path] = kind or "replicated"
+    return out
+
+
+def target_shardings(model, mesh: Mesh):
+    """The NamedSharding of every array of a planned `model` (`plan_model`), as the pure dict
+    `nnx.to_pure_dict` gives: the split layers' arrays by their specs, the rest replicated."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    split = {}
+    for path, layer in dense_layers(model):
+        tp = getattr(layer, "tp", None)
+        if isinstance(layer, QuantDense) and tp is not None:
+            for f, spec in tp.specs().items():
+                split[(*_keys(path), f)] = NamedSharding(mesh, spec)
+    _, state = nnx.split(model)
+    out: dict = {}
+    for p, _ in nnx.to_flat_state(state):
+        d = out
+        for k in p[:-1]:
+            d = d.setdefault(k, {})
+        d[p[-1]] = split.get(tuple(p), rep)
+    return out
+
+
+def _keys(path: str) -> tuple:
+    return tuple(int(k) if k.isdigit() else k for k in path.split("."))
+
+
 def shard_model(model, mesh: Mesh | None = None, *, axis: str = "tp") -> dict[str, str]:
     """Places `model`'s arrays over `mesh` (default `tp_mesh()`), in place; returns
     {layer path: "column" | "row" | "replicated"}. A layer whose N (column) or K (row, on
