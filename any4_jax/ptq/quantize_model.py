@@ -90,9 +90,9 @@ def layer_configs(paths: list[str], config: QuantConfig,
                     try:
                         c = c.replace(**dict(change))
                     except TypeError as e:  # an unknown field name
+                        fields = ", ".join(f.name for f in dataclasses.fields(QuantConfig))
                         raise ValueError(f"override {pattern!r}: {e}; QuantConfig's fields "
-                                         "are format, group_size, symmetric, dtype, "
-                                         "sample_weighting, kmeans") from None
+                                         f"are {fields}") from None
                 else:
                     raise TypeError(f"override {pattern!r}: expected a dict of QuantConfig "
                                     f"fields or a QuantConfig, got {type(change).__name__}")
