@@ -117,27 +117,11 @@ def shard_model(model, mesh: Mesh | None = None, *, axis: str = "tp") -> dict[st
     {layer path: "column" | "row" | "replicated"}. A layer whose N (column) or K (row, on
     group boundaries) the axis does not divide stays replicated."""
     mesh = mesh or tp_mesh(axis=axis)
-    if axis not in mesh.axis_names:
-        raise ValueError(f"shard_model: the mesh has axes {mesh.axis_names}, not {axis!r}")
-    size = mesh.shape[axis]
-    out = {}
-    # everything replicated first, then the quantized layers' arrays split
-    rep = NamedSharding(mesh, PartitionSpec())
+    out = plan_model(model, mesh, axis=axis)
     _, state = nnx.split(model)
-    nnx.update(model, jax.tree.map(lambda a: _put(a, rep), state))
-    for path, layer in dense_layers(model):
-        if not isinstance(layer, QuantDense):
-            continue
-        kind = _plan(layer, path.split(".")[-1], size)
-        out[path] = kind or "replicated"
-        if kind is None:
-            layer.tp = None
-            continue
-        tp = TensorParallel(kind, mesh, axis)
-        for f, spec in tp.specs().items():
-            var = getattr(layer, f)
-            var.set_value(_put(var.get_value(), NamedSharding(mesh, spec)))
-        layer.tp = tp
+    placed = jax.tree.map(_put, nnx.to_pure_dict(state), target_shardings(model, mesh))
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
     return out
 
 

@@ -64,10 +64,12 @@ def _shares(sizes: list[int], total: int) -> list[int]:
 
 
 def _draw(x, w, n: int, rng: np.random.Generator):
-    if n >= x.shape[0]:
-        return np.asarray(x), np.asarray(w)
-    pick = np.sort(rng.choice(x.shape[0], size=n, replace=False))
-    return np.asarray(x)[pick], np.asarray(w)[pick]
+    """At most n rows of x (and of w, unless None), drawn without replacement."""
+    x, w = np.asarray(x), None if w is None else np.asarray(w)
+    if n < x.shape[0]:
+        pick = np.sort(rng.choice(x.shape[0], size=n, replace=False))
+        x, w = x[pick], None if w is None else w[pick]
+    return x, w
 
 
 def weight_blocks(model, paths: list[str], config: QuantConfig, *, stats=None,
@@ -116,7 +118,7 @@ def activation_blocks(model, tokens: np.ndarray, paths: list[str], config: Quant
             check_bcq_shape(a.shape[-1], lb, la, name=f"layers.{i}.{k} input")
             e, ts = array_scales(a, la, qmax, per_row=True)
             blocks = normalize(a, e, ts, la).reshape(-1, lb)
-            out.append(_draw(blocks, blocks, per_input, rng)[0])
+            out.append(_draw(blocks, None, per_input, rng)[0])
         if i >= last:
             break
     return np.concatenate(out)

@@ -104,8 +104,8 @@ def _fake_quantize(x, config: ActQuantConfig):
         q = jnp.clip(jnp.round(ws), 0, 15)  # [T, K]
         g = config.group_size
         mn = x2.reshape(-1, k // g, g).min(-1)  # dequant: c alpha + mn (scaling.asymmetric)
+        # an all-zero group has scale 0 and min 0: it stays 0
         y = q.reshape(-1, k // g, g) * scale[..., None] + mn[..., None]
-        y = jnp.where(scale[..., None] > 0, y, x2.reshape(-1, k // g, g))
     else:
         e, ts = array_scales(x2, config.array_len, qmax_of(config.codebook_bits), per_row=True)
         xn = normalize(x2, e, ts, config.array_len).reshape(-1, config.block_len)  # [T*K/Lb, Lb]

@@ -115,9 +115,6 @@ class BCQMeta:
     group_size = property(lambda self: self.array_len)
     symmetric = property(lambda self: True)
 
-    def int_grid_offset(self) -> None:
-        return None
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BCQWeight:

@@ -31,7 +31,7 @@ def check_codebooks(codebooks, *, n_codebooks: int, codebook_bits: int,
     return np.sort(c, axis=-1).astype(np.float32)
 
 
-def sample_weights(xn_shape, e, ts, xbar, *, array_len: int, weighting: str):
+def sample_weights(xn_shape, e, xbar, *, array_len: int, weighting: str):
     """Per-scalar weights [N, K] of the codebook fit, mean 1 over the tensor: 1 ("none"),
     xbar_k ("activations"), or xbar_k * (array scale)^2 ("activations_x_scales": the error
     in the weight's own units, each array's normalized error times its squared scale)."""
@@ -40,7 +40,8 @@ def sample_weights(xn_shape, e, ts, xbar, *, array_len: int, weighting: str):
     if weighting != "none":
         w = w * jnp.asarray(xbar, jnp.float32)[None, :]
     if weighting == "activations_x_scales":
-        s2 = jnp.repeat(jnp.square(e), array_len, axis=1)  # ts is common: left out
+        # the tensor's power of two is common to every array: e alone sets the ratios
+        s2 = jnp.repeat(jnp.square(e), array_len, axis=1)
         w = w * s2
     mean = jnp.mean(w)
     return jnp.where(mean > 0, w / jnp.where(mean > 0, mean, 1.0), jnp.ones_like(w))
@@ -52,7 +53,7 @@ def normalized_blocks(w, config, xbar=None):
     qmax = qmax_of(config.codebook_bits)
     e, ts = array_scales(w, config.array_len, qmax)
     xn = normalize(w, e, ts, config.array_len)
-    sw = sample_weights((n, k), e, ts, xbar, array_len=config.array_len,
+    sw = sample_weights((n, k), e, xbar, array_len=config.array_len,
                         weighting=config.sample_weighting if xbar is not None else "none")
     lb = config.block_len
     return xn.reshape(-1, lb), sw.reshape(-1, lb), e, ts
