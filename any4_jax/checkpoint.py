@@ -131,6 +131,22 @@ def _canonical_state(model) -> dict:
     return pure
 
 
+def _global_state(pure: dict) -> dict:
+    """In a multi-process run, every array one process holds whole (a model quantized in
+    every process, `ptq/rows.py`, or its unquantized tensors) as a global replicated array, so
+    orbax's collective save writes it once; arrays already global are left as they are."""
+    if jax.process_count() == 1:
+        return pure
+    mesh = distributed.process_mesh()
+
+    def put(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return a
+        return distributed.replicated(a, mesh)
+
+    return jax.tree.map(put, pure)
+
+
 def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = False) -> Path:
     """Write `model` (a Llama whose Dense layers may be QuantDense) to the directory `path`.
 
@@ -171,7 +187,7 @@ def save_quantized(path, model, *, tokenizer, metadata: dict, overwrite: bool = 
     distributed.barrier("any4-save-start")
     ckptr = ocp.StandardCheckpointer()
     try:
-        ckptr.save(tmp / "state", _canonical_state(model))
+        ckptr.save(tmp / "state", _global_state(_canonical_state(model)))
         ckptr.wait_until_finished()
         distributed.barrier("any4-save-arrays")
         if not primary:

@@ -5,7 +5,8 @@ per GPU), all running the same program, joined by `jax.distributed`.
 cluster JAX detects itself (SLURM, Cloud TPU, Open MPI); `process_mesh` is the global mesh,
 one row of devices per process; `row_split` says which rows of an [N, K] matrix this process
 owns, and `global_rows` assembles each process's rows into one global array (what orbax's
-multi-process save writes collectively).
+multi-process save writes collectively). `share`, `gather_items` and `allgather_rows` serve
+data-parallel calibration and quantizing a model object in every process (`ptq`).
 """
 
 from __future__ import annotations
@@ -144,3 +145,64 @@ def global_rows(local, split: RowSplit, n: int, mesh: Mesh) -> jax.Array:
 def replicated(a, mesh: Mesh) -> jax.Array:
     """An array every process holds whole (the same value on all) as a global array."""
     return jax.device_put(np.asarray(a), NamedSharding(mesh, PartitionSpec()))
+
+
+def share(n: int) -> range:
+    """This process's contiguous share of `n` items (calibration batches): shares differ by at
+    most one, in process order. Every item in one process, or when there are fewer items than
+    processes (each process then does all of them)."""
+    return share_of(n, jax.process_index())
+
+
+def gather_items(items: list, n: int) -> list:
+    """Every process's `items` (pytrees of arrays of one structure, the results of its
+    `share(n)`), all `n` of them in item order, in every process (a collective)."""
+    if len(items) == n:  # one process, or each process did every item
+        return [jax.tree.map(np.asarray, t) for t in items]
+    from jax.experimental import multihost_utils
+
+    width = -(-n // jax.process_count())
+    padded = list(items) + [items[0]] * (width - len(items))  # equal shapes for the gather
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *padded)
+    got = multihost_utils.process_allgather(stacked)  # leaves [processes, width, ...]
+    sizes = [len(share_of(n, q)) for q in range(jax.process_count())]
+    return [jax.tree.map(lambda a, q=q, j=j: np.asarray(a[q, j]), got)
+            for q, k in enumerate(sizes) for j in range(k)]
+
+
+def share_of(n: int, process: int, processes: int | None = None) -> range:
+    """`share(n)` as process `process` of `processes` (default: this job's) sees it."""
+    p = jax.process_count() if processes is None else processes
+    if p == 1 or n < p:
+        return range(n)
+    per, extra = divmod(n, p)
+    start = process * per + min(process, extra)
+    return range(start, start + per + (process < extra))
+
+
+def sum_over_processes(tree):
+    """The sum over processes of a pytree of arrays (every process's own partial sums), added
+    in process order, the same in every process (a collective)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(jax.tree.map(np.asarray, tree))
+
+    def fold(a):
+        acc = a[0]
+        for x in a[1:]:
+            acc = acc + x
+        return acc
+
+    return jax.tree.map(fold, got)
+
+
+def allgather_rows(a) -> np.ndarray:
+    """Every process's rows `a` [n_i, ...] (equal n_i) concatenated in process order, in
+    every process (a collective)."""
+    if jax.process_count() == 1:
+        return np.asarray(a)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(a), tiled=True))

@@ -8,9 +8,11 @@ single-process ones bit for bit), and contributes them to global arrays that orb
 collectively. No process ever holds a whole quantized layer set or the dense weights of the
 quantized layers; the unquantized tensors (embedding, norms, lm_head) are read whole by each.
 
-Calibration statistics come from a file (`any4 calibrate`, run once anywhere) or are not
-used (int/nf4/fp4, or `sample_weighting="none"`): a forward pass over calibration text would
-need every layer on every process.
+Calibration statistics come from a file (`any4 calibrate`, itself data parallel with
+`--distributed`) or are not used (int/nf4/fp4, or `sample_weighting="none"`): a forward pass
+over calibration text needs the whole model, which this path never loads. `any4 quantize
+--distributed` takes the model-object path (`ptq.quantize_model` in every process, rows and
+calibration batches split over the processes) when a forward is wanted.
 """
 
 from __future__ import annotations
@@ -129,7 +131,6 @@ def quantize_hf_files(path, config: QuantConfig, out, *, stats: Mapping | None =
     bar.close()
     model = assemble(cfg, dense, param_dtype=dt, source=path, convert=_torch_to_flax,
                      model=model)
-    model = _replicate_dense(model, mesh)
     for st in shards:
         st.close()
     report = {"layers": len(paths), "processes": jax.process_count(),
@@ -139,18 +140,3 @@ def quantize_hf_files(path, config: QuantConfig, out, *, stats: Mapping | None =
     report["out"] = str(final)
     return report
 
-
-def _replicate_dense(model, mesh):
-    """`model` with every unquantized array (the same value in every process) as a global
-    replicated array, as orbax's collective save wants."""
-    from flax import nnx
-
-    from any4_jax.nn.qdense import QuantState
-
-    if jax.process_count() == 1:
-        return model
-    graphdef, state = nnx.split(model)
-    for _, v in nnx.to_flat_state(state):
-        if not isinstance(v, QuantState):
-            v.set_value(distributed.replicated(v.get_value(), mesh))
-    return nnx.merge(graphdef, state)

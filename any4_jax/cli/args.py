@@ -166,6 +166,9 @@ def add_calibration(p) -> None:
     p.add_argument("--calib-seq-len", type=positive_int, default=512,
                    help="tokens per calibration window (default 512)")
     p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--calib-batch-size", type=positive_int, default=16,
+                   help="calibration windows per forward (memory bound; under --distributed "
+                        "the batches are shared out over the processes; default 16)")
 
 
 def add_layer_selection(p, *, overrides: bool = False) -> None:

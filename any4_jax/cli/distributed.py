@@ -10,8 +10,10 @@ from any4_jax import distributed, outputs
 from any4_jax.cli import args as cli_args
 from any4_jax.loading import default_model_path, detect_format
 
-_WHAT = {"quantize": "rows of every matrix split over the processes, the checkpoint written "
-                     "collectively",
+_WHAT = {"quantize": "rows of every matrix and the calibration batches split over the "
+                     "processes, the checkpoint written collectively",
+         "calibrate": "the calibration batches split over the processes (data parallel), the "
+                      "statistics gathered",
          "eval": "the quantized layers split over every device of every process (tensor "
                  "parallel), the perplexity loop jitted over the global mesh"}
 
@@ -41,28 +43,45 @@ def join(args) -> dict:
     return info
 
 
-def run(args, qcfg, stats) -> int:
-    """Checks the flags that the multi-process path cannot take, joins the job, quantizes."""
+def file_path_blockers(args, qcfg, stats) -> list[str]:
+    """Why `any4 quantize --distributed` cannot take the file path (each process reads only
+    its rows from the safetensors, never the whole model); empty when it can. Otherwise every
+    process loads the model and runs `quantize_model` (rows and calibration batches split over
+    the processes)."""
+    from any4_jax.models.llama.convert_hf import read_hf_config
+
+    path = args.model or default_model_path()
+    why = []
+    if detect_format(path) != "hf":
+        return [f"{path} is not a Hugging Face directory"]
+    if read_hf_config(path).is_moe:
+        why.append("stacked experts")
+    if args.method != "rtn":
+        why.append(f"--method {args.method} (a forward pass)")
+    if qcfg.uses_activation_stats and stats is None:
+        why.append("calibration from text (a forward pass; --stats FILE avoids it)")
+    if qcfg.format == "bcq" or args.act_quant or args.codebooks:
+        why.append("LO-BCQ / activation quantization")
+    if args.eval:
+        why.append("--eval")
+    if not args.out:
+        why.append("no --out")
+    return why
+
+
+def check_model_path(args) -> None:
+    """The model-object path's own requirement, before the job starts."""
+    if not args.out and not args.eval:
+        raise ValueError("--distributed: give --out (the checkpoint, written collectively) "
+                         "and/or --eval: otherwise the processes' work is thrown away")
+
+
+def run_files(args, qcfg, stats) -> int:
+    """The file path: joins the job, quantizes each process's rows from the files, writes the
+    checkpoint collectively."""
     from any4_jax.distributed_quantize import quantize_hf_files
 
     path = args.model or default_model_path()
-    bad = []
-    if detect_format(path) != "hf":
-        bad.append(f"{path} is not a Hugging Face directory (the processes read rows of its "
-                   "safetensors files)")
-    if not args.out:
-        bad.append("--out is required (the checkpoint is the result)")
-    if args.eval:
-        bad.append("--eval runs in one process: evaluate the checkpoint afterwards")
-    if args.method != "rtn":
-        bad.append(f"--method {args.method} needs the model's forward pass on every process")
-    if qcfg.uses_activation_stats and stats is None:
-        bad.append(f"{qcfg.format} with activation sample weights needs --stats FILE (from "
-                   "`any4 calibrate`, run once in one process), or --calibration none")
-    if args.act_quant or args.codebooks:
-        bad.append("--act-quant / --codebooks are single-process options")
-    if bad:
-        raise ValueError("--distributed: " + "; ".join(bad))
     join(args)
     primary = distributed.is_primary()
     dtype = None if args.dtype == "auto" else args.dtype

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from any4_jax import outputs
+from any4_jax import distributed, outputs
 from any4_jax.checkpoint import check_output, directory_bytes, save_quantized
 from any4_jax.cli import args as cli_args
 from any4_jax.cli import bcq as bcq_cli
@@ -52,14 +52,15 @@ def calibration(args, tokenizer, text: str | None = None):
     cfg = CalibrationConfig(
         source="prompt" if src in ("prompt", "none") else "text", num_samples=args.num_samples,
         seq_len=args.calib_seq_len, statistic=args.statistic, mode=args.calib_mode,
-        seed=args.calib_seed)
+        seed=args.calib_seed, batch_size=args.calib_batch_size)
     if src == "none":
         return cfg, None, {"source": "none"}
     if text is None and src != "prompt":
         text = calibration_text(args)
     tokens = calibration_tokens(tokenizer.encode, cfg, text)
     desc = {"source": src, "mode": cfg.mode, "statistic": cfg.statistic,
-            "sequences": int(tokens.shape[0]), "tokens_per_sequence": int(tokens.shape[1])}
+            "sequences": int(tokens.shape[0]), "tokens_per_sequence": int(tokens.shape[1]),
+            "batch_size": cfg.batch_size}
     if src != "prompt":
         desc.update(num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=cfg.seed)
     return cfg, tokens, desc
@@ -113,12 +114,19 @@ def _run_quantize(args) -> int:
         except ValueError as e:
             raise ValueError(f"--override {pattern!r}: {e}") from None
     stats = _load_stats(args.stats, args.statistic) if args.stats else None
-    if dist_cli.wanted(args):
-        if args.calibration == "none" and qcfg.uses_activation_stats and stats is None:
-            qcfg = qcfg.replace(sample_weighting="none")
-        return dist_cli.run(args, qcfg, stats)
+    if args.calibration == "none" and qcfg.uses_activation_stats and stats is None:
+        qcfg = qcfg.replace(sample_weighting="none")
+        _log(f"--calibration none: {qcfg.format} without activation sample weights")
+    sharded = dist_cli.wanted(args)
+    if sharded and not dist_cli.file_path_blockers(args, qcfg, stats):
+        return dist_cli.run_files(args, qcfg, stats)
+    if sharded:
+        dist_cli.check_model_path(args)
     calib_text = calibration_text(args)
     eval_text = load_text(args.text)[0] if args.eval else None
+    if sharded:  # every process loads the model; rows and batches are shared out
+        dist_cli.join(args)
+    primary = distributed.is_primary()
     t0 = time.perf_counter()
     lm = load(args)
     dense_bytes = model_bytes(lm.model)["other"]
@@ -126,16 +134,13 @@ def _run_quantize(args) -> int:
     if stats is not None:
         calib_desc = {"source": f"stats file {args.stats}", "statistic": args.statistic}
     overrides = dict(args.override or [])
-    if args.calibration == "none" and qcfg.uses_activation_stats and stats is None:
-        qcfg = qcfg.replace(sample_weighting="none")
-        _log(f"--calibration none: {qcfg.format} without activation sample weights")
     qmodel, rep = quantize_model(lm.model, qcfg, calibration=calib, tokens=tokens, stats=stats,
                                  include=args.include or ("*",), exclude=args.exclude,
                                  overrides=overrides, method=args.method, gptq=gptq,
                                  awq=awq, codebooks=codebooks, act_quant=act_quant,
-                                 in_place=True)
+                                 in_place=True, progress=primary)
     total_s = time.perf_counter() - t0
-    if rep.uncalibrated_experts:
+    if rep.uncalibrated_experts and primary:
         idle = sum(len(v) for v in rep.uncalibrated_experts.values())
         _log(f"{idle} expert(s) in {len(rep.uncalibrated_experts)} layer(s) received no "
              "calibration token: their rows were quantized with uncalibrated sample weights "
@@ -147,18 +152,19 @@ def _run_quantize(args) -> int:
               if isinstance(layer, QuantDense))
     bpw = 8 * mb["quantized"] / n_q
     dense_q_bytes = n_q * jax.numpy.dtype(qmodel.dtype).itemsize
-    print("| model | format | group | layers | bits/weight | memory MB (dense) | "
-          "calibration s | quantize s | total s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    mem = (mb["quantized"] + mb["other"]) / 2**20
-    group = (f"Lb{qcfg.block_len}/La{qcfg.array_len}/Nc{qcfg.n_codebooks}"
-             if qcfg.format == "bcq" else qcfg.group_size or "row")
-    print(f"| {os.path.basename(lm.source)} | {qcfg.format} | {group} | "
-          f"{len(rep.layers)} | {bpw:.3f} | {mem:.1f} ({dense_bytes / 2**20:.1f}) | "
-          f"{rep.calibration_seconds:.1f} | {rep.quantize_seconds:.1f} | {total_s:.1f} |")
-    _log(f"quantized layers: {n_q / 1e6:.1f}M weights, {mb['quantized'] / 2**20:.1f} MB "
-         f"(dense {qmodel.dtype}: {dense_q_bytes / 2**20:.1f} MB); unquantized arrays "
-         f"(embedding, norms): {mb['other'] / 2**20:.1f} MB")
+    if primary:  # one table for the job
+        print("| model | format | group | layers | bits/weight | memory MB (dense) | "
+              "calibration s | quantize s | total s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        mem = (mb["quantized"] + mb["other"]) / 2**20
+        group = (f"Lb{qcfg.block_len}/La{qcfg.array_len}/Nc{qcfg.n_codebooks}"
+                 if qcfg.format == "bcq" else qcfg.group_size or "row")
+        print(f"| {os.path.basename(lm.source)} | {qcfg.format} | {group} | "
+              f"{len(rep.layers)} | {bpw:.3f} | {mem:.1f} ({dense_bytes / 2**20:.1f}) | "
+              f"{rep.calibration_seconds:.1f} | {rep.quantize_seconds:.1f} | {total_s:.1f} |")
+        _log(f"quantized layers: {n_q / 1e6:.1f}M weights, {mb['quantized'] / 2**20:.1f} MB "
+             f"(dense {qmodel.dtype}: {dense_q_bytes / 2**20:.1f} MB); unquantized arrays "
+             f"(embedding, norms): {mb['other'] / 2**20:.1f} MB")
     record = {
         "model": lm.source, "quantization": {**dataclasses.asdict(qcfg), "overrides": overrides,
                                              "include": list(args.include or ["*"]),
@@ -178,12 +184,16 @@ def _run_quantize(args) -> int:
         "memory_bytes": {"model": mb["quantized"] + mb["other"], "dense_model": dense_bytes,
                          "quantized_layers": mb["quantized"]},
         "device": str(jax.devices()[0]),
+        **({"distributed": distributed.describe()} if sharded else {}),
     }
-    if args.out:
+    if args.out:  # collective under --distributed
         final = save_quantized(args.out, qmodel, tokenizer=lm.tokenizer, metadata=record,
                                overwrite=args.overwrite)
         args.written = str(final)
-        _log(f"wrote {final} ({directory_bytes(final) / 2**20:.1f} MB on disk)")
+        if primary:
+            _log(f"wrote {final} ({directory_bytes(final) / 2**20:.1f} MB on disk)")
+    if not primary:  # every process holds the same model: the first evaluates and reports
+        return 0
     if args.eval:
         use_kernel(qmodel, args.kernel)
         ids = lm.tokenizer.encode(eval_text)
@@ -201,17 +211,25 @@ def _run_calibrate(args) -> int:
         raise ValueError("--calibration none has nothing to compute")
     outputs.check_file_output(args.out, what="--out")
     text = calibration_text(args)
+    if dist_cli.wanted(args):  # data parallel: each process runs a share of the batches
+        dist_cli.join(args)
+    primary = distributed.is_primary()
     lm = load(args)
     calib, tokens, desc = calibration(args, lm.tokenizer, text)
     paths = select_layers(lm.model, args.include or ("*",), args.exclude)
     t0 = time.perf_counter()
     sums, count = collect_offline(lm.model, tokens, paths, batch_size=calib.batch_size,
-                                  progress=True)
+                                  progress=primary)
+    if not primary:  # every process holds the same statistics; the first writes them
+        return 0
     arrays = {}
     for stat in ("abs_of_mean", "mean_of_abs"):
         for k, v in finalize(sums, count, stat).items():
             arrays[f"{stat}/{k}"] = v
-    meta = {"model": lm.source, "tokens": count, **desc}
+    n = -(-len(tokens) // calib.batch_size)
+    meta = {"model": lm.source, "tokens": count, **desc, "processes": jax.process_count(),
+            "batches_per_process": [len(distributed.share_of(n, q))
+                                    for q in range(jax.process_count())]}
     arrays["__meta__"] = np.asarray(json.dumps(meta))
     out = args.out
     buf = io.BytesIO()
@@ -248,4 +266,5 @@ def add_commands(sub) -> None:
     cli_args.add_calibration(p)
     cli_args.add_layer_selection(p)
     p.add_argument("--out", required=True, help="the .npz file to write")
+    dist_cli.add_flags(p, "calibrate")
     p.set_defaults(func=_run_calibrate)

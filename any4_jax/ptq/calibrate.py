@@ -15,6 +15,10 @@ forward routed to that expert and no others (each routed token once, as the expe
 the routing weight applies after the expert, so it does not enter its input). An expert that
 no calibration token reached gets no statistic: its rows fall back to uncalibrated (uniform)
 sample weights, and `uncalibrated_experts` lists them.
+
+Under `jax.distributed` the calibration batches are shared out over the processes (data
+parallel, `my_batches`) and every batch's sums are gathered and added in batch order
+(`fold_batches`), so every process gets the one-process statistics bit for bit.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from any4_jax import distributed
 from any4_jax.nn.layers import get_layer, num_experts, set_layer
 
 STATISTICS = ("abs_of_mean", "mean_of_abs")
@@ -262,18 +267,44 @@ def collect_offline(model, tokens: np.ndarray, paths: list[str], *, batch_size: 
                     progress: bool = False) -> tuple[dict, int]:
     """One forward of `model` (unchanged): ({path: (sum x, sum |x|)}, token count)."""
     by_block = group_by_block(paths, "offline calibration")
-    batches = embed_batches(model, tokens, batch_size)
+    n_batches, batches = my_batches(model, tokens, batch_size)
     xs = [b[0] for b in batches]
     sums: dict = {}
     for i, block in enumerate(tqdm(model.layers, desc="calibrating", disable=not progress,
                                    leave=False)):
         taps = by_block.get(i, [])
+        per_batch = []
         for j, (x, extras) in enumerate(zip(xs, [b[1] for b in batches], strict=True)):
             y, s = run_block(block, x, extras, taps)
             xs[j] = y
-            for k, v in s.items():
-                add_sums(sums, f"layers.{i}.{k}", v)
+            per_batch.append(s)
+        for k, v in fold_batches(per_batch, n_batches).items():
+            sums[f"layers.{i}.{k}"] = v
     return sums, int(tokens.size)
+
+
+def my_batches(model, tokens: np.ndarray, batch_size: int,
+               split: bool = True) -> tuple[int, list]:
+    """(number of batches, [(x, extras)] of this process's batches). Under jax.distributed
+    each process takes a contiguous share of the batches of `tokens` (`distributed.share`):
+    batch j holds the same sequences in any number of processes."""
+    n = -(-len(tokens) // batch_size)
+    mine = distributed.share(n) if split else range(n)
+    return n, embed_batches(model, tokens[mine.start * batch_size:mine.stop * batch_size],
+                            batch_size)
+
+
+def fold_batches(per_batch: list[dict], n_batches: int) -> dict:
+    """Every batch's sums ({tap: (sum x, sum |x|)} or an experts' triple, this process's
+    share in `per_batch`) added in batch order: the one-process sums bit for bit, in every
+    process (a collective when the batches are split over processes)."""
+    sums: dict = {}
+    if not per_batch or not per_batch[0]:  # no taps in this block: nothing to reduce
+        return sums
+    for s in distributed.gather_items(per_batch, n_batches):
+        for k, v in s.items():
+            add_sums(sums, k, v)
+    return sums
 
 
 @partial(jax.jit, static_argnums=(0, 4))

@@ -24,10 +24,10 @@ from any4_jax.nn.qdense import QuantDense
 from any4_jax.ptq.awq import AWQConfig
 from any4_jax.ptq.calibrate import CalibrationConfig
 from any4_jax.ptq.quantize_model import quantize_model
+from any4_jax.ptq.rows import quantize_rows
 from any4_jax.quant.bcq import BCQWeight
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.gptq import GPTQConfig
-from any4_jax.quant.quantize import quantize_weight
 from any4_jax.quant.qweight import QuantizedWeight
 
 __all__ = ["Calibration", "default_filter", "model_from_params", "quantize_params"]
@@ -145,8 +145,8 @@ def quantize_params(params: Mapping, config: QuantConfig | None = None, *,
                     f"{n}: {config.format} with sample_weighting={config.sample_weighting!r} "
                     "needs an activation statistic: pass calibration= (statistics or a "
                     "Calibration), or use sample_weighting='none'")
-            out[n] = quantize_weight(np.asarray(flat[n]).T, config,
-                                     sample_weight=xbar if needs else None, name=n)
+            out[n] = quantize_rows(np.asarray(flat[n]).T, config,
+                                   sample_weight=xbar if needs else None, name=n)
     elif calibration is not None and not isinstance(calibration, Mapping):
         raise TypeError(f"calibration must be a Calibration or a mapping of statistics, got "
                         f"{type(calibration).__name__}")

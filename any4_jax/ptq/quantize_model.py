@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from any4_jax import distributed
 from any4_jax.nn.bcqdense import BCQDense
 from any4_jax.nn.layers import dense_layers, get_layer, num_experts, set_layer, weight_rows
 from any4_jax.nn.qdense import QuantDense, QuantState
@@ -30,20 +31,20 @@ from any4_jax.ptq.awq import AWQConfig, apply_awq
 from any4_jax.ptq.bcq import check_bcq
 from any4_jax.ptq.calibrate import (
     CalibrationConfig,
-    add_sums,
     call_groups,
     collect_offline,
-    embed_batches,
     finalize,
+    fold_batches,
     group_by_block,
+    my_batches,
     run_block,
     uncalibrated_experts,
 )
+from any4_jax.ptq.rows import quantize_rows
 from any4_jax.quant.act_quant import ActQuantConfig
 from any4_jax.quant.bcq_codebooks import BCQCodebooks
 from any4_jax.quant.config import QuantConfig
 from any4_jax.quant.gptq import GPTQConfig, gptq_quantize
-from any4_jax.quant.quantize import quantize_weight
 
 DEFAULT_EXCLUDE = ("lm_head", "block_sparse_moe.gate")
 METHODS = ("rtn", "gptq", "awq")
@@ -132,6 +133,8 @@ class LayerReport:
     kmeans_iters_max: int | None = None
     # bcq: the weighted MSE of the codes (normalized units), local codebooks' fit iterations
     bcq: dict | None = None
+    # the processes the rows were shared out over (jax.distributed; 1: quantized whole)
+    processes: int = 1
 
 
 @dataclasses.dataclass
@@ -159,8 +162,9 @@ def _quantize_one(layer, cfg: QuantConfig, xbar, path: str, hessian=None,
     w = weight_rows(layer)  # Flax [K, N] -> [N, K]; experts [E, K, N] -> [E*N, K]
     bcq = cfg.spec.family == "bcq"
     cb = codebooks.weights if bcq and codebooks is not None else None
-    qw, info = quantize_weight(w, cfg, sample_weight=xbar, name=path, return_info=True,
-                               codebooks=cb)
+    # under jax.distributed each process quantizes a share of the rows (ptq/rows.py)
+    qw, info = quantize_rows(w, cfg, sample_weight=xbar, name=path, return_info=True,
+                             codebooks=cb)
     if hessian is not None:  # GPTQ: the RTN tables, scales and zeros; codes with feedback
         qw = gptq_quantize(w, hessian, qw, gptq)
     if num_experts(layer):
@@ -266,7 +270,8 @@ def quantize_model(model, config: QuantConfig | None = None, *,
                                    q.group_size, time.perf_counter() - t0,
                                    info.get("kmeans_iters_mean"), info.get("kmeans_iters_max"),
                                    {k: info[k] for k in ("mse", "local", "fit_iters",
-                                                         "fit_seconds") if k in info} or None))
+                                                         "fit_seconds") if k in info} or None,
+                                   info.get("processes", 1)))
         bar.update(1)
 
     def xbar_for(path, table):
@@ -320,7 +325,9 @@ def _sequential(model, tokens, paths, calibration, do, xbar_for, idle, *,
     by_block = group_by_block(paths, "sequential calibration")
     calib_s = 0.0
     t0 = time.perf_counter()
-    batches = embed_batches(model, tokens, calibration.batch_size)
+    # data parallel under jax.distributed (not for AWQ, whose search sees every batch)
+    n_batches, batches = my_batches(model, tokens, calibration.batch_size, split=awq is None)
+    split = len(batches) < n_batches
     xs = [b[0] for b in batches]
     extras = [b[1] for b in batches]
     count = int(tokens.size)
@@ -338,14 +345,16 @@ def _sequential(model, tokens, paths, calibration, do, xbar_for, idle, *,
         groups = call_groups(block, xs[0], extras[0], rel) if rel else []
         for grp in groups:
             t0 = time.perf_counter()
-            sums: dict = {}
+            per_batch = []
             xtx: dict = {}
             for x, ex in zip(xs, extras, strict=True):
                 _, s, *h = run_block(block, x, ex, grp, hessian=hessian)
-                for k, v in s.items():
-                    add_sums(sums, k, v)
+                per_batch.append(s)
                 for k, v in (h[0] if h else {}).items():
                     xtx[k] = xtx[k] + v if k in xtx else v
+            sums = fold_batches(per_batch, n_batches)
+            if split and xtx:  # each process's partial X^T X, added in process order
+                xtx = distributed.sum_over_processes(xtx)
             table = {f"layers.{i}.{k}": v
                      for k, v in finalize(sums, count, calibration.statistic).items()}
             idle.update({f"layers.{i}.{k}": v for k, v in uncalibrated_experts(sums).items()})
