@@ -8,7 +8,8 @@ nf4 or fp4 (k-means, scales and zeros are per row), so every row's result is the
 result bit for bit, and the gathered matrix is too. Where rows do interact, or a process
 could not pick its rows' statistics alone, every process quantizes the whole matrix (the
 same result, no speed-up): LO-BCQ (local codebooks are learned over the blocks of every row),
-stacked experts (one statistic per expert), and a row count the processes do not divide.
+stacked experts whose number the processes do not divide (each process must hold whole
+experts, whose rows share one statistic), and a row count the processes do not divide.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def splits_rows(w_shape: tuple, config: QuantConfig, sample_weight) -> bool:
     """Whether `quantize_rows` splits this matrix's rows over the processes."""
     if jax.process_count() == 1 or config.spec.family == "bcq":
         return False
-    if sample_weight is not None and np.ndim(sample_weight) != 1:
+    # one statistic per block of rows (stacked experts): whole blocks per process only
+    if (sample_weight is not None and np.ndim(sample_weight) != 1
+            and np.shape(sample_weight)[0] % jax.process_count()):
         return False
     return distributed.row_split(w_shape[0]).spec != PartitionSpec()
 
@@ -45,7 +48,11 @@ def quantize_rows(w, config: QuantConfig, *, sample_weight=None, name: str = "we
     n, k = np.shape(w)
     split = distributed.row_split(n)
     local = row_mesh(jax.local_devices()) if jax.local_device_count() > 1 else None
-    qw, info = quantize_weight(w[split.start:split.stop], config, sample_weight=sample_weight,
+    xbar = sample_weight
+    if xbar is not None and np.ndim(xbar) == 2:  # this process's blocks' statistics
+        per = n // np.shape(xbar)[0]
+        xbar = xbar[split.start // per:split.stop // per]
+    qw, info = quantize_weight(w[split.start:split.stop], config, sample_weight=xbar,
                                mesh=local, name=name, return_info=True, codebooks=codebooks)
     leaves = {f: distributed.allgather_rows(getattr(qw, f)) for f in QuantizedWeight._DATA}
     full = QuantizedWeight.from_meta(dataclasses.replace(qw.meta, shape=(n, k)),

@@ -1,9 +1,9 @@
 """One process of `test_the_library_api_runs_unchanged_under_jax_distributed`: the library
 API (`quantize_params` with statistics, `quantize_model` with GPTQ and with AWQ, calibrated on
-text) in a job of $JAX_NUM_PROCESSES processes (or alone), its results written to
-OUT/p<process>.npz.
+text; a Mixtral's stacked experts) in a job of $JAX_NUM_PROCESSES processes (or alone), its
+results written to OUT/p<process>.npz.
 
-usage: python -m tests.distributed.api_worker HF_DIR OUT
+usage: python -m tests.distributed.api_worker HF_DIR MIXTRAL_DIR OUT
 """
 
 import os
@@ -24,7 +24,7 @@ from any4_jax.ptq import CalibrationConfig, calibration_tokens, quantize_params 
 from any4_jax.ptq.quantize_model import quantize_model  # noqa: E402
 
 
-def main(hf_dir: str, out: str) -> None:
+def main(hf_dir: str, moe_dir: str, out: str) -> None:
     cfg = QuantConfig(format="any4", group_size=32)
     rng = np.random.default_rng(0)
     tree = {"model": {"layers": {"0": {"mlp": {
@@ -56,6 +56,17 @@ def main(hf_dir: str, out: str) -> None:
         if isinstance(layer, QuantDense):
             arrays[f"awq/{path}/codes"] = np.asarray(layer.qweight.codes)
             arrays[f"awq/{path}/lut"] = np.asarray(layer.qweight.lut)
+    # stacked experts: each expert's statistic from the tokens routed to it (the data-parallel
+    # batches' per-expert sums); the [E*N, K] matrices are quantized whole in every process
+    lm = load_model(moe_dir, param_dtype="float32")
+    with open(os.path.join(hf_dir, "text.txt")) as fh:
+        tokens = calibration_tokens(lm.tokenizer.encode, calib, fh.read())
+    qm, rep = quantize_model(lm.model, cfg, calibration=calib, tokens=tokens, progress=False)
+    for path, layer in dense_layers(qm):
+        if isinstance(layer, QuantDense):
+            arrays[f"moe/{path}/codes"] = np.asarray(layer.qweight.codes)
+            arrays[f"moe/{path}/lut"] = np.asarray(layer.qweight.lut)
+    arrays["moe_processes"] = np.asarray([layer.processes for layer in rep.layers])
     np.savez(os.path.join(out, f"p{jax.process_index()}.npz"), **arrays)
 
 

@@ -172,21 +172,27 @@ def _workers(n: int, *args) -> None:
 @pytest.mark.slow
 def test_the_library_api_runs_unchanged_under_jax_distributed(hf_dir, tmp_path):
     """`quantize_params` (statistics given) and `quantize_model` (GPTQ and AWQ, calibrated on
-    text) called in each of 2 processes: every process returns the same whole result; the
-    rows were shared out; quantize_params and AWQ equal one process bit for bit. GPTQ's X^T X
-    is summed per process, then over processes (a different float32 order than one process):
-    equal to one process up to that rounding (bit for bit here, not promised)."""
+    text; a Mixtral with stacked experts, calibrated data parallel) called in each of 2
+    processes: every process returns the same whole result; the rows were shared out (whole
+    experts for the Mixtral); quantize_params, AWQ and the Mixtral equal one process bit for
+    bit. GPTQ's X^T X is summed per process, then over processes (a different float32 order
+    than one process): equal to one process up to that rounding (bit for bit here, not
+    promised)."""
+    from tests.models.test_mixtral import save_tiny_mixtral
+
+    save_tiny_mixtral(tmp_path / "mixtral")
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    _workers(1, hf_dir, tmp_path / "one")
-    _workers(2, hf_dir, tmp_path / "two")
+    _workers(1, hf_dir, tmp_path / "mixtral", tmp_path / "one")
+    _workers(2, hf_dir, tmp_path / "mixtral", tmp_path / "two")
     one = np.load(tmp_path / "one" / "p0.npz")
     p0, p1 = np.load(tmp_path / "two" / "p0.npz"), np.load(tmp_path / "two" / "p1.npz")
     assert set(one["processes"]) == {1} and set(p0["processes"]) == {2}
     for k in p0.files:  # the processes agree bit for bit
         assert np.array_equal(p0[k], p1[k]), k
-    exact = [k for k in one.files if k.startswith(("params/", "awq/"))]
-    assert len(exact) == 8 + 28
+    exact = [k for k in one.files if k.startswith(("params/", "awq/", "moe/"))]
+    assert len(exact) == 8 + 28 + 2 * 14
+    assert set(p0["moe_processes"]) == {2}  # 4 experts: 2 whole experts per process
     for k in exact:
         assert np.array_equal(one[k], p0[k]), k
     codes = [k for k in one.files if k.startswith("gptq/") and k.endswith("/codes")]
