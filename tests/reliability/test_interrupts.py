@@ -21,9 +21,14 @@ QUICK = ["--include", "layers.0.mlp.*", "--calibration", "none"]  # a second of 
 def _start(model, out, *extra):
     env = dict(os.environ)
     env.pop("ANY4_JAX_DEBUG", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "any4_jax.cli", "quantize", model, *QUICK, "--out", str(out),
-         *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # The child raises KeyboardInterrupt on SIGINT even when it inherits SIGINT ignored (a test
+    # run started in the background by a non-interactive shell does; Python then installs no
+    # handler and the run would finish with 0)
+    argv = ["any4", "quantize", model, *QUICK, "--out", str(out), *extra]
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+            f"; sys.argv = {argv!r}; runpy.run_module('any4_jax.cli', run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _wait_for(proc, cond, what, timeout=120.0):
