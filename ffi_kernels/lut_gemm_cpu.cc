@@ -173,6 +173,7 @@ struct Problem {
   int round;
   int param;  // Param: the dtype of lut, scales and zeros
   const float* xsum;  // [M, K / g]: each group's sum of x (the post-scaled paths)
+  const uint16_t* xbf;  // [M, K]: x as bf16 in the order dot_bf16 reads it (that path only)
 };
 
 // Weight rows [n0, n1), every row of x; the scalar loop (any K and group size).
@@ -302,6 +303,138 @@ void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 activations and bf16 tables, one or two rows of x (decoding): vdpbf16ps, 32 products
+// and sums per instruction (docs/cpu_kernel_notes.md, v6). The codes are looked up without
+// unpacking them: read as 16-bit words, each word holds four codes, and vpermw looks a table
+// up with the low bits of every word; a table of the 16 entries repeated (32 words for 512-bit
+// vectors, whose vpermw reads 5 bits) ignores the next code's bit. Shifting the words by 4, 8
+// and 12 bits gives the other three codes of each word. Per 128 codes: one load, three shifts,
+// four permutes and four dot products (against 8 lookups, 8 widenings and 8 FMAs before).
+// The weights come out in a fixed order (word i of the j-th lookup is code 4i + j); x is put
+// in that order once per call (`dot_order`), so nothing is reordered per weight. Post-scaled
+// as the other bf16 decode path: per group sum(lut[c] x), then the scale; the zero times the
+// group's sum of x at the end. Each product of two bf16 values is exact in float32;
+// vdpbf16ps adds them in float32 with denormals flushed to zero.
+constexpr bool kHaveDotBf16 = true;
+
+// 512-bit vectors take 128 codes a step (groups of a multiple of 128), 256-bit ones 64.
+struct Dot512 {
+  using I = __m512i;
+  using F = __m512;
+  using B = __m512bh;
+  static constexpr int kStep = 128;
+  static I table(__m256i t) { return _mm512_broadcast_i64x4(t); }  // 16 entries, twice
+  static I load(const uint8_t* c) { return _mm512_loadu_si512(c); }
+  static I shift(I v, int s) { return _mm512_srli_epi16(v, s); }
+  static B lookup(I idx, I t) { return reinterpret_cast<B>(_mm512_permutexvar_epi16(idx, t)); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F dot(F acc, B w, const uint16_t* x) {
+    return _mm512_dpbf16_ps(acc, w, reinterpret_cast<B>(_mm512_loadu_si512(x)));
+  }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F fma(F a, float s, F c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), c); }
+  static float sum(F a) { return _mm512_reduce_add_ps(a); }
+};
+struct Dot256 {
+  using I = __m256i;
+  using F = __m256;
+  using B = __m256bh;
+  static constexpr int kStep = 64;
+  static I table(__m256i t) { return t; }  // vpermw on 256 bits reads 4 bits: 16 entries
+  static I load(const uint8_t* c) { return _mm256_loadu_si256(reinterpret_cast<const I*>(c)); }
+  static I shift(I v, int s) { return _mm256_srli_epi16(v, s); }
+  static B lookup(I idx, I t) { return reinterpret_cast<B>(_mm256_permutexvar_epi16(idx, t)); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F dot(F acc, B w, const uint16_t* x) {
+    return _mm256_dpbf16_ps(acc, w, reinterpret_cast<B>(_mm256_loadu_si256(
+                                        reinterpret_cast<const __m256i*>(x))));
+  }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F fma(F a, float s, F c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), c); }
+  static float sum(F a) { return _mm512_reduce_add_ps(_mm512_zextps256_ps512(a)); }
+};
+
+// Index in x (within a step of S codes) of the weight at position `pos` of that step: the
+// j-th lookup (positions S/4 * j ..) holds code 4i + j in its word i.
+inline int dot_order(int pos, int step) {
+  const int per = step / 4;
+  return 4 * (pos % per) + pos / per;
+}
+
+// Rows [n0, n1) of w against MB (1 or 2) rows of x; four accumulators per row of x (one per
+// lookup of a step: independent chains hide the dot product's latency), named values so that
+// they stay in registers.
+template <class D, int MB>
+void rows_dot_bf16(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int S = D::kStep, Q = S / 4;
+  const int64_t groups = p.K / p.g;
+  const uint16_t* x0 = p.xbf;
+  const uint16_t* x1 = p.xbf + (MB > 1 ? p.K : 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const typename D::I t = D::table(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.lut) + n * 16)));
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    typename D::F tot0 = D::zero(), tot1 = D::zero();
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      typename D::F a0 = D::zero(), a1 = a0, a2 = a0, a3 = a0;  // row 0 of x
+      typename D::F b0 = a0, b1 = a0, b2 = a0, b3 = a0;         // row 1 of x
+      for (int64_t k = grp * p.g, k1 = k + p.g; k < k1; k += S) {
+        const typename D::I v = D::load(c + k / 2);
+        const typename D::B w0 = D::lookup(v, t), w1 = D::lookup(D::shift(v, 4), t),
+                            w2 = D::lookup(D::shift(v, 8), t), w3 = D::lookup(D::shift(v, 12), t);
+        a0 = D::dot(a0, w0, x0 + k);
+        a1 = D::dot(a1, w1, x0 + k + Q);
+        a2 = D::dot(a2, w2, x0 + k + 2 * Q);
+        a3 = D::dot(a3, w3, x0 + k + 3 * Q);
+        if constexpr (MB > 1) {
+          b0 = D::dot(b0, w0, x1 + k);
+          b1 = D::dot(b1, w1, x1 + k + Q);
+          b2 = D::dot(b2, w2, x1 + k + 2 * Q);
+          b3 = D::dot(b3, w3, x1 + k + 3 * Q);
+        }
+      }
+      const float s = widen(p.scales, n * groups + grp, p.param);
+      tot0 = D::fma(D::add(D::add(a0, a1), D::add(a2, a3)), s, tot0);
+      if constexpr (MB > 1) tot1 = D::fma(D::add(D::add(b0, b1), D::add(b2, b3)), s, tot1);
+    }
+    for (int i = 0; i < MB; ++i) {
+      float y = D::sum(i == 0 ? tot0 : tot1);
+      const float* xs = p.xsum + i * groups;
+      for (int64_t grp = 0; grp < groups; ++grp)
+        y = std::fmaf(widen(p.zeros, n * groups + grp, p.param), xs[grp], y);
+      p.y[i * p.N + n] = y;
+    }
+  }
+}
+
+template <class D>
+void rows_dot_bf16_any(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.M == 1) return rows_dot_bf16<D, 1>(p, n0, n1);
+  rows_dot_bf16<D, 2>(p, n0, n1);
+}
+
+// The step of the path for this call: 128 codes when the groups allow, else 64.
+inline int dot_step(const Problem& p) { return p.g % 128 == 0 ? 128 : 64; }
+#else
+constexpr bool kHaveDotBf16 = false;
+#endif
+
+inline int dot_order_or_same(int pos, int step) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return dot_order(pos, step);
+#else
+  return pos + 0 * step;
+#endif
+}
+
+// The vdpbf16ps path: bf16 x and bf16 tables, scales and zeros, one or two rows of x, groups
+// of a multiple of 64 codes, on a CPU with AVX512_BF16 (the library is built for this CPU).
+bool dot_bf16(const Problem& p) {
+  return kHaveDotBf16 && p.round == kBF16 && p.param == kParamBF16 && p.M <= 2 &&
+         p.g % 64 == 0;
+}
+
 // Calls with one or two rows of x (decoding) in bf16 or f16 are post-scaled: the weight is
 // not rounded to x's dtype before the product (closer to the exact dequantized weight than
 // the reference; within the stated tolerance, as on the GPU) and the per-weight FMA and
@@ -311,6 +444,12 @@ void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
 bool post_scaled(const Problem& p) { return p.round != kNone && p.M <= 2; }
 
 void rows(const Problem& p, int64_t n0, int64_t n1) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (dot_bf16(p)) {  // four chains when a group holds 128 codes (the dot product's latency)
+    return dot_step(p) == 128 ? rows_dot_bf16_any<Dot512>(p, n0, n1)
+                              : rows_dot_bf16_any<Dot256>(p, n0, n1);
+  }
+#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (p.g % kVec == 0) {
     if (post_scaled(p)) {
@@ -364,6 +503,22 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       }
     p.xsum = xsum.data();
   }
+  // x in the vdpbf16ps path's order, as bf16 (exact: x was bf16, widened by the wrapper)
+  std::vector<uint16_t> xbf;
+  if (dot_bf16(p)) {
+    xbf.resize(p.M * p.K);
+    const int step = p.g % 128 == 0 ? 128 : 64;
+    int order[128];
+    for (int pos = 0; pos < step; ++pos) order[pos] = dot_order_or_same(pos, step);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k0 = 0; k0 < p.K; k0 += step)
+        for (int pos = 0; pos < step; ++pos) {
+          uint32_t u;
+          __builtin_memcpy(&u, p.x + m * p.K + k0 + order[pos], 4);
+          xbf[m * p.K + k0 + pos] = static_cast<uint16_t>(u >> 16);
+        }
+    p.xbf = xbf.data();
+  }
   // Rows of w in chunks claimed from a shared counter by this thread and by tasks on XLA's
   // intra-op pool. The caller works too and then waits only for chunks other threads have
   // claimed (they are running), never for a task still queued: two such calls running on
@@ -414,6 +569,8 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }  // namespace
 
 extern "C" int Any4LutGemmCpuVectorWidth() { return kVec; }
+// 1 when the library has the vdpbf16ps path (AVX512_BF16), else 0.
+extern "C" int Any4LutGemmCpuDotBf16() { return kHaveDotBf16 ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemmCpu, LutGemmCpu,
                               ffi::Ffi::Bind()
