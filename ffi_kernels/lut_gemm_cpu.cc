@@ -362,50 +362,79 @@ inline int dot_order(int pos, int step) {
   return 4 * (pos % per) + pos / per;
 }
 
-// Rows [n0, n1) of w against MB (1 or 2) rows of x; four accumulators per row of x (one per
-// lookup of a step: independent chains hide the dot product's latency), named values so that
-// they stay in registers.
-template <class D, int MB>
-void rows_dot_bf16(const Problem& p, int64_t n0, int64_t n1) {
+// NB rows of w (n, n + 1, ..) against MB (1 or 2) rows of x. x is read once per NB rows of
+// w (at M = 1 it is four times the bytes of the codes it meets: reading it for every row of
+// w made a 14336-wide row 35% slower per weight than a 4096-wide one, whose x stays in L1).
+// Two accumulators per (row of w, row of x), the lookups of a step in turn: independent
+// chains hide the dot product's latency. Every row of w and of x is summed in the same order
+// whatever NB and MB are, so a row's result does not depend on its neighbours in the call.
+constexpr int64_t kL1Half = 16 << 10;  // bytes: half of a core's L1 data cache here
+
+template <class D, int MB, int NB>
+inline void rows_dot_block(const Problem& p, int64_t n) {
   constexpr int S = D::kStep, Q = S / 4;
   const int64_t groups = p.K / p.g;
-  const uint16_t* x0 = p.xbf;
-  const uint16_t* x1 = p.xbf + (MB > 1 ? p.K : 0);
-  for (int64_t n = n0; n < n1; ++n) {
-    const typename D::I t = D::table(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.lut) + n * 16)));
-    const uint8_t* c = p.codes + n * (p.K / 2);
-    typename D::F tot0 = D::zero(), tot1 = D::zero();
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      typename D::F a0 = D::zero(), a1 = a0, a2 = a0, a3 = a0;  // row 0 of x
-      typename D::F b0 = a0, b1 = a0, b2 = a0, b3 = a0;         // row 1 of x
-      for (int64_t k = grp * p.g, k1 = k + p.g; k < k1; k += S) {
-        const typename D::I v = D::load(c + k / 2);
-        const typename D::B w0 = D::lookup(v, t), w1 = D::lookup(D::shift(v, 4), t),
-                            w2 = D::lookup(D::shift(v, 8), t), w3 = D::lookup(D::shift(v, 12), t);
-        a0 = D::dot(a0, w0, x0 + k);
-        a1 = D::dot(a1, w1, x0 + k + Q);
-        a2 = D::dot(a2, w2, x0 + k + 2 * Q);
-        a3 = D::dot(a3, w3, x0 + k + 3 * Q);
-        if constexpr (MB > 1) {
-          b0 = D::dot(b0, w0, x1 + k);
-          b1 = D::dot(b1, w1, x1 + k + Q);
-          b2 = D::dot(b2, w2, x1 + k + 2 * Q);
-          b3 = D::dot(b3, w3, x1 + k + 3 * Q);
+  typename D::I t[NB];
+  const uint8_t* c[NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r) {
+    t[r] = D::table(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.lut) + (n + r) * 16)));
+    c[r] = p.codes + (n + r) * (p.K / 2);
+  }
+  typename D::F tot[NB][MB];
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 2
+    for (int i = 0; i < MB; ++i) tot[r][i] = D::zero();
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    typename D::F acc[NB][MB][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 2
+      for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = D::zero();
+    for (int64_t k = grp * p.g, k1 = k + p.g; k < k1; k += S) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        const typename D::I v = D::load(c[r] + k / 2);
+        const typename D::B w[4] = {D::lookup(v, t[r]), D::lookup(D::shift(v, 4), t[r]),
+                                    D::lookup(D::shift(v, 8), t[r]),
+                                    D::lookup(D::shift(v, 12), t[r])};
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; ++i) {
+          const uint16_t* x = p.xbf + i * p.K + k;
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) acc[r][i][j & 1] = D::dot(acc[r][i][j & 1], w[j], x + j * Q);
         }
       }
-      const float s = widen(p.scales, n * groups + grp, p.param);
-      tot0 = D::fma(D::add(D::add(a0, a1), D::add(a2, a3)), s, tot0);
-      if constexpr (MB > 1) tot1 = D::fma(D::add(D::add(b0, b1), D::add(b2, b3)), s, tot1);
     }
-    for (int i = 0; i < MB; ++i) {
-      float y = D::sum(i == 0 ? tot0 : tot1);
-      const float* xs = p.xsum + i * groups;
-      for (int64_t grp = 0; grp < groups; ++grp)
-        y = std::fmaf(widen(p.zeros, n * groups + grp, p.param), xs[grp], y);
-      p.y[i * p.N + n] = y;
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) {
+      const float s = widen(p.scales, (n + r) * groups + grp, p.param);
+#pragma GCC unroll 2
+      for (int i = 0; i < MB; ++i)
+        tot[r][i] = D::fma(D::add(acc[r][i][0], acc[r][i][1]), s, tot[r][i]);
     }
   }
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) {
+      float y = D::sum(tot[r][i]);
+      const float* xs = p.xsum + i * groups;
+      for (int64_t grp = 0; grp < groups; ++grp)
+        y = std::fmaf(widen(p.zeros, (n + r) * groups + grp, p.param), xs[grp], y);
+      p.y[i * p.N + n + r] = y;
+    }
+}
+
+// Rows [n0, n1) of w: two at a time when x is larger than half of L1 (a 14336-wide x: 1.1x at
+// M = 1, 1.2x at M = 2), else one (two at a time measured 1.3-1.8x slower on 4096-wide rows,
+// unexplained; docs/cpu_kernel_notes.md, v6).
+template <class D, int MB>
+void rows_dot_bf16(const Problem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (p.M * p.K * 2 > kL1Half)
+    for (; n + 2 <= n1; n += 2) rows_dot_block<D, MB, 2>(p, n);
+  for (; n < n1; ++n) rows_dot_block<D, MB, 1>(p, n);
 }
 
 template <class D>

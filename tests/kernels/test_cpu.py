@@ -160,29 +160,30 @@ def _dot_bf16_target(flags: tuple[str, ...], name: str):
 
 
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("g, k", [(64, 192), (128, 512), (256, 256)])
+@pytest.mark.parametrize("g, k", [(64, 192), (128, 512), (256, 256), (128, 8448)])
 def test_the_vdpbf16ps_path_against_its_exact_sum_and_the_reference(rng, m, g, k):
     """bf16 x, bf16 tables/scales/zeros, one or two rows: the AVX512_BF16 path (where this CPU
     has it; the AVX-512 path without it is built beside it and checked the same way). Every
     product lut[c] * x is exact, so the result is the post-scaled sum
     sum_g s_g sum_k lut[c] x + z_g sum_k x computed in float64, up to float32 summation
     (which catches any weight paired with the wrong x); and the reference (the weight
-    rounded to bf16 first) within bf16's tolerance."""
+    rounded to bf16 first) within bf16's tolerance. 8448-wide rows take the two-rows-of-w
+    blocks (x over 16 KB), 41 rows leave one row to the one-row block."""
     native, has = _dot_bf16_target((), "dotbf16_native")
     flags = ("-mno-avx512bf16",)
     plain, has_plain = _dot_bf16_target(flags, "dotbf16_off")
     assert not has_plain
     if not has:
         pytest.skip("this CPU has no AVX512_BF16: the vdpbf16ps path is not built")
-    qw = make_qweight(rng, 40, k, g=g, dtype=jnp.bfloat16)
+    qw = make_qweight(rng, 41, k, g=g, dtype=jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
     codes = np.asarray(qw.codes)
-    c = np.stack([codes & 0xF, codes >> 4], -1).reshape(40, k)
+    c = np.stack([codes & 0xF, codes >> 4], -1).reshape(41, k)
     t = np.asarray(qw.lut.astype(jnp.float32), np.float64)
     s = np.asarray(qw.scales.astype(jnp.float32), np.float64)
     z = np.asarray(qw.zeros.astype(jnp.float32), np.float64)
-    v = np.take_along_axis(t, c, 1).reshape(40, k // g, g)  # lut[c] per group
+    v = np.take_along_axis(t, c, 1).reshape(41, k // g, g)  # lut[c] per group
     xg = x64.reshape(m, k // g, g)
     exact = (np.einsum("ngk,mgk->mng", v, xg) * s + z * xg.sum(-1)[:, None, :]).sum(-1)
     for target in (native, plain):
@@ -191,3 +192,7 @@ def test_the_vdpbf16ps_path_against_its_exact_sum_and_the_reference(rng, m, g, k
         assert np.abs(y - exact).max() <= 1e-5 * np.abs(exact).max(), target
         ref = np.asarray(lut_matmul_reference(x, qw).astype(jnp.float32), np.float64)
         assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < TOLERANCE[jnp.bfloat16]
+        # without the first row of w, every other row pairs with another neighbour: same bits
+        rest = cpu_kernel._call(x, qw.codes[1:], qw.lut[1:], qw.scales[1:], qw.zeros[1:],
+                                group_size=g, target=target)
+        np.testing.assert_array_equal(np.asarray(rest, np.float64), y[:, 1:])
