@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -329,9 +330,8 @@ struct Dot512 {
   static I shift(I v, int s) { return _mm512_srli_epi16(v, s); }
   static B lookup(I idx, I t) { return reinterpret_cast<B>(_mm512_permutexvar_epi16(idx, t)); }
   static F zero() { return _mm512_setzero_ps(); }
-  static F dot(F acc, B w, const uint16_t* x) {
-    return _mm512_dpbf16_ps(acc, w, reinterpret_cast<B>(_mm512_loadu_si512(x)));
-  }
+  static B loadx(const uint16_t* x) { return reinterpret_cast<B>(_mm512_loadu_si512(x)); }
+  static F dot(F acc, B w, B x) { return _mm512_dpbf16_ps(acc, w, x); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F fma(F a, float s, F c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), c); }
   static float sum(F a) { return _mm512_reduce_add_ps(a); }
@@ -346,10 +346,10 @@ struct Dot256 {
   static I shift(I v, int s) { return _mm256_srli_epi16(v, s); }
   static B lookup(I idx, I t) { return reinterpret_cast<B>(_mm256_permutexvar_epi16(idx, t)); }
   static F zero() { return _mm256_setzero_ps(); }
-  static F dot(F acc, B w, const uint16_t* x) {
-    return _mm256_dpbf16_ps(acc, w, reinterpret_cast<B>(_mm256_loadu_si256(
-                                        reinterpret_cast<const __m256i*>(x))));
+  static B loadx(const uint16_t* x) {
+    return reinterpret_cast<B>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
   }
+  static F dot(F acc, B w, B x) { return _mm256_dpbf16_ps(acc, w, x); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F fma(F a, float s, F c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), c); }
   static float sum(F a) { return _mm512_reduce_add_ps(_mm512_zextps256_ps512(a)); }
@@ -370,8 +370,8 @@ inline int dot_order(int pos, int step) {
 // whatever NB and MB are, so a row's result does not depend on its neighbours in the call.
 constexpr int64_t kL1Half = 16 << 10;  // bytes: half of a core's L1 data cache here
 
-template <class D, int MB, int NB>
-inline void rows_dot_block(const Problem& p, int64_t n) {
+template <class D, int MB, int NB, int C>
+inline void rows_dot_block(const Problem& p, int64_t n, int64_t m0) {
   constexpr int S = D::kStep, Q = S / 4;
   const int64_t groups = p.K / p.g;
   typename D::I t[NB];
@@ -385,62 +385,95 @@ inline void rows_dot_block(const Problem& p, int64_t n) {
   typename D::F tot[NB][MB];
 #pragma GCC unroll 4
   for (int r = 0; r < NB; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) tot[r][i] = D::zero();
   for (int64_t grp = 0; grp < groups; ++grp) {
-    typename D::F acc[NB][MB][2];
+    typename D::F acc[NB][MB][C];
 #pragma GCC unroll 4
     for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 2
-      for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = D::zero();
+        for (int u = 0; u < C; ++u) acc[r][i][u] = D::zero();
     for (int64_t k = grp * p.g, k1 = k + p.g; k < k1; k += S) {
+      typename D::B w[NB][4];
 #pragma GCC unroll 4
       for (int r = 0; r < NB; ++r) {
         const typename D::I v = D::load(c[r] + k / 2);
-        const typename D::B w[4] = {D::lookup(v, t[r]), D::lookup(D::shift(v, 4), t[r]),
-                                    D::lookup(D::shift(v, 8), t[r]),
-                                    D::lookup(D::shift(v, 12), t[r])};
-#pragma GCC unroll 2
-        for (int i = 0; i < MB; ++i) {
-          const uint16_t* x = p.xbf + i * p.K + k;
+        w[r][0] = D::lookup(v, t[r]);
+        w[r][1] = D::lookup(D::shift(v, 4), t[r]);
+        w[r][2] = D::lookup(D::shift(v, 8), t[r]);
+        w[r][3] = D::lookup(D::shift(v, 12), t[r]);
+      }
+      // each vector of x read once for the NB rows of w
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) acc[r][i][j & 1] = D::dot(acc[r][i][j & 1], w[j], x + j * Q);
+      for (int i = 0; i < MB; ++i) {
+        const uint16_t* x = p.xbf + (m0 + i) * p.K + k;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const typename D::B xv = D::loadx(x + j * Q);
+#pragma GCC unroll 4
+          for (int r = 0; r < NB; ++r)
+            acc[r][i][j % C] = D::dot(acc[r][i][j % C], w[r][j], xv);
         }
       }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < NB; ++r) {
       const float s = widen(p.scales, (n + r) * groups + grp, p.param);
-#pragma GCC unroll 2
-      for (int i = 0; i < MB; ++i)
-        tot[r][i] = D::fma(D::add(acc[r][i][0], acc[r][i][1]), s, tot[r][i]);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        typename D::F a = acc[r][i][0];
+        if constexpr (C > 1) a = D::add(a, acc[r][i][1]);
+        tot[r][i] = D::fma(a, s, tot[r][i]);
+      }
     }
   }
   for (int r = 0; r < NB; ++r)
     for (int i = 0; i < MB; ++i) {
       float y = D::sum(tot[r][i]);
-      const float* xs = p.xsum + i * groups;
+      const float* xs = p.xsum + (m0 + i) * groups;
       for (int64_t grp = 0; grp < groups; ++grp)
         y = std::fmaf(widen(p.zeros, (n + r) * groups + grp, p.param), xs[grp], y);
-      p.y[i * p.N + n + r] = y;
+      p.y[(m0 + i) * p.N + n + r] = y;
     }
 }
 
-// Rows [n0, n1) of w: two at a time when x is larger than half of L1 (a 14336-wide x: 1.1x at
-// M = 1, 1.2x at M = 2), else one (two at a time measured 1.3-1.8x slower on 4096-wide rows,
-// unexplained; docs/cpu_kernel_notes.md, v6).
-template <class D, int MB>
-void rows_dot_bf16(const Problem& p, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (p.M * p.K * 2 > kL1Half)
-    for (; n + 2 <= n1; n += 2) rows_dot_block<D, MB, 2>(p, n);
-  for (; n < n1; ++n) rows_dot_block<D, MB, 1>(p, n);
-}
-
+// Rows [n0, n1) of w against every row of x. One or two rows of x: two rows of w at a time
+// when x is larger than half of L1 (a 14336-wide x: 1.1x at M = 1, 1.3x at M = 2), else one
+// (two at a time measured 1.3-1.8x slower on 4096-wide rows, unexplained;
+// docs/cpu_kernel_notes.md, v6). More rows of x: one row of w against blocks of up to four
+// rows of x (the lookups shared by the block).
 template <class D>
 void rows_dot_bf16_any(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.M == 1) return rows_dot_bf16<D, 1>(p, n0, n1);
-  rows_dot_bf16<D, 2>(p, n0, n1);
+  int64_t n = n0;
+  if (p.M <= 2) {  // two chains per row of x (one or two rows leave the latency exposed)
+    if (p.M * p.K * 2 > kL1Half) {
+      for (; n + 2 <= n1; n += 2) {
+        if (p.M == 1) rows_dot_block<D, 1, 2, 2>(p, n, 0);
+        else rows_dot_block<D, 2, 2, 2>(p, n, 0);
+      }
+    }
+    for (; n < n1; ++n) {
+      if (p.M == 1) rows_dot_block<D, 1, 1, 2>(p, n, 0);
+      else rows_dot_block<D, 2, 1, 2>(p, n, 0);
+    }
+    return;
+  }
+  // three or more rows: blocks of up to four rows of x against two rows of w, one chain each
+  auto blocks = [&](auto nb, int64_t row) {
+    constexpr int NB = decltype(nb)::value;
+    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+      switch (std::min<int64_t>(4, p.M - m0)) {
+        case 1: rows_dot_block<D, 1, NB, 1>(p, row, m0); break;
+        case 2: rows_dot_block<D, 2, NB, 1>(p, row, m0); break;
+        case 3: rows_dot_block<D, 3, NB, 1>(p, row, m0); break;
+        default: rows_dot_block<D, 4, NB, 1>(p, row, m0); break;
+      }
+    }
+  };
+  for (; n + 2 <= n1; n += 2) blocks(std::integral_constant<int, 2>{}, n);
+  for (; n < n1; ++n) blocks(std::integral_constant<int, 1>{}, n);
 }
 
 // The step of the path for this call: 128 codes when the groups allow, else 64.
@@ -457,11 +490,11 @@ inline int dot_order_or_same(int pos, int step) {
 #endif
 }
 
-// The vdpbf16ps path: bf16 x and bf16 tables, scales and zeros, one or two rows of x, groups
-// of a multiple of 64 codes, on a CPU with AVX512_BF16 (the library is built for this CPU).
+// The vdpbf16ps path: bf16 x and bf16 tables, scales and zeros, any M the kernel takes,
+// groups of a multiple of 64 codes, on a CPU with AVX512_BF16 (the library is built for this
+// CPU). Post-scaled at every M (so a call's rows agree bit for bit whatever M is).
 bool dot_bf16(const Problem& p) {
-  return kHaveDotBf16 && p.round == kBF16 && p.param == kParamBF16 && p.M <= 2 &&
-         p.g % 64 == 0;
+  return kHaveDotBf16 && p.round == kBF16 && p.param == kParamBF16 && p.g % 64 == 0;
 }
 
 // Calls with one or two rows of x (decoding) in bf16 or f16 are post-scaled: the weight is
@@ -474,7 +507,7 @@ bool post_scaled(const Problem& p) { return p.round != kNone && p.M <= 2; }
 
 void rows(const Problem& p, int64_t n0, int64_t n1) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (dot_bf16(p)) {  // four chains when a group holds 128 codes (the dot product's latency)
+  if (dot_bf16(p)) {
     return dot_step(p) == 128 ? rows_dot_bf16_any<Dot512>(p, n0, n1)
                               : rows_dot_bf16_any<Dot256>(p, n0, n1);
   }
@@ -522,7 +555,7 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   // each group's sum of x, once per call, for the post-scaled (bf16 / f16) vector paths
   std::vector<float> xsum;
-  if (post_scaled(p)) {
+  if (post_scaled(p) || dot_bf16(p)) {
     xsum.resize(p.M * groups);
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t grp = 0; grp < groups; ++grp) {

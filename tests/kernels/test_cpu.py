@@ -159,12 +159,13 @@ def _dot_bf16_target(flags: tuple[str, ...], name: str):
     return target, bool(lib.Any4LutGemmCpuDotBf16())
 
 
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 5])
 @pytest.mark.parametrize("g, k", [(64, 192), (128, 512), (256, 256), (128, 8448)])
 def test_the_vdpbf16ps_path_against_its_exact_sum_and_the_reference(rng, m, g, k):
-    """bf16 x, bf16 tables/scales/zeros, one or two rows: the AVX512_BF16 path (where this CPU
-    has it; the AVX-512 path without it is built beside it and checked the same way). Every
-    product lut[c] * x is exact, so the result is the post-scaled sum
+    """bf16 x, bf16 tables/scales/zeros, 1, 2 and 5 rows (a block of 4 and one): the
+    AVX512_BF16 path (where this CPU has it; the AVX-512 path without it is built beside it
+    and checked the same way). Every product lut[c] * x is exact, so the result is the
+    post-scaled sum
     sum_g s_g sum_k lut[c] x + z_g sum_k x computed in float64, up to float32 summation
     (which catches any weight paired with the wrong x); and the reference (the weight
     rounded to bf16 first) within bf16's tolerance. 8448-wide rows take the two-rows-of-w
@@ -189,7 +190,8 @@ def test_the_vdpbf16ps_path_against_its_exact_sum_and_the_reference(rng, m, g, k
     for target in (native, plain):
         y = np.asarray(cpu_kernel._call(x, qw.codes, qw.lut, qw.scales, qw.zeros,
                                         group_size=g, target=target), np.float64)
-        assert np.abs(y - exact).max() <= 1e-5 * np.abs(exact).max(), target
+        if target == native or m <= 2:  # without it, 3+ rows keep the reference's weights
+            assert np.abs(y - exact).max() <= 1e-5 * np.abs(exact).max(), target
         ref = np.asarray(lut_matmul_reference(x, qw).astype(jnp.float32), np.float64)
         assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < TOLERANCE[jnp.bfloat16]
         # without the first row of w, every other row pairs with another neighbour: same bits
