@@ -11,8 +11,11 @@
 // AVX2 does 8 at a time (two 8-entry permutes and a blend); other CPUs take the scalar loop.
 // The weight is the reference's, bit for bit: one rounding (as fmaf), then, for bf16 / f16
 // activations, rounding to that dtype (round to nearest even), as `dequantize(x.dtype)`
-// does; x is exact in float32 and the sums are float32. Rows of w are split over XLA's
-// intra-op thread pool.
+// does; x is exact in float32 and the sums are float32. Two exceptions are post-scaled
+// (per group sum(lut[c] x), then the scale, the zero times the group's sum of x): bf16 / f16
+// calls of one or two rows, and every bf16 call with bf16 tables on a CPU with AVX512_BF16,
+// which runs through vdpbf16ps (`rows_dot_bf16_any`). Rows of w are split over XLA's intra-op
+// thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
