@@ -307,8 +307,18 @@ void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
 }
 #endif
 
+// The vdpbf16ps path's step: 128 codes when the groups allow (512-bit vectors), else 64.
+inline int dot_step(const Problem& p) { return p.g % 128 == 0 ? 128 : 64; }
+
+// Index in x (within a step of S codes) of the weight at position `pos` of that step: the
+// j-th lookup (positions S/4 * j ..) holds code 4i + j in its word i.
+inline int dot_order(int pos, int step) {
+  const int per = step / 4;
+  return 4 * (pos % per) + pos / per;
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// bf16 activations and bf16 tables, one or two rows of x (decoding): vdpbf16ps, 32 products
+// bf16 activations and bf16 tables, any number of rows of x: vdpbf16ps, 32 products
 // and sums per instruction (docs/cpu_kernel_notes.md, v6). The codes are looked up without
 // unpacking them: read as 16-bit words, each word holds four codes, and vpermw looks a table
 // up with the low bits of every word; a table of the 16 entries repeated (32 words for 512-bit
@@ -357,13 +367,6 @@ struct Dot256 {
   static F fma(F a, float s, F c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), c); }
   static float sum(F a) { return _mm512_reduce_add_ps(_mm512_zextps256_ps512(a)); }
 };
-
-// Index in x (within a step of S codes) of the weight at position `pos` of that step: the
-// j-th lookup (positions S/4 * j ..) holds code 4i + j in its word i.
-inline int dot_order(int pos, int step) {
-  const int per = step / 4;
-  return 4 * (pos % per) + pos / per;
-}
 
 // NB rows of w (n, n + 1, ..) against MB (1 or 2) rows of x. x is read once per NB rows of
 // w (at M = 1 it is four times the bytes of the codes it meets: reading it for every row of
@@ -479,19 +482,9 @@ void rows_dot_bf16_any(const Problem& p, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) blocks(std::integral_constant<int, 1>{}, n);
 }
 
-// The step of the path for this call: 128 codes when the groups allow, else 64.
-inline int dot_step(const Problem& p) { return p.g % 128 == 0 ? 128 : 64; }
 #else
 constexpr bool kHaveDotBf16 = false;
 #endif
-
-inline int dot_order_or_same(int pos, int step) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  return dot_order(pos, step);
-#else
-  return pos + 0 * step;
-#endif
-}
 
 // The vdpbf16ps path: bf16 x and bf16 tables, scales and zeros, any M the kernel takes,
 // groups of a multiple of 64 codes, on a CPU with AVX512_BF16 (the library is built for this
@@ -572,9 +565,9 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   std::vector<uint16_t> xbf;
   if (dot_bf16(p)) {
     xbf.resize(p.M * p.K);
-    const int step = p.g % 128 == 0 ? 128 : 64;
+    const int step = dot_step(p);
     int order[128];
-    for (int pos = 0; pos < step; ++pos) order[pos] = dot_order_or_same(pos, step);
+    for (int pos = 0; pos < step; ++pos) order[pos] = dot_order(pos, step);
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t k0 = 0; k0 < p.K; k0 += step)
         for (int pos = 0; pos < step; ++pos) {

@@ -59,8 +59,8 @@ def quantize_rows(w, config: QuantConfig, *, sample_weight=None, name: str = "we
                                      **{f: jax.numpy.asarray(a) for f, a in leaves.items()})
     if not return_info:
         return full
-    out = {"rows": n, "processes": jax.process_count(), "rows_per_process": len(
-        range(split.start, split.stop))}
+    out = {"rows": n, "processes": jax.process_count(),
+           "rows_per_process": split.stop - split.start}
     if "kmeans_iters_mean" in info:  # shares are equal: the mean of the means is the mean
         it = distributed.allgather_rows(np.asarray([[info["kmeans_iters_mean"],
                                                      info["kmeans_iters_max"]]], np.float64))

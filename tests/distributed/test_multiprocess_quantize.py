@@ -54,13 +54,9 @@ def _quantize(*args, devices=1):
     return r
 
 
-def _two_processes(*args, command="quantize"):
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "any4_jax.cli", command, *map(str, args), "--distributed",
-         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2))
-        for i in range(2)]
+def _wait_all(procs) -> list[tuple[str, str]]:
+    """(stdout, stderr) of every process; each must exit 0 within TIMEOUT (a hang fails: the
+    ones still running are killed)."""
     outs = []
     try:
         for p in procs:
@@ -72,6 +68,16 @@ def _two_processes(*args, command="quantize"):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return outs
+
+
+def _two_processes(*args, command="quantize"):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "any4_jax.cli", command, *map(str, args), "--distributed",
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2))
+        for i in range(2)]
+    return _wait_all(procs)
 
 
 def _arrays(path):
@@ -157,16 +163,7 @@ def _workers(n: int, *args) -> None:
                               text=True, env=e, cwd=os.path.dirname(os.path.dirname(
                                   os.path.dirname(os.path.abspath(__file__)))))
              for e in envs]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=TIMEOUT))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    _wait_all(procs)
 
 
 @pytest.mark.slow
