@@ -8,9 +8,9 @@ until the decode overwrites them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,19 +54,32 @@ def sample_token(logits, key, *, temperature: float, top_p: float):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
-def _prefill(graphdef, state, tokens, cache, last, temperature, top_p, key):
-    model = nnx.merge(graphdef, state)
+def _prefill(model, tokens, cache, last, temperature, top_p, key):
     h, cache = model.hidden(tokens, start=0, cache=cache)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [b, d]
     return sample_token(model.logits(h_last), key, temperature=temperature, top_p=top_p), cache
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
-def _decode(graphdef, state, token, cache, pos, temperature, top_p, key):
-    model = nnx.merge(graphdef, state)
+def _decode(model, token, cache, pos, temperature, top_p, key):
     h, cache = model.hidden(token[:, None], start=pos, cache=cache)
     return sample_token(model.logits(h[:, 0]), key, temperature=temperature, top_p=top_p), cache
+
+
+@functools.lru_cache(maxsize=8)
+def _steps(graphdef, treedef):
+    """The jitted prefill and decode steps of one model structure, taking the model's arrays
+    as a flat list. Built once per structure: as a static argument the GraphDef was hashed on
+    every token, and the state flattened, which cost a quantized SmolLM2 (~900 arrays) ~7 ms
+    of host time per token, more than half of its step (docs/cpu_kernel_notes.md)."""
+
+    def bind(fn):
+        def step(leaves, *args):
+            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            return fn(model, *args)
+
+        return jax.jit(step, static_argnums=(4, 5), donate_argnums=(2,))
+
+    return bind(_prefill), bind(_decode)
 
 
 def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -92,13 +105,15 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={limit}")
     graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    prefill, decode = _steps(graphdef, treedef)
     tokens = np.zeros((1, p_pad), np.int32)
     tokens[0, :p] = prompt_ids
     cache = model.init_cache(1, max(max_len, p_pad))
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    tok, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache,
+    tok, cache = prefill(leaves, jnp.asarray(tokens), cache,
                           jnp.asarray([p - 1], jnp.int32), float(temperature), float(top_p), sub)
     out = [int(tok[0])]
     prefill_s = time.perf_counter() - t0
@@ -119,7 +134,7 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         wanted = len(out) + (inflight is not None) < max_new_tokens
         if wanted:
             key, sub = jax.random.split(key)
-            dev_tok, cache = _decode(graphdef, state, dev_tok, cache, jnp.int32(pos),
+            dev_tok, cache = decode(leaves, dev_tok, cache, jnp.int32(pos),
                                      float(temperature), float(top_p), sub)
             pos += 1
             if pos == p + 1:  # the compiling first step: wait for it, time it apart
