@@ -74,19 +74,19 @@ struct Isa {  // 16 codes a step: the row's table is one register, one permute l
     const __m128i c = nibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), t);
   }
-  // The values of p's 64 codes (32 bytes) as four vectors, codes 0-15, 16-31, 32-47, 48-63:
-  // the nibble split runs once on 32 bytes instead of four times on 8.
+  // The values of p's 64 codes (32 bytes) as four vectors, in the order the lookups give
+  // them: lane i of vector j is code 4i + j. The bytes are read as 16 words, each widened to
+  // a 32-bit index; vpermps reads an index's low 4 bits only, so shifts by 0, 4, 8 and 12
+  // select each word's four codes with no masking or unpacking: 8 instructions per 64 codes
+  // instead of 15 (docs/cpu_kernel_notes.md, v7). x is put in this order once per call
+  // (`dot_order` with steps of 64).
   static constexpr int kWide = 4;
   static void lookup_wide(const Table& t, const uint8_t* p, Vec out[kWide]) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-    const __m256i a = _mm256_unpacklo_epi8(lo, hi);  // codes 0-15 | 32-47 (in-lane unpack)
-    const __m256i c = _mm256_unpackhi_epi8(lo, hi);  // codes 16-31 | 48-63
-    out[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(a)), t);
-    out[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(c)), t);
-    out[2] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(a, 1)), t);
-    out[3] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(c, 1)), t);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    out[0] = _mm512_permutexvar_ps(w, t);
+    out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), t);
+    out[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8), t);
+    out[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 12), t);
   }
   static Vec set1(float v) { return _mm512_set1_ps(v); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
@@ -178,7 +178,18 @@ struct Problem {
   int param;  // Param: the dtype of lut, scales and zeros
   const float* xsum;  // [M, K / g]: each group's sum of x (the post-scaled paths)
   const uint16_t* xbf;  // [M, K]: x as bf16 in the order dot_bf16 reads it (that path only)
+  const float* xw;  // [M, K]: x in the order Isa::lookup_wide gives the weights (wide() only)
 };
+
+// The 64-codes-a-step AVX-512 lookup (Isa::lookup_wide) serves groups of a multiple of 64.
+inline bool wide(const Problem& p) {
+#if defined(__AVX512F__)
+  return p.g % 64 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
 
 // Weight rows [n0, n1), every row of x; the scalar loop (any K and group size).
 void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
@@ -215,7 +226,7 @@ template <int R, bool kPost, int MB, int U, int W>
 inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
   const int64_t groups = p.K / p.g;
   const uint8_t* c = p.codes + n * (p.K / 2);
-  const float* xm = p.x + m0 * p.K;
+  const float* xm = (W > 1 ? p.xw : p.x) + m0 * p.K;
   Vec acc[MB][U], tot[MB];
   for (int i = 0; i < MB; ++i) {
     tot[i] = Vec{};
@@ -270,21 +281,21 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
   }
 }
 
-// MB rows of x. Calls with one or two rows (decoding) take two chains per row, the vectors in
-// turn (one chain waits on the FMA latency), and with AVX-512 64 codes per lookup step (the
-// nibble split once per 32 bytes): 1.2x at M = 1 (docs/cpu_kernel_notes.md, v3). Calls with
-// more rows keep one chain per row and 16 codes per step (the rows already give four chains;
-// the two-chain form measured 3-7% slower there). Every block of one call sums in the same
+// MB rows of x. With AVX-512 and groups of a multiple of 64 codes, 64 codes per lookup step
+// (`Isa::lookup_wide`, x read in its order) at every M: two chains per row for one or two
+// rows of x (one chain waits on the FMA latency: 1.2x at M = 1, docs/cpu_kernel_notes.md,
+// v3), one per row for more (the rows already give independent chains). Otherwise 16 (8)
+// codes per step, two chains for one or two rows. Every block of one call sums in the same
 // order, so a row's result does not depend on where in the call it sits.
 template <int R, bool P, int MB>
 inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
-  constexpr int W = Isa::kWide;
-  if (p.M <= 2 && p.g % (2 * kVec) == 0) {
-    if constexpr (W > 1 && W % 2 == 0) {
-      if (p.g % (W * kVec) == 0) return row_block<R, P, MB, 2, W>(p, n, m0, lut);
+  if constexpr (Isa::kWide > 1) {
+    if (wide(p)) {
+      if (p.M <= 2) return row_block<R, P, MB, 4, Isa::kWide>(p, n, m0, lut);
+      return row_block<R, P, MB, 1, Isa::kWide>(p, n, m0, lut);
     }
-    return row_block<R, P, MB, 2, 1>(p, n, m0, lut);
   }
+  if (p.M <= 2 && p.g % (2 * kVec) == 0) return row_block<R, P, MB, 2, 1>(p, n, m0, lut);
   row_block<R, P, MB, 1, 1>(p, n, m0, lut);
 }
 
@@ -577,6 +588,17 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         }
     p.xbf = xbf.data();
   }
+  // x in the order Isa::lookup_wide gives the weights (64 codes a step), for the vector paths
+  std::vector<float> xw;
+  if (wide(p) && !dot_bf16(p)) {
+    xw.resize(p.M * p.K);
+    int order[64];
+    for (int pos = 0; pos < 64; ++pos) order[pos] = dot_order(pos, 64);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k0 = 0; k0 < p.K; k0 += 64)
+        for (int pos = 0; pos < 64; ++pos) xw[m * p.K + k0 + pos] = p.x[m * p.K + k0 + order[pos]];
+    p.xw = xw.data();
+  }
   // Rows of w in chunks claimed from a shared counter by this thread and by tasks on XLA's
   // intra-op pool. The caller works too and then waits only for chunks other threads have
   // claimed (they are running), never for a task still queued: two such calls running on
@@ -593,9 +615,10 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // This thread and pool.num_threads() - 1 helpers: one runner per pool thread (the pool is
   // sized to the cores), so the runners do not crowd each other off the cores.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // at least ~256K weight-rows per chunk, so that scheduling costs little
+  // at least 64K weight-rows per chunk, so that scheduling costs little; a 576 x 576 GEMV
+  // (SmolLM2's attention) takes five chunks, 1.6x faster than one (docs/cpu_kernel_notes.md, v7)
   const int64_t work = p.N * p.K * p.M;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 18));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 16));
   auto st = std::make_shared<State>();
   st->p = p;
   st->per = (p.N + chunks - 1) / chunks;

@@ -2,12 +2,17 @@
 
     python scripts/ab_cpu_kernel.py [--old HEAD~1] [--ms 1,2,4,16] [--n 4096 --k 4096]
                                     [--group-size 128] [--rounds 5] [--json out.json]
+    python scripts/ab_cpu_kernel.py --decode smollm2-135m [--dtype float32] [--group-size 64]
 
 The VM this runs on is noisy (the same timing moves 10-30% between runs), so versions are
 compared only in one process: both sources are compiled (`native.build_cpu`, -march=native),
 registered as two FFI targets and timed in turn, `--rounds` rounds of `time_per_call` each
 (rotating over weight copies that together exceed the caches), medians compared. Float32 and
-bf16 activations. Used for docs/cpu_kernel_notes.md.
+bf16 activations. With --decode MODEL: the blocking batch-1 decode step (the jitted step of
+`generate_ids`, its wall time until the token is ready) and `generate_ids`'s tokens/s (steps
+overlapping the host's work) of a model of that preset with random
+any4 weights in every decoder layer, through each library in turn, --rounds rounds of
+--steps steps. Used for docs/cpu_kernel_notes.md.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -42,6 +48,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="dtype of the tables, scales and zeros (a bf16 model's)")
+    ap.add_argument("--decode", default=None, metavar="MODEL",
+                    help="time the decode step of this preset instead (e.g. smollm2-135m)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="--decode: the model's dtype")
+    ap.add_argument("--steps", type=int, default=20, help="--decode: steps per round")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -56,6 +67,75 @@ def main() -> int:
         lib = ctypes.cdll.LoadLibrary(build_library(f"lut_gemm_cpu_ab_{name}", src))
         jax.ffi.register_ffi_target(f"any4_ab_{name}", jax.ffi.pycapsule(lib.Any4LutGemmCpu),
                                     platform="cpu")
+    rows = decode_rows(args) if args.decode else kernel_rows(args, old_wants_f32)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"old": args.old, "n": args.n, "k": args.k,
+                                               "group_size": args.group_size,
+                                               "weight_dtype": args.weight_dtype,
+                                               "decode": args.decode, "dtype": args.dtype,
+                                               "rounds": args.rounds, "rows": rows}, indent=2))
+    return 0
+
+
+def decode_rows(args) -> list[dict]:
+    """Median blocking decode-step time through each library, interleaved rounds."""
+    from bench_decode import quantize_randomly
+    from flax import nnx
+
+    from any4_jax.models.llama import generate
+    from any4_jax.models.llama.config import PRESETS
+    from any4_jax.models.llama.params import random_model
+    from any4_jax.nn import prepare_model
+
+    norm = lambda s: s.lower().replace("-", "").replace(".", "")
+    config = next(c for name, c in PRESETS.items() if norm(name) == norm(args.decode))
+    model = random_model(config, param_dtype=jnp.dtype(args.dtype))
+    quantize_randomly(model, "any4", args.group_size, lm_head=False)
+    prepare_model(model, "cpu")
+    cpu_kernel._register()  # the library's own target, before TARGET is pointed elsewhere
+    leaves, treedef = jax.tree.flatten(nnx.state(model))
+    graphdef = nnx.graphdef(model)
+    tok, key = jnp.zeros((1,), jnp.int32), jax.random.key(0)
+
+    def step_ms(target: str) -> float:
+        cpu_kernel.TARGET = target
+        generate._steps.cache_clear()  # retrace: the step calls the target it was traced with
+        _, decode = generate._steps(graphdef, treedef)
+        cache = model.init_cache(1, 128)
+        times = []
+        for i in range(args.steps + 3):
+            t0 = time.perf_counter()
+            out, cache = decode(leaves, tok, cache, jnp.int32(20), 0.0, 1.0, key)
+            out.block_until_ready()
+            if i >= 3:  # the first compiles
+                times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    def tokens_per_s(target: str) -> float:  # generate_ids: steps overlap the host's work
+        cpu_kernel.TARGET = target
+        generate._steps.cache_clear()
+        out, _, _, seconds, _ = generate.generate_ids(model, list(range(1, 17)),
+                                                      max_new_tokens=args.steps + 2)
+        return (len(out) - 2) / seconds
+
+    t = {"old": [], "new": []}
+    tok = {"old": [], "new": []}
+    for _ in range(args.rounds):
+        for name in t:
+            t[name].append(step_ms(f"any4_ab_{name}"))
+            tok[name].append(tokens_per_s(f"any4_ab_{name}"))
+    old, new = statistics.median(t["old"]), statistics.median(t["new"])
+    old_tok, new_tok = statistics.median(tok["old"]), statistics.median(tok["new"])
+    print(f"decode step {args.decode} {args.dtype} g{args.group_size}: old {old:.2f} ms, new "
+          f"{new:.2f} ms, {old / new:.2f}x; generate_ids: old {old_tok:.1f} tokens/s, new "
+          f"{new_tok:.1f}, {new_tok / old_tok:.2f}x", flush=True)
+    return [{"decode_step_old_ms": old, "decode_step_new_ms": new, "speedup": old / new,
+             "tokens_per_s_old": old_tok, "tokens_per_s_new": new_tok,
+             "rounds_old_ms": t["old"], "rounds_new_ms": t["new"],
+             "rounds_old_tokens_per_s": tok["old"], "rounds_new_tokens_per_s": tok["new"]}]
+
+
+def kernel_rows(args, old_wants_f32: bool) -> list[dict]:
     n, k, g = args.n, args.k, args.group_size
     key = jax.random.key(0)
     make = lambda i: random_qweight(jax.random.fold_in(key, i), n, k, fmt="any4",
@@ -80,11 +160,7 @@ def main() -> int:
             rows.append(row)
             print(f"M={m} {row['dtype']}: old {row['old_us']:.0f} us, new {row['new_us']:.0f} "
                   f"us, {row['speedup']:.2f}x", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"old": args.old, "n": n, "k": k, "group_size": g,
-                                               "weight_dtype": args.weight_dtype,
-                                               "rounds": args.rounds, "rows": rows}, indent=2))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

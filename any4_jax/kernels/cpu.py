@@ -100,5 +100,5 @@ def lut_matmul_cpu(x: jax.Array, qweight: QuantizedWeight) -> jax.Array:
     n, k = qweight.shape
     lead = x.shape[:-1]
     y = _call(x.reshape(-1, k), qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
-              group_size=qweight.group_size)
+              group_size=qweight.group_size, target=TARGET)
     return y.astype(x.dtype).reshape(*lead, n)
