@@ -8,6 +8,7 @@ allowed ones is an error that names the variable and its values.
                                 (default ~/.cache/any4-jax)
   ANY4_JAX_CPU_KMEANS=0         quantize with the XLA k-means instead of the compiled one
   ANY4_JAX_CPU_KERNEL=0         turn off the compiled CPU LUT GEMM
+  ANY4_JAX_CPU_SPIN_US=N        how long the CPU LUT GEMM's helper threads stay awake (200)
   ANY4_JAX_CUDA_LIB=PATH        the CUDA FFI library to load (default: the package's _lib/)
   ANY4_JAX_CUDA_KERNEL=NAME     the CUDA library's kernel: scaled, unit_pair or unit_lane
   ANY4_JAX_CUDA_COMMAND_BUFFER=0  register the CUDA handler without the command-buffer trait
@@ -54,6 +55,22 @@ def cpu_kmeans_enabled() -> bool:
 
 def cpu_kernel_enabled() -> bool:
     return _flag("ANY4_JAX_CPU_KERNEL", True)
+
+
+CPU_SPIN_US_DEFAULT = 200
+
+
+def cpu_spin_us() -> int:
+    """ANY4_JAX_CPU_SPIN_US: microseconds the CPU LUT GEMM's helper threads wait awake for the
+    next call before they sleep (0: they sleep at once)."""
+    value = os.environ.get("ANY4_JAX_CPU_SPIN_US")
+    if value is None or value == "":
+        return CPU_SPIN_US_DEFAULT
+    if not value.isdigit() or int(value) > 1_000_000:
+        raise ValueError(f"ANY4_JAX_CPU_SPIN_US={value!r}: set it to a whole number of "
+                         f"microseconds from 0 to 1000000 (or unset it for "
+                         f"{CPU_SPIN_US_DEFAULT})")
+    return int(value)
 
 
 def cuda_lib_override() -> str | None:

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "spin_pool_cpu.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -599,47 +600,52 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         for (int pos = 0; pos < 64; ++pos) xw[m * p.K + k0 + pos] = p.x[m * p.K + k0 + order[pos]];
     p.xw = xw.data();
   }
-  // Rows of w in chunks claimed from a shared counter by this thread and by tasks on XLA's
-  // intra-op pool. The caller works too and then waits only for chunks other threads have
-  // claimed (they are running), never for a task still queued: two such calls running on
-  // the pool's threads at once cannot wait on each other. The state is shared with the tasks,
-  // so one that starts after the call has returned finds no chunk left and touches nothing
-  // else.
-  struct State {
+  // Rows of w in chunks claimed from a shared counter by this thread and by the helper
+  // threads of `SpinPool` (spin_pool_cpu.h: awake helpers; tasks on XLA's pool started too
+  // late to take a share of a small call). The caller works too and then waits only for
+  // chunks other threads have claimed (they are running), never for one not yet claimed, so a
+  // call never depends on a helper. The state is shared with the helpers, so one that comes
+  // after the call has returned finds no chunk left and touches nothing else.
+  struct State : any4::SpinJob {
     Problem p;
-    int64_t chunks, per;
+    int64_t chunks = 0, per = 0;
     std::atomic<int64_t> next{0}, done{0};
     std::mutex mu;
     std::condition_variable cv;
+    void run() override {
+      for (;;) {
+        const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+        if (c >= chunks) return;
+        rows(p, c * per, std::min(p.N, (c + 1) * per));
+        if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+          std::lock_guard<std::mutex> lock(mu);
+          cv.notify_all();
+        }
+      }
+    }
   };
-  // This thread and pool.num_threads() - 1 helpers: one runner per pool thread (the pool is
-  // sized to the cores), so the runners do not crowd each other off the cores.
+  // This thread and pool.num_threads() - 1 helpers: one runner per core (XLA's pool is sized
+  // to the cores), so the runners do not crowd each other off the cores.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // at least 64K weight-rows per chunk, so that scheduling costs little; a 576 x 576 GEMV
-  // (SmolLM2's attention) takes five chunks, 1.6x faster than one (docs/cpu_kernel_notes.md, v7)
+  // at least 64K weight-rows per chunk, so that claiming one costs little; SmolLM2's 576 x 576
+  // GEMV takes five (its decode step's GEMVs: 1.1x faster than with 256K, v7)
   const int64_t work = p.N * p.K * p.M;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 16));
   auto st = std::make_shared<State>();
   st->p = p;
   st->per = (p.N + chunks - 1) / chunks;
   st->chunks = (p.N + st->per - 1) / st->per;
-  auto run = [](State& s) {
-    for (;;) {
-      const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= s.chunks) return;
-      rows(s.p, c * s.per, std::min(s.p.N, (c + 1) * s.per));
-      if (s.done.fetch_add(1, std::memory_order_acq_rel) + 1 == s.chunks) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
-      }
+  if (st->chunks > 1) {
+    if (any4::SpinPool* helpers = any4::SpinPool::get(static_cast<int>(threads - 1))) {
+      helpers->post(st);
     }
-  };
-  const int64_t helpers = std::min<int64_t>(threads, st->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([st, run] { run(*st); });
   }
-  run(*st);
-  // the chunks still out are being run by other threads: sleep until the last one is done
+  st->run();
+  // the chunks still out are being run by other threads: a chunk is short, so wait awake for
+  // a while (~50 us), then sleep until the last one is done
+  for (int i = 0; i < 2000 && st->done.load(std::memory_order_acquire) < st->chunks; ++i) {
+    ANY4_SPIN_PAUSE();
+  }
   if (st->done.load(std::memory_order_acquire) < st->chunks) {
     std::unique_lock<std::mutex> lock(st->mu);
     st->cv.wait(lock, [&] { return st->done.load(std::memory_order_acquire) == st->chunks; });
@@ -650,6 +656,10 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }  // namespace
 
 extern "C" int Any4LutGemmCpuVectorWidth() { return kVec; }
+// How long (us) the helper threads wait awake for the next call (ANY4_JAX_CPU_SPIN_US).
+extern "C" void Any4LutGemmCpuSetSpinUs(long us) {
+  any4::SpinPool::spin_us().store(us > 0 ? us : 0, std::memory_order_relaxed);
+}
 // 1 when the library has the vdpbf16ps path (AVX512_BF16), else 0.
 extern "C" int Any4LutGemmCpuDotBf16() { return kHaveDotBf16 ? 1 : 0; }
 

@@ -119,20 +119,20 @@ def decode_rows(args) -> list[dict]:
         return (len(out) - 2) / seconds
 
     t = {"old": [], "new": []}
-    tok = {"old": [], "new": []}
+    speed = {"old": [], "new": []}
     for _ in range(args.rounds):
         for name in t:
             t[name].append(step_ms(f"any4_ab_{name}"))
-            tok[name].append(tokens_per_s(f"any4_ab_{name}"))
+            speed[name].append(tokens_per_s(f"any4_ab_{name}"))
     old, new = statistics.median(t["old"]), statistics.median(t["new"])
-    old_tok, new_tok = statistics.median(tok["old"]), statistics.median(tok["new"])
+    old_tok, new_tok = statistics.median(speed["old"]), statistics.median(speed["new"])
     print(f"decode step {args.decode} {args.dtype} g{args.group_size}: old {old:.2f} ms, new "
           f"{new:.2f} ms, {old / new:.2f}x; generate_ids: old {old_tok:.1f} tokens/s, new "
           f"{new_tok:.1f}, {new_tok / old_tok:.2f}x", flush=True)
     return [{"decode_step_old_ms": old, "decode_step_new_ms": new, "speedup": old / new,
              "tokens_per_s_old": old_tok, "tokens_per_s_new": new_tok,
              "rounds_old_ms": t["old"], "rounds_new_ms": t["new"],
-             "rounds_old_tokens_per_s": tok["old"], "rounds_new_tokens_per_s": tok["new"]}]
+             "rounds_old_tokens_per_s": speed["old"], "rounds_new_tokens_per_s": speed["new"]}]
 
 
 def kernel_rows(args, old_wants_f32: bool) -> list[dict]:

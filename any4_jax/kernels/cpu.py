@@ -3,9 +3,10 @@
 For the small M of decoding, where the reference path dequantizes the whole weight to float32
 on every call and then reads it again: this kernel reads the packed 4-bit codes once per four
 rows of x and dequantizes in registers (AVX-512: one permute looks up 16 table entries; AVX2
-and a scalar loop otherwise), rows of the weight spread over XLA's intra-op threads
-(`ffi_kernels/lut_gemm_cpu.cc`). Above `MAX_ROWS` rows of x the reference's dense GEMM is
-faster and this kernel declines. The library is compiled on first use into the cache
+and a scalar loop otherwise), rows of the weight spread over the calling thread and helper
+threads that stay awake between calls for `ANY4_JAX_CPU_SPIN_US` microseconds
+(`ffi_kernels/lut_gemm_cpu.cc`, `spin_pool_cpu.h`). Above `MAX_ROWS` rows of x the reference's
+dense GEMM is faster and this kernel declines. The library is compiled on first use into the cache
 (`native.loader`); `ANY4_JAX_CPU_KERNEL=0` turns it off.
 
 Numerics follow the reference: the weight is `fma(lut[c], scale, zero)` in float32 rounded to
@@ -18,6 +19,7 @@ every bf16 call whose tables are bf16 (vdpbf16ps; docs/cpu_kernel_notes.md, v6).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 
@@ -37,8 +39,11 @@ MAX_ROWS = 32
 
 @functools.cache
 def _registered() -> str | None:
-    return loader.register(loader.load_cpu("lut_gemm_cpu"), target=TARGET,
-                           symbol="Any4LutGemmCpu", platform="cpu", what="the CPU LUT GEMM")
+    loaded = loader.load_cpu("lut_gemm_cpu")
+    if loaded.lib is not None:  # how long its helper threads stay awake between calls
+        loaded.lib.Any4LutGemmCpuSetSpinUs(ctypes.c_long(settings.cpu_spin_us()))
+    return loader.register(loaded, target=TARGET, symbol="Any4LutGemmCpu", platform="cpu",
+                           what="the CPU LUT GEMM")
 
 
 def _register() -> str | None:

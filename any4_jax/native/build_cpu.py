@@ -3,8 +3,9 @@
 Used for the compiled k-means (`quant/kmeans_cpu.py`) and the CPU LUT GEMM (`kernels/cpu.py`),
 through `loader.load_cpu`. Built with the system C++ compiler, `-O3 -march=native`, against
 the installed jaxlib's FFI headers, into `$ANY4_JAX_CACHE/lib`; the file name carries a hash
-of the source, the jax version, the compiler, the CPU's flags and any extra flags, so a change
-of any of them builds anew. The write is atomic (a temporary file, then a rename).
+of the source (and of the headers it includes from its folder), the jax version, the compiler,
+the CPU's flags and any extra flags, so a change of any of them builds anew. The write is
+atomic (a temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import subprocess
 
 import jax
@@ -33,14 +35,27 @@ def _cpu_signature() -> bytes:
     return sig.encode()
 
 
+def _source_and_headers(source: str) -> bytes:
+    """The source's bytes, then those of each header it includes with quotes from its own
+    directory (`#include "spin_pool_cpu.h"`): a change of either builds anew."""
+    with open(source, "rb") as fh:
+        src = fh.read()
+    here = os.path.dirname(source)
+    for name in re.findall(rb'^#include "([^"/]+)"', src, flags=re.M):
+        path = os.path.join(here, name.decode())
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                src += b"\0" + name + b"\0" + fh.read()
+    return src
+
+
 def build_library(name: str, source: str, *, extra_flags: tuple[str, ...] = ()) -> str:
     """Path of the compiled `source` (building it if needed); a BuildError when there is no
     compiler or the compiler fails."""
     cxx = settings.cxx()
     if cxx is None:
         raise BuildError("no C++ compiler found (set CXX, or install g++)")
-    with open(source, "rb") as fh:
-        src = fh.read()
+    src = _source_and_headers(source)
     # -march=native: the library is specific to this CPU, so its flags are part of the key
     tag = hashlib.sha256(src + jax.__version__.encode() + cxx.encode() + _cpu_signature()
                          + " ".join(extra_flags).encode()).hexdigest()[:16]

@@ -89,11 +89,14 @@ def test_turned_off_by_environment(rng, monkeypatch):
     assert pick(x, qw) == "xla"
 
 
-def test_many_independent_calls_in_one_jit_finish():
-    """XLA:CPU runs independent custom calls at once on its intra-op threads; each call hands
-    rows to the same pool. A call waits only for rows another thread has claimed, never for a
-    queued task, so this finishes in about a second (waiting on queued tasks livelocked this
-    very case). In a subprocess with a timeout, so a regression fails instead of hanging CI."""
+@pytest.mark.parametrize("spin_us", [None, "0"])
+def test_many_independent_calls_in_one_jit_finish(spin_us):
+    """XLA:CPU runs independent custom calls at once on its intra-op threads; each call offers
+    its rows to the same helper threads (spin_pool_cpu.h; they take only the newest call's).
+    A call waits only for rows another thread has claimed, never for a helper, so this
+    finishes in about a second (waiting on queued tasks livelocked this very case), with the
+    helpers spinning between calls (default) or asleep (ANY4_JAX_CPU_SPIN_US=0). In a
+    subprocess with a timeout, so a regression fails instead of hanging CI."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from tests.kernels.base import make_qweight
@@ -113,6 +116,9 @@ def test_many_independent_calls_in_one_jit_finish():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one host device, as users run it (conftest asks for 8)
+    env.pop("ANY4_JAX_CPU_SPIN_US", None)
+    if spin_us is not None:
+        env["ANY4_JAX_CPU_SPIN_US"] = spin_us
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, cwd=root, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

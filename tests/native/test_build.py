@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from any4_jax.native import build_cuda, sources
+from any4_jax.native import build_cpu, build_cuda, sources
 
 ROOT = sources.ROOT
 
@@ -46,6 +46,22 @@ def test_build_identity_covers_every_kernel_header():
     with open(os.path.join(ROOT, "CMakeLists.txt")) as fh:
         cmake = re.search(r"set\(ANY4_CUDA_HEADERS([^)]*)\)", fh.read())[1].split()
     assert sorted(cmake) == on_disk
+
+
+def test_cpu_build_identity_covers_the_headers_a_source_includes(tmp_path):
+    """A CPU library is rebuilt when a header it includes from its folder changes (the LUT
+    GEMM includes spin_pool_cpu.h), and CMake installs those headers beside the sources."""
+    (tmp_path / "k_cpu.cc").write_text('#include <vector>\n#include "h_cpu.h"\nint f();\n')
+    (tmp_path / "h_cpu.h").write_text("#pragma once\n")
+    src = str(tmp_path / "k_cpu.cc")
+    before = build_cpu._source_and_headers(src)
+    (tmp_path / "h_cpu.h").write_text("#pragma once\n// changed\n")
+    assert build_cpu._source_and_headers(src) != before
+    with open(os.path.join(ROOT, "ffi_kernels", "lut_gemm_cpu.cc")) as fh:
+        included = re.findall(r'^#include "([^"/]+)"', fh.read(), flags=re.M)
+    assert included and all(name.endswith("_cpu.h") for name in included)
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as fh:
+        assert "ffi_kernels/*_cpu.h" in fh.read()
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -122,3 +122,14 @@ def test_command_buffer_switch(monkeypatch):
     monkeypatch.setenv("ANY4_JAX_CUDA_COMMAND_BUFFER", "no")
     with pytest.raises(ValueError, match="ANY4_JAX_CUDA_COMMAND_BUFFER='no': set it to 1"):
         settings.cuda_command_buffer()
+
+
+def test_cpu_spin_setting(monkeypatch):
+    monkeypatch.delenv("ANY4_JAX_CPU_SPIN_US", raising=False)
+    assert settings.cpu_spin_us() == settings.CPU_SPIN_US_DEFAULT
+    monkeypatch.setenv("ANY4_JAX_CPU_SPIN_US", "0")
+    assert settings.cpu_spin_us() == 0
+    for bad in ("-5", "1e3", "fast", "2000000"):
+        monkeypatch.setenv("ANY4_JAX_CPU_SPIN_US", bad)
+        with pytest.raises(ValueError, match=f"ANY4_JAX_CPU_SPIN_US='{bad}': set it to a whole"):
+            settings.cpu_spin_us()
