@@ -127,7 +127,10 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     # Step i + 1 is dispatched before token i is read back, so the host's work (reading the
     # token, the callback, dispatching) overlaps the device's. The first decode step runs alone
     # (it compiles, and is timed apart). An EOS is seen one step late: that step's result is
-    # dropped.
+    # dropped. On the CPU backend the host's work and the step share the cores, so there each
+    # step is waited for before the host goes on: overlapping them was 8% slower for a 4-bit
+    # SmolLM2 on two cores (71 vs 77 tokens/s, docs/cpu_kernel_notes.md, v7).
+    overlap = jax.default_backend() != "cpu"
     dev_tok = tok
     inflight = None  # a dispatched step's token, not yet read
     while reason == "max_new_tokens":
@@ -141,6 +144,8 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
                 dev_tok.block_until_ready()
                 first_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
+            elif not overlap:
+                dev_tok.block_until_ready()
         if inflight is not None:
             out.append(int(inflight[0]))
             if on_token:
