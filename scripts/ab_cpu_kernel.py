@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import statistics
 import subprocess
 import tempfile
@@ -60,6 +61,10 @@ def main() -> int:
                              text=True, check=True).stdout
     tmp = Path(tempfile.mkdtemp()) / "lut_gemm_cpu_old.cc"
     tmp.write_text(old_src)
+    for header in re.findall(r'^#include "([^"/]+)"', old_src, flags=re.M):  # its own headers
+        (tmp.parent / header).write_text(subprocess.run(
+            ["git", "show", f"{args.old}:ffi_kernels/{header}"], capture_output=True, text=True,
+            check=True).stdout)
     # sources before v5 take float32 tables, scales and zeros: widened before their call, as
     # the Python wrapper of their time did
     old_wants_f32 = "ffi::AnyBuffer lut" not in old_src
