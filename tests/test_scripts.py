@@ -48,6 +48,17 @@ def test_bench_decode_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_decode_breakdown_runs(tmp_path):
+    out = _run(tmp_path, "decode_breakdown.py", "--model", "tiny", "--group-size", "32",
+               "--rounds", "1", "--steps", "2")
+    assert "| any4 (CPU kernel) |" in out and "| head dense float32 (alone) |" in out
+    rec = json.loads((tmp_path / "decode_breakdown_tiny_float32_cpu.json").read_text())
+    assert [r["what"] for r in rec["rows"][:3]] == [
+        "dense", "any4 (CPU kernel)", "any4, GEMVs replaced by zeros"]
+    assert all(r.get("step_ms", r.get("ms", 0)) > 0 for r in rec["rows"])
+
+
+@pytest.mark.slow
 def test_bench_moe_runs(tmp_path):
     out = _run(tmp_path, "bench_moe.py", "--hidden", "64", "--ffn", "128", "--layers", "2",
                "--experts", "4", "--vocab", "256", "--seq-len", "128", "--tokens", "4",
