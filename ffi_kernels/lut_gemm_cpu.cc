@@ -3,19 +3,21 @@
 //
 //   y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = fma(lut[n, c[n, k]], s[n, k / g], z[n, k / g])
 //
-// x, tables, scales and zeros float32; codes the canonical packed [N, K/2] uint8 (element 2j
-// in the low nibble of byte j). Decode is memory-bound: this reads 4-bit codes once per
-// 4 rows of x instead of a dequantized float32 matrix. Per 16 codes (AVX-512): split the 8
-// bytes into nibbles, widen to 16 int32 indices, look the row's 16-entry table up with one
-// permute (vpermps), one FMA applies the group's scale and zero, then one FMA per row of x.
-// AVX2 does 8 at a time (two 8-entry permutes and a blend); other CPUs take the scalar loop.
-// The weight is the reference's, bit for bit: one rounding (as fmaf), then, for bf16 / f16
-// activations, rounding to that dtype (round to nearest even), as `dequantize(x.dtype)`
-// does; x is exact in float32 and the sums are float32. Two exceptions are post-scaled
-// (per group sum(lut[c] x), then the scale, the zero times the group's sum of x): bf16 / f16
-// calls of one or two rows, and every bf16 call with bf16 tables on a CPU with AVX512_BF16,
-// which runs through vdpbf16ps (`rows_dot_bf16_any`). Rows of w are split over XLA's intra-op
-// thread pool.
+// x float32 (the wrapper widens bf16 / f16 x); tables, scales and zeros float32, bf16 or f16;
+// codes the canonical packed [N, K/2] uint8 (element 2j in the low nibble of byte j). Decode is
+// memory-bound: this reads 4-bit codes once per 4 rows of x instead of a dequantized float32
+// matrix. With AVX-512 and groups of a multiple of 64, 64 codes a step: the 32 bytes read as 16
+// words widened to 32-bit indices, each word's four codes looked up by one permute (vpermps)
+// after shifts by 0/4/8/12 (x put in that order once per call); otherwise 16 codes a step (8
+// bytes split into nibbles, widened, one permute). One FMA applies the group's scale and zero,
+// then one FMA per row of x. AVX2 does 8 at a time (two 8-entry permutes and a blend); other
+// CPUs take the scalar loop. The weight is the reference's, bit for bit: one rounding (as
+// fmaf), then, for bf16 / f16 activations, rounding to that dtype (round to nearest even), as
+// `dequantize(x.dtype)` does; x is exact in float32 and the sums are float32. Two exceptions
+// are post-scaled (per group sum(lut[c] x), then the scale, the zero times the group's sum of
+// x): bf16 / f16 calls of one or two rows, and every bf16 call with bf16 tables on a CPU with
+// AVX512_BF16, which runs through vdpbf16ps (`rows_dot_bf16_any`). Rows of w are split over the
+// calling thread and the helper threads of spin_pool_cpu.h.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -612,7 +614,19 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     std::atomic<int64_t> next{0}, done{0};
     std::mutex mu;
     std::condition_variable cv;
+#if defined(__x86_64__)
+    unsigned int csr = _mm_getcsr();  // the caller's floating-point mode (XLA flushes denormals)
+#endif
     void run() override {
+#if defined(__x86_64__)
+      // a helper computes in the caller's mode, so a row's bits do not depend on the thread
+      const unsigned int own = _mm_getcsr();
+      _mm_setcsr(csr);
+      struct Restore {
+        unsigned int v;
+        ~Restore() { _mm_setcsr(v); }
+      } restore{own};
+#endif
       for (;;) {
         const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
         if (c >= chunks) return;
@@ -637,12 +651,12 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   st->chunks = (p.N + st->per - 1) / st->per;
   if (st->chunks > 1) {
     if (any4::SpinPool* helpers = any4::SpinPool::get(static_cast<int>(threads - 1))) {
-      helpers->post(st);
+      helpers->post(st, static_cast<int>(std::min<int64_t>(threads, st->chunks) - 1));
     }
   }
   st->run();
   // the chunks still out are being run by other threads: a chunk is short, so wait awake for
-  // a while (~50 us), then sleep until the last one is done
+  // a while (2000 pauses: 10-100 us, by the CPU), then sleep until the last one is done
   for (int i = 0; i < 2000 && st->done.load(std::memory_order_acquire) < st->chunks; ++i) {
     ANY4_SPIN_PAUSE();
   }

@@ -35,18 +35,21 @@ def _cpu_signature() -> bytes:
     return sig.encode()
 
 
-def _source_and_headers(source: str) -> bytes:
+def _source_and_headers(source: str, _seen: set[str] | None = None) -> bytes:
     """The source's bytes, then those of each header it includes with quotes from its own
-    directory (`#include "spin_pool_cpu.h"`): a change of either builds anew."""
+    directory (`#include "spin_pool_cpu.h"`), and theirs in turn: a change of any builds
+    anew."""
+    seen = set() if _seen is None else _seen
+    seen.add(os.path.abspath(source))
     with open(source, "rb") as fh:
         src = fh.read()
+    out = src
     here = os.path.dirname(source)
     for name in re.findall(rb'^#include "([^"/]+)"', src, flags=re.M):
         path = os.path.join(here, name.decode())
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                src += b"\0" + name + b"\0" + fh.read()
-    return src
+        if os.path.isfile(path) and os.path.abspath(path) not in seen:
+            out += b"\0" + name + b"\0" + _source_and_headers(path, seen)
+    return out
 
 
 def build_library(name: str, source: str, *, extra_flags: tuple[str, ...] = ()) -> str:

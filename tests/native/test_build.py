@@ -49,14 +49,19 @@ def test_build_identity_covers_every_kernel_header():
 
 
 def test_cpu_build_identity_covers_the_headers_a_source_includes(tmp_path):
-    """A CPU library is rebuilt when a header it includes from its folder changes (the LUT
-    GEMM includes spin_pool_cpu.h), and CMake installs those headers beside the sources."""
+    """A CPU library is rebuilt when a header it includes from its folder changes, or one that
+    header includes (the LUT GEMM includes spin_pool_cpu.h), and CMake installs those headers
+    beside the sources."""
     (tmp_path / "k_cpu.cc").write_text('#include <vector>\n#include "h_cpu.h"\nint f();\n')
-    (tmp_path / "h_cpu.h").write_text("#pragma once\n")
+    (tmp_path / "h_cpu.h").write_text('#pragma once\n#include "g_cpu.h"\n#include "h_cpu.h"\n')
+    (tmp_path / "g_cpu.h").write_text("#pragma once\n")
     src = str(tmp_path / "k_cpu.cc")
     before = build_cpu._source_and_headers(src)
-    (tmp_path / "h_cpu.h").write_text("#pragma once\n// changed\n")
-    assert build_cpu._source_and_headers(src) != before
+    (tmp_path / "g_cpu.h").write_text("#pragma once\n// changed\n")  # included by the header
+    after = build_cpu._source_and_headers(src)
+    assert after != before
+    (tmp_path / "h_cpu.h").write_text('#pragma once\n#include "g_cpu.h"\n// changed\n')
+    assert build_cpu._source_and_headers(src) != after
     with open(os.path.join(ROOT, "ffi_kernels", "lut_gemm_cpu.cc")) as fh:
         included = re.findall(r'^#include "([^"/]+)"', fh.read(), flags=re.M)
     assert included and all(name.endswith("_cpu.h") for name in included)

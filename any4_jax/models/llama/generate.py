@@ -128,8 +128,8 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     # token, the callback, dispatching) overlaps the device's. The first decode step runs alone
     # (it compiles, and is timed apart). An EOS is seen one step late: that step's result is
     # dropped. On the CPU backend the host's work and the step share the cores, so there each
-    # step is waited for before the host goes on: overlapping them was 8% slower for a 4-bit
-    # SmolLM2 on two cores (71 vs 77 tokens/s, docs/cpu_kernel_notes.md, v7).
+    # step is waited for before the host goes on: overlapping them was 6% slower for a 4-bit
+    # SmolLM2 on two cores (70.0 vs 74.0 tokens/s, docs/cpu_kernel_notes.md, v7).
     overlap = jax.default_backend() != "cpu"
     dev_tok = tok
     inflight = None  # a dispatched step's token, not yet read
