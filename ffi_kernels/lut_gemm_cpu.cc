@@ -331,6 +331,20 @@ inline int dot_order(int pos, int step) {
   return 4 * (pos % per) + pos / per;
 }
 
+// x [M, K] with each step of `step` codes in the order the lookups give the weights
+// (`dot_order`), each value passed through `conv`.
+template <class T, class Conv>
+std::vector<T> x_in_dot_order(const Problem& p, int step, Conv conv) {
+  std::vector<T> out(p.M * p.K);
+  int order[128];
+  for (int pos = 0; pos < step; ++pos) order[pos] = dot_order(pos, step);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t k0 = 0; k0 < p.K; k0 += step)
+      for (int pos = 0; pos < step; ++pos)
+        out[m * p.K + k0 + pos] = conv(p.x[m * p.K + k0 + order[pos]]);
+  return out;
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // bf16 activations and bf16 tables, any number of rows of x: vdpbf16ps, 32 products
 // and sums per instruction (docs/cpu_kernel_notes.md, v6). The codes are looked up without
@@ -578,28 +592,17 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // x in the vdpbf16ps path's order, as bf16 (exact: x was bf16, widened by the wrapper)
   std::vector<uint16_t> xbf;
   if (dot_bf16(p)) {
-    xbf.resize(p.M * p.K);
-    const int step = dot_step(p);
-    int order[128];
-    for (int pos = 0; pos < step; ++pos) order[pos] = dot_order(pos, step);
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t k0 = 0; k0 < p.K; k0 += step)
-        for (int pos = 0; pos < step; ++pos) {
-          uint32_t u;
-          __builtin_memcpy(&u, p.x + m * p.K + k0 + order[pos], 4);
-          xbf[m * p.K + k0 + pos] = static_cast<uint16_t>(u >> 16);
-        }
+    xbf = x_in_dot_order<uint16_t>(p, dot_step(p), [](float v) {
+      uint32_t u;
+      __builtin_memcpy(&u, &v, 4);
+      return static_cast<uint16_t>(u >> 16);
+    });
     p.xbf = xbf.data();
   }
   // x in the order Isa::lookup_wide gives the weights (64 codes a step), for the vector paths
   std::vector<float> xw;
   if (wide(p) && !dot_bf16(p)) {
-    xw.resize(p.M * p.K);
-    int order[64];
-    for (int pos = 0; pos < 64; ++pos) order[pos] = dot_order(pos, 64);
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t k0 = 0; k0 < p.K; k0 += 64)
-        for (int pos = 0; pos < 64; ++pos) xw[m * p.K + k0 + pos] = p.x[m * p.K + k0 + order[pos]];
+    xw = x_in_dot_order<float>(p, 64, [](float v) { return v; });
     p.xw = xw.data();
   }
   // Rows of w in chunks claimed from a shared counter by this thread and by the helper

@@ -24,7 +24,6 @@ import re
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -84,37 +83,25 @@ def main() -> int:
 
 def decode_rows(args) -> list[dict]:
     """Median blocking decode-step time through each library, interleaved rounds."""
-    from bench_decode import quantize_randomly
-    from flax import nnx
+    from bench_decode import find_preset, quantize_randomly
+    from decode_breakdown import step_call, time_step
 
     from any4_jax.models.llama import generate
     from any4_jax.models.llama.config import PRESETS
     from any4_jax.models.llama.params import random_model
     from any4_jax.nn import prepare_model
 
-    norm = lambda s: s.lower().replace("-", "").replace(".", "")
-    config = next(c for name, c in PRESETS.items() if norm(name) == norm(args.decode))
+    config = find_preset(args.decode)
+    if config is None:
+        raise SystemExit(f"--decode {args.decode}: choose one of {', '.join(PRESETS)}")
     model = random_model(config, param_dtype=jnp.dtype(args.dtype))
     quantize_randomly(model, "any4", args.group_size, lm_head=False)
     prepare_model(model, "cpu")
     cpu_kernel._register()  # the library's own target, before TARGET is pointed elsewhere
-    leaves, treedef = jax.tree.flatten(nnx.state(model))
-    graphdef = nnx.graphdef(model)
-    tok, key = jnp.zeros((1,), jnp.int32), jax.random.key(0)
 
     def step_ms(target: str) -> float:
-        cpu_kernel.TARGET = target
-        generate._steps.cache_clear()  # retrace: the step calls the target it was traced with
-        _, decode = generate._steps(graphdef, treedef)
-        cache = model.init_cache(1, 128)
-        times = []
-        for i in range(args.steps + 3):
-            t0 = time.perf_counter()
-            out, cache = decode(leaves, tok, cache, jnp.int32(20), 0.0, 1.0, key)
-            out.block_until_ready()
-            if i >= 3:  # the first compiles
-                times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+        cpu_kernel.TARGET = target  # step_call retraces: the step calls the target it saw
+        return time_step(step_call(model), args.steps)[0]
 
     def tokens_per_s(target: str) -> float:  # generate_ids, host loop included
         cpu_kernel.TARGET = target

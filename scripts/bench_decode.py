@@ -56,6 +56,14 @@ def quantize_randomly(model, fmt: str, g: int, *, lm_head: bool, seed: int = 0) 
     return len(paths)
 
 
+def find_preset(name: str):
+    """The LlamaConfig preset called `name` (case, dashes and dots ignored), or None."""
+    from any4_jax.models.llama.config import PRESETS
+
+    norm = lambda s: s.lower().replace("-", "").replace(".", "")
+    return next((c for key, c in PRESETS.items() if norm(key) == norm(name)), None)
+
+
 def bytes_per_token(model, position: int) -> int:
     """Every array of the model except the embedding table (one row of it is read), plus the
     KV cache up to `position`."""
@@ -94,9 +102,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    norm = lambda s: s.lower().replace("-", "").replace(".", "")
-    found = [c for name, c in PRESETS.items() if norm(name) == norm(args.model)]
-    if not found:
+    config = find_preset(args.model)
+    if config is None:
         ap.error(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
     kernels = (args.kernels or ("dense,xla,pallas,cuda" if jax.default_backend() == "gpu"
                                 else "dense,xla,cpu")).split(",")
@@ -114,7 +121,6 @@ def main():
     dev = jax.devices()[0]
     bw = copy_bandwidth(2**30 if dev.platform == "gpu" else 2**26)
     print(f"device: {dev.device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
-    config = found[0]
     ks = {config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size}
     bad = sorted(k for k in ks if k % args.group_size)
     if bad:

@@ -28,12 +28,45 @@ import jax
 import jax.numpy as jnp
 
 
-def main() -> int:
-    from bench_decode import quantize_randomly
+def step_call(model):
+    """A call of `model`'s jitted decode step (`generate_ids`'s, retraced: the kernel may have
+    changed) on a fresh cache, compiled and settled; it returns the token, not waited for."""
     from flax import nnx
 
-    from any4_jax.kernels import cpu as cpu_kernel
     from any4_jax.models.llama import generate
+
+    leaves, treedef = jax.tree.flatten(nnx.state(model))
+    generate._steps.cache_clear()
+    _, decode = generate._steps(nnx.graphdef(model), treedef)
+    tok, key = jnp.zeros((1,), jnp.int32), jax.random.key(0)
+    box = {"cache": model.init_cache(1, 128)}
+
+    def call():
+        out, box["cache"] = decode(leaves, tok, box["cache"], jnp.int32(20), 0.0, 1.0, key)
+        return out
+
+    for _ in range(3):  # compile, settle
+        call().block_until_ready()
+    return call
+
+
+def time_step(call, steps: int) -> tuple[float, float]:
+    """(blocking step ms, dispatch ms) of `call`: medians over `steps` calls."""
+    total, dispatch = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = call()
+        t1 = time.perf_counter()
+        out.block_until_ready()
+        total.append(time.perf_counter() - t0)
+        dispatch.append(t1 - t0)
+    return 1e3 * statistics.median(total), 1e3 * statistics.median(dispatch)
+
+
+def main() -> int:
+    from bench_decode import find_preset, quantize_randomly
+
+    from any4_jax.kernels import cpu as cpu_kernel
     from any4_jax.models.llama.config import PRESETS
     from any4_jax.models.llama.params import random_model
     from any4_jax.nn import prepare_model
@@ -50,57 +83,28 @@ def main() -> int:
     args = ap.parse_args()
     if jax.default_backend() != "cpu":
         ap.error("this breaks down the CPU decode step; run it on a CPU backend")
-    norm = lambda s: s.lower().replace("-", "").replace(".", "")
-    found = [c for name, c in PRESETS.items() if norm(name) == norm(args.model)]
-    if not found:
+    config = find_preset(args.model)
+    if config is None:
         ap.error(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
-    config, dtype = found[0], jnp.dtype(args.dtype)
+    dtype, key = jnp.dtype(args.dtype), jax.random.key(0)
     model = random_model(config, param_dtype=dtype)
-    tok, key = jnp.zeros((1,), jnp.int32), jax.random.key(0)
 
-    def stepper():
-        """The model's decode step as it is now (retraced: the kernel may have changed)."""
-        leaves, treedef = jax.tree.flatten(nnx.state(model))
-        generate._steps.cache_clear()
-        _, decode = generate._steps(nnx.graphdef(model), treedef)
-        box = {"cache": model.init_cache(1, 128)}
-
-        def call():
-            out, box["cache"] = decode(leaves, tok, box["cache"], jnp.int32(20), 0.0, 1.0, key)
-            return out
-
-        for _ in range(3):  # compile, settle
-            call().block_until_ready()
-        return call
-
-    def time_step(call) -> tuple[float, float]:
-        """(blocking step ms, dispatch ms): medians over --steps."""
-        total, dispatch = [], []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            out = call()
-            t1 = time.perf_counter()
-            out.block_until_ready()
-            total.append(time.perf_counter() - t0)
-            dispatch.append(t1 - t0)
-        return 1e3 * statistics.median(total), 1e3 * statistics.median(dispatch)
-
-    calls = {"dense": stepper()}
+    calls = {"dense": step_call(model)}
     quantize_randomly(model, "any4", args.group_size, lm_head=False)
     prepare_model(model, "cpu")
-    calls["any4 (CPU kernel)"] = stepper()
+    calls["any4 (CPU kernel)"] = step_call(model)
     real = cpu_kernel._call
     # zeros that depend on x, so XLA cannot fold them into what follows
     cpu_kernel._call = lambda x2, codes, *a, **kw: (
         jnp.zeros((x2.shape[0], codes.shape[0]), jnp.float32) + 0 * x2[:, :1].astype(jnp.float32))
     try:
-        calls["any4, GEMVs replaced by zeros"] = stepper()
+        calls["any4, GEMVs replaced by zeros"] = step_call(model)
     finally:
         cpu_kernel._call = real
     times = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, call in calls.items():
-            times[name].append(time_step(call))
+            times[name].append(time_step(call, args.steps))
 
     emb = model.embed_tokens.embedding[...]
     n, k = emb.shape
@@ -143,5 +147,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))  # bench_decode, beside this script
     raise SystemExit(main())

@@ -69,8 +69,8 @@ def _decode(model, token, cache, pos, temperature, top_p, key):
 def _steps(graphdef, treedef):
     """The jitted prefill and decode steps of one model structure, taking the model's arrays
     as a flat list. Built once per structure: as a static argument the GraphDef was hashed on
-    every token, and the state flattened, which cost a quantized SmolLM2 (~900 arrays) ~7 ms
-    of host time per token, more than half of its step (docs/cpu_kernel_notes.md)."""
+    every token, and the state flattened, which cost a quantized SmolLM2 (~900 arrays) 7 ms
+    of host time per token, a third of its step (docs/cpu_kernel_notes.md)."""
 
     def bind(fn):
         def step(leaves, *args):
@@ -114,7 +114,7 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
     tok, cache = prefill(leaves, jnp.asarray(tokens), cache,
-                          jnp.asarray([p - 1], jnp.int32), float(temperature), float(top_p), sub)
+                         jnp.asarray([p - 1], jnp.int32), float(temperature), float(top_p), sub)
     out = [int(tok[0])]
     prefill_s = time.perf_counter() - t0
     if on_token:
@@ -138,7 +138,7 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         if wanted:
             key, sub = jax.random.split(key)
             dev_tok, cache = decode(leaves, dev_tok, cache, jnp.int32(pos),
-                                     float(temperature), float(top_p), sub)
+                                    float(temperature), float(top_p), sub)
             pos += 1
             if pos == p + 1:  # the compiling first step: wait for it, time it apart
                 dev_tok.block_until_ready()
