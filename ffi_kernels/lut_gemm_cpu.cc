@@ -149,6 +149,19 @@ inline Vec vround(Vec w) {
     return w;
   }
 }
+
+// The row's table scaled for one group and rounded to x's dtype: lane c is the dequantized
+// weight of code c, fmaf(lut[c], s, z) rounded, bit for bit what the reference computes per
+// weight (a lookup moves lanes; it does not change them). One FMA per group instead of one
+// per 16 weights (docs/cpu_kernel_notes.md, v8).
+template <int R>
+inline Isa::Table scaled_table(const Isa::Table& t, Vec s, Vec z) {
+#if defined(__AVX512F__)
+  return vround<R>(Isa::fma(t, s, z));
+#else
+  return {vround<R>(Isa::fma(t.lo, s, z)), vround<R>(Isa::fma(t.hi, s, z))};
+#endif
+}
 #else
 constexpr int kVec = 0;
 #endif
@@ -224,7 +237,8 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
 // kPost: post-scaled (see rows()): per group sum(lut[c] x), then one FMA by the scale, and
 // the zero times the group's sum of x at the end. Otherwise the reference's arithmetic:
-// fmaf(lut, s, z) per weight, rounded to x's dtype (bit for bit the dequantized weight).
+// fmaf(lut, s, z) rounded to x's dtype (bit for bit the dequantized weight), computed once per
+// group on the table (`scaled_table`) and looked up from it.
 template <int R, bool kPost, int MB, int U, int W>
 inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
   const int64_t groups = p.K / p.g;
@@ -238,12 +252,14 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
   for (int64_t grp = 0; grp < groups; ++grp) {
     const Vec s = Isa::set1(widen(p.scales, n * groups + grp, p.param));
     const Vec z = Isa::set1(widen(p.zeros, n * groups + grp, p.param));
+    // post-scaled: the row's own table; else this group's weights, looked up ready
+    const Isa::Table gl = kPost ? lut : scaled_table<R>(lut, s, z);
     if (W > 1) {  // kWide vectors of codes per step, the accumulators in turn
       for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * W) {
         Vec v[Isa::kWide];
-        Isa::lookup_wide(lut, c + k / 2, v);
+        Isa::lookup_wide(gl, c + k / 2, v);
         for (int j = 0; j < W; ++j) {
-          const Vec w = kPost ? v[j] : vround<R>(Isa::fma(v[j], s, z));  // fmaf's rounding
+          const Vec w = v[j];
           for (int i = 0; i < MB; ++i)
             acc[i][j % U] = Isa::fma(w, Isa::load(xm + i * p.K + k + j * kVec), acc[i][j % U]);
         }
@@ -252,8 +268,7 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
       for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * U) {
         for (int u = 0; u < U; ++u) {
           const int64_t ku = k + u * kVec;
-          const Vec l = Isa::lookup(lut, c + ku / 2);
-          const Vec w = kPost ? l : vround<R>(Isa::fma(l, s, z));
+          const Vec w = Isa::lookup(gl, c + ku / 2);
           for (int i = 0; i < MB; ++i)
             acc[i][u] = Isa::fma(w, Isa::load(xm + i * p.K + ku), acc[i][u]);
         }
