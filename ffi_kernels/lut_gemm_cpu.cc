@@ -9,14 +9,14 @@
 // matrix. With AVX-512 and groups of a multiple of 64, 64 codes a step: the 32 bytes read as 16
 // words widened to 32-bit indices, each word's four codes looked up by one permute (vpermps)
 // after shifts by 0/4/8/12 (x put in that order once per call); otherwise 16 codes a step (8
-// bytes split into nibbles, widened, one permute). One FMA applies the group's scale and zero,
-// then one FMA per row of x. AVX2 does 8 at a time (two 8-entry permutes and a blend); other
-// CPUs take the scalar loop. The weight is the reference's, bit for bit: one rounding (as
-// fmaf), then, for bf16 / f16 activations, rounding to that dtype (round to nearest even), as
-// `dequantize(x.dtype)` does; x is exact in float32 and the sums are float32. Two exceptions
-// are post-scaled (per group sum(lut[c] x), then the scale, the zero times the group's sum of
-// x): bf16 / f16 calls of one or two rows, and every bf16 call with bf16 tables on a CPU with
-// AVX512_BF16, which runs through vdpbf16ps (`rows_dot_bf16_any`). Rows of w are split over the
+// bytes split into nibbles, widened, one permute). The lookups read the row's table scaled by
+// the group's scale and zero (one FMA per group), then one FMA per weight and row of x. AVX2
+// does 8 at a time (two 8-entry permutes and a blend); other CPUs take the scalar loop. The
+// weight is the reference's, bit for bit: one rounding (as fmaf), then, for bf16 / f16
+// activations, rounding to that dtype (round to nearest even), as `dequantize(x.dtype)` does;
+// x is exact in float32 and the sums are float32. One exception is post-scaled (per group
+// sum(lut[c] x), then the scale, the zero times the group's sum of x): every bf16 call with
+// bf16 tables on a CPU with AVX512_BF16, which runs through vdpbf16ps (`rows_dot_bf16_any`). Rows of w are split over the
 // calling thread and the helper threads of spin_pool_cpu.h.
 #include <algorithm>
 #include <atomic>
@@ -192,7 +192,7 @@ struct Problem {
   int64_t M, N, K, g;
   int round;
   int param;  // Param: the dtype of lut, scales and zeros
-  const float* xsum;  // [M, K / g]: each group's sum of x (the post-scaled paths)
+  const float* xsum;  // [M, K / g]: each group's sum of x (the vdpbf16ps path only)
   const uint16_t* xbf;  // [M, K]: x as bf16 in the order dot_bf16 reads it (that path only)
   const float* xw;  // [M, K]: x in the order Isa::lookup_wide gives the weights (wide() only)
 };
@@ -235,25 +235,21 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // Rows [m0, m0 + MB) of x against weight row n, with U accumulators per row of x: U
 // independent FMA chains, so that a single row of x (decoding) is not bound by the FMA
 // latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
-// kPost: post-scaled (see rows()): per group sum(lut[c] x), then one FMA by the scale, and
-// the zero times the group's sum of x at the end. Otherwise the reference's arithmetic:
-// fmaf(lut, s, z) rounded to x's dtype (bit for bit the dequantized weight), computed once per
-// group on the table (`scaled_table`) and looked up from it.
-template <int R, bool kPost, int MB, int U, int W>
+// The reference's arithmetic: the weight is fmaf(lut, s, z) rounded to x's dtype (bit for bit
+// the dequantized weight), computed once per group on the table (`scaled_table`) and looked
+// up from it, so a weight costs its lookup and one FMA with x.
+template <int R, int MB, int U, int W>
 inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
   const int64_t groups = p.K / p.g;
   const uint8_t* c = p.codes + n * (p.K / 2);
   const float* xm = (W > 1 ? p.xw : p.x) + m0 * p.K;
-  Vec acc[MB][U], tot[MB];
-  for (int i = 0; i < MB; ++i) {
-    tot[i] = Vec{};
+  Vec acc[MB][U];
+  for (int i = 0; i < MB; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
-  }
   for (int64_t grp = 0; grp < groups; ++grp) {
     const Vec s = Isa::set1(widen(p.scales, n * groups + grp, p.param));
     const Vec z = Isa::set1(widen(p.zeros, n * groups + grp, p.param));
-    // post-scaled: the row's own table; else this group's weights, looked up ready
-    const Isa::Table gl = kPost ? lut : scaled_table<R>(lut, s, z);
+    const Isa::Table gl = scaled_table<R>(lut, s, z);  // this group's weights
     if (W > 1) {  // kWide vectors of codes per step, the accumulators in turn
       for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * W) {
         Vec v[Isa::kWide];
@@ -274,51 +270,34 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
         }
       }
     }
-    if constexpr (kPost) {  // this group's partial sums, scaled, into the totals
-      for (int i = 0; i < MB; ++i) {
-        Vec t = acc[i][0];
-        for (int u = 1; u < U; ++u) t = t + acc[i][u];
-        tot[i] = Isa::fma(t, s, tot[i]);
-        for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
-      }
-    }
   }
   for (int i = 0; i < MB; ++i) {
-    float y;
-    if constexpr (kPost) {
-      y = Isa::sum(tot[i]);
-      const float* xs = p.xsum + (m0 + i) * groups;
-      for (int64_t grp = 0; grp < groups; ++grp)
-        y = std::fmaf(widen(p.zeros, n * groups + grp, p.param), xs[grp], y);
-    } else {
-      Vec t = acc[i][0];
-      for (int u = 1; u < U; ++u) t = t + acc[i][u];
-      y = Isa::sum(t);
-    }
-    p.y[(m0 + i) * p.N + n] = y;
+    Vec t = acc[i][0];
+    for (int u = 1; u < U; ++u) t = t + acc[i][u];
+    p.y[(m0 + i) * p.N + n] = Isa::sum(t);
   }
 }
 
 // MB rows of x. With AVX-512 and groups of a multiple of 64 codes, 64 codes per lookup step
-// (`Isa::lookup_wide`, x read in its order) at every M: two chains per row for one or two
+// (`Isa::lookup_wide`, x read in its order) at every M: four chains per row for one or two
 // rows of x (one chain waits on the FMA latency: 1.2x at M = 1, docs/cpu_kernel_notes.md,
-// v3), one per row for more (the rows already give independent chains). Otherwise 16 (8)
+// v3 and v7a), one per row for more (the rows already give independent chains). Otherwise 16 (8)
 // codes per step, two chains for one or two rows. Every block of one call sums in the same
 // order, so a row's result does not depend on where in the call it sits.
-template <int R, bool P, int MB>
+template <int R, int MB>
 inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
   if constexpr (Isa::kWide > 1) {
     if (wide(p)) {
-      if (p.M <= 2) return row_block<R, P, MB, 4, Isa::kWide>(p, n, m0, lut);
-      return row_block<R, P, MB, 1, Isa::kWide>(p, n, m0, lut);
+      if (p.M <= 2) return row_block<R, MB, 4, Isa::kWide>(p, n, m0, lut);
+      return row_block<R, MB, 1, Isa::kWide>(p, n, m0, lut);
     }
   }
-  if (p.M <= 2 && p.g % (2 * kVec) == 0) return row_block<R, P, MB, 2, 1>(p, n, m0, lut);
-  row_block<R, P, MB, 1, 1>(p, n, m0, lut);
+  if (p.M <= 2 && p.g % (2 * kVec) == 0) return row_block<R, MB, 2, 1>(p, n, m0, lut);
+  row_block<R, MB, 1, 1>(p, n, m0, lut);
 }
 
 // Weight rows [n0, n1) with vectors (K and g multiples of kVec).
-template <int R, bool P>
+template <int R>
 void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     float row_lut[16];
@@ -326,10 +305,10 @@ void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
     const Isa::Table lut = Isa::table(row_lut);
     for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
       switch (std::min<int64_t>(kMB, p.M - m0)) {
-        case 1: row_block_any<R, P, 1>(p, n, m0, lut); break;
-        case 2: row_block_any<R, P, 2>(p, n, m0, lut); break;
-        case 3: row_block_any<R, P, 3>(p, n, m0, lut); break;
-        default: row_block_any<R, P, kMB>(p, n, m0, lut); break;
+        case 1: row_block_any<R, 1>(p, n, m0, lut); break;
+        case 2: row_block_any<R, 2>(p, n, m0, lut); break;
+        case 3: row_block_any<R, 3>(p, n, m0, lut); break;
+        default: row_block_any<R, kMB>(p, n, m0, lut); break;
       }
     }
   }
@@ -369,8 +348,8 @@ std::vector<T> x_in_dot_order(const Problem& p, int step, Conv conv) {
 // and 12 bits gives the other three codes of each word. Per 128 codes: one load, three shifts,
 // four permutes and four dot products (against 8 lookups, 8 widenings and 8 FMAs before).
 // The weights come out in a fixed order (word i of the j-th lookup is code 4i + j); x is put
-// in that order once per call (`dot_order`), so nothing is reordered per weight. Post-scaled
-// as the other bf16 decode path: per group sum(lut[c] x), then the scale; the zero times the
+// in that order once per call (`dot_order`), so nothing is reordered per weight. Post-scaled:
+// per group sum(lut[c] x), then the scale; the zero times the
 // group's sum of x at the end. Each product of two bf16 values is exact in float32;
 // vdpbf16ps adds them in float32 with denormals flushed to zero.
 constexpr bool kHaveDotBf16 = true;
@@ -536,14 +515,6 @@ bool dot_bf16(const Problem& p) {
   return kHaveDotBf16 && p.round == kBF16 && p.param == kParamBF16 && p.g % 64 == 0;
 }
 
-// Calls with one or two rows of x (decoding) in bf16 or f16 are post-scaled: the weight is
-// not rounded to x's dtype before the product (closer to the exact dequantized weight than
-// the reference; within the stated tolerance, as on the GPU) and the per-weight FMA and
-// rounding go: 1.8x at M = 1 (docs/cpu_kernel_notes.md, v4). With 3+ rows it measured slower
-// (0.8x at M = 4), so those calls keep the reference's arithmetic, as float32 always does.
-// The choice is per call, so every row of one call is computed the same way.
-bool post_scaled(const Problem& p) { return p.round != kNone && p.M <= 2; }
-
 void rows(const Problem& p, int64_t n0, int64_t n1) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if (dot_bf16(p)) {
@@ -553,13 +524,9 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__)
   if (p.g % kVec == 0) {
-    if (post_scaled(p)) {
-      return p.round == kBF16 ? rows_vector<kBF16, true>(p, n0, n1)
-                              : rows_vector<kF16, true>(p, n0, n1);
-    }
-    if (p.round == kBF16) return rows_vector<kBF16, false>(p, n0, n1);
-    if (p.round == kF16) return rows_vector<kF16, false>(p, n0, n1);
-    return rows_vector<kNone, false>(p, n0, n1);
+    if (p.round == kBF16) return rows_vector<kBF16>(p, n0, n1);
+    if (p.round == kF16) return rows_vector<kF16>(p, n0, n1);
+    return rows_vector<kNone>(p, n0, n1);
   }
 #endif
   rows_scalar(p, n0, n1);
@@ -592,9 +559,9 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: inconsistent shapes");
   }
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  // each group's sum of x, once per call, for the post-scaled (bf16 / f16) vector paths
+  // each group's sum of x, once per call, for the post-scaled vdpbf16ps path
   std::vector<float> xsum;
-  if (post_scaled(p) || dot_bf16(p)) {
+  if (dot_bf16(p)) {
     xsum.resize(p.M * groups);
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t grp = 0; grp < groups; ++grp) {
