@@ -13,8 +13,8 @@ Numerics follow the reference: the weight is `fma(lut[c], scale, zero)` in float
 x's dtype (bit for bit `dequantize(x.dtype)`, so identity activations give the dequantized
 weight exactly), products and sums in float32 (only the order of the sum differs), y rounded
 to x's dtype. Post-scaled instead (the weight not rounded to x's dtype; within the dtype's
-tolerance, as on the GPU): bf16/f16 calls of one or two rows, and, on CPUs with AVX512_BF16,
-every bf16 call whose tables are bf16 (vdpbf16ps; docs/cpu_kernel_notes.md, v6).
+tolerance, as on the GPU): on CPUs with AVX512_BF16, every bf16 call whose tables are bf16
+(vdpbf16ps; docs/cpu_kernel_notes.md, v6).
 """
 
 from __future__ import annotations
