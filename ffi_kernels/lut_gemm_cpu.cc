@@ -195,6 +195,7 @@ struct Problem {
   const float* xsum;  // [M, K / g]: each group's sum of x (the vdpbf16ps path only)
   const uint16_t* xbf;  // [M, K]: x as bf16 in the order dot_bf16 reads it (that path only)
   const float* xw;  // [M, K]: x in the order Isa::lookup_wide gives the weights (wide() only)
+  int64_t groups;  // K / g (set once per call: a division per row cost as much as a group)
 };
 
 // The 64-codes-a-step AVX-512 lookup (Isa::lookup_wide) serves groups of a multiple of 64.
@@ -237,36 +238,37 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
 // The reference's arithmetic: the weight is fmaf(lut, s, z) rounded to x's dtype (bit for bit
 // the dequantized weight), computed once per group on the table (`scaled_table`) and looked
-// up from it, so a weight costs its lookup and one FMA with x.
-template <int R, int MB, int U, int W>
-inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
-  const int64_t groups = p.K / p.g;
+// up from it, so a weight costs its lookup and one FMA with x. `s` and `z` are the row's
+// scales and zeros as float32. GS: steps per group when known at compile time (g = 64 with
+// 64-code steps: one, no inner loop), 0 otherwise.
+// Not inlined: each form gets its own register allocation (inlined into rows_vector beside
+// the other forms, GCC kept the accumulators on the stack: 0.73x at M = 1).
+template <int R, int MB, int U, int W, int GS>
+__attribute__((noinline)) void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut,
+                      const float* s, const float* z) {
+  constexpr int kStep = kVec * (W > 1 ? W : U);  // codes per step
+  const int64_t groups = p.groups;
+  const int64_t steps = GS ? GS : p.g / kStep;
   const uint8_t* c = p.codes + n * (p.K / 2);
   const float* xm = (W > 1 ? p.xw : p.x) + m0 * p.K;
   Vec acc[MB][U];
   for (int i = 0; i < MB; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = Vec{};
   for (int64_t grp = 0; grp < groups; ++grp) {
-    const Vec s = Isa::set1(widen(p.scales, n * groups + grp, p.param));
-    const Vec z = Isa::set1(widen(p.zeros, n * groups + grp, p.param));
-    const Isa::Table gl = scaled_table<R>(lut, s, z);  // this group's weights
-    if (W > 1) {  // kWide vectors of codes per step, the accumulators in turn
-      for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * W) {
+    // this group's weights: the table scaled and rounded
+    const Isa::Table gl = scaled_table<R>(lut, Isa::set1(s[grp]), Isa::set1(z[grp]));
+    for (int64_t st = 0; st < steps; ++st, c += kStep / 2, xm += kStep) {
+      if constexpr (W > 1) {  // kWide vectors of codes per step, the accumulators in turn
         Vec v[Isa::kWide];
-        Isa::lookup_wide(gl, c + k / 2, v);
-        for (int j = 0; j < W; ++j) {
-          const Vec w = v[j];
+        Isa::lookup_wide(gl, c, v);
+        for (int j = 0; j < W; ++j)
           for (int i = 0; i < MB; ++i)
-            acc[i][j % U] = Isa::fma(w, Isa::load(xm + i * p.K + k + j * kVec), acc[i][j % U]);
-        }
-      }
-    } else {
-      for (int64_t k = grp * p.g; k < (grp + 1) * p.g; k += kVec * U) {
+            acc[i][j % U] = Isa::fma(v[j], Isa::load(xm + i * p.K + j * kVec), acc[i][j % U]);
+      } else {  // U vectors of codes per step, one per accumulator
         for (int u = 0; u < U; ++u) {
-          const int64_t ku = k + u * kVec;
-          const Vec w = Isa::lookup(gl, c + ku / 2);
+          const Vec w = Isa::lookup(gl, c + u * kVec / 2);
           for (int i = 0; i < MB; ++i)
-            acc[i][u] = Isa::fma(w, Isa::load(xm + i * p.K + ku), acc[i][u]);
+            acc[i][u] = Isa::fma(w, Isa::load(xm + i * p.K + u * kVec), acc[i][u]);
         }
       }
     }
@@ -281,34 +283,58 @@ inline void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table&
 // MB rows of x. With AVX-512 and groups of a multiple of 64 codes, 64 codes per lookup step
 // (`Isa::lookup_wide`, x read in its order) at every M: four chains per row for one or two
 // rows of x (one chain waits on the FMA latency: 1.2x at M = 1, docs/cpu_kernel_notes.md,
-// v3 and v7a), one per row for more (the rows already give independent chains). Otherwise 16 (8)
-// codes per step, two chains for one or two rows. Every block of one call sums in the same
+// v3 and v7a), one per row for more (the rows already give independent chains). Otherwise 16
+// (8) codes per step, two chains for one or two rows. Every block of one call sums in the same
 // order, so a row's result does not depend on where in the call it sits.
 template <int R, int MB>
-inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut) {
+inline void row_block_any(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut,
+                          const float* s, const float* z) {
   if constexpr (Isa::kWide > 1) {
     if (wide(p)) {
-      if (p.M <= 2) return row_block<R, MB, 4, Isa::kWide>(p, n, m0, lut);
-      return row_block<R, MB, 1, Isa::kWide>(p, n, m0, lut);
+      constexpr int S = kVec * Isa::kWide;
+      if (p.M <= 2) {
+        if (p.g == S) return row_block<R, MB, 4, Isa::kWide, 1>(p, n, m0, lut, s, z);
+        return row_block<R, MB, 4, Isa::kWide, 0>(p, n, m0, lut, s, z);
+      }
+      if (p.g == S) return row_block<R, MB, 1, Isa::kWide, 1>(p, n, m0, lut, s, z);
+      return row_block<R, MB, 1, Isa::kWide, 0>(p, n, m0, lut, s, z);
     }
   }
-  if (p.M <= 2 && p.g % (2 * kVec) == 0) return row_block<R, MB, 2, 1>(p, n, m0, lut);
-  row_block<R, MB, 1, 1>(p, n, m0, lut);
+  if (p.M <= 2 && p.g % (2 * kVec) == 0) {
+    return row_block<R, MB, 2, 1, 0>(p, n, m0, lut, s, z);
+  }
+  row_block<R, MB, 1, 1, 0>(p, n, m0, lut, s, z);
 }
 
-// Weight rows [n0, n1) with vectors (K and g multiples of kVec).
+// Weight rows [n0, n1) with vectors (K and g multiples of kVec). Each row's table, scales and
+// zeros are widened to float32 once (float32 ones are read in place), so the group loop
+// broadcasts a float from memory instead of widening by dtype.
 template <int R>
 void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t groups = p.K / p.g;
+  std::vector<float> widened(p.param == kParamF32 ? 0 : 2 * groups);
   for (int64_t n = n0; n < n1; ++n) {
     float row_lut[16];
     for (int i = 0; i < 16; ++i) row_lut[i] = widen(p.lut, n * 16 + i, p.param);
     const Isa::Table lut = Isa::table(row_lut);
+    const float *s, *z;
+    if (p.param == kParamF32) {
+      s = static_cast<const float*>(p.scales) + n * groups;
+      z = static_cast<const float*>(p.zeros) + n * groups;
+    } else {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        widened[grp] = widen(p.scales, n * groups + grp, p.param);
+        widened[groups + grp] = widen(p.zeros, n * groups + grp, p.param);
+      }
+      s = widened.data();
+      z = widened.data() + groups;
+    }
     for (int64_t m0 = 0; m0 < p.M; m0 += kMB) {
       switch (std::min<int64_t>(kMB, p.M - m0)) {
-        case 1: row_block_any<R, 1>(p, n, m0, lut); break;
-        case 2: row_block_any<R, 2>(p, n, m0, lut); break;
-        case 3: row_block_any<R, 3>(p, n, m0, lut); break;
-        default: row_block_any<R, kMB>(p, n, m0, lut); break;
+        case 1: row_block_any<R, 1>(p, n, m0, lut, s, z); break;
+        case 2: row_block_any<R, 2>(p, n, m0, lut, s, z); break;
+        case 3: row_block_any<R, 3>(p, n, m0, lut, s, z); break;
+        default: row_block_any<R, kMB>(p, n, m0, lut, s, z); break;
       }
     }
   }
@@ -552,6 +578,7 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
             zeros.untyped_data(), y->typed_data(), xd[0], cd[0], xd[1], group_size,
             static_cast<int>(round), param};
   const int64_t groups = p.g > 0 ? p.K / p.g : 0;
+  p.groups = groups;
   if (p.K != 2 * cd[1] || p.g <= 0 || p.K % p.g || lut.dimensions()[0] != p.N ||
       lut.dimensions()[1] != 16 || scales.dimensions()[0] != p.N ||
       scales.dimensions()[1] != groups || zeros.dimensions()[0] != p.N ||
