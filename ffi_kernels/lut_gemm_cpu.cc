@@ -558,34 +558,81 @@ void rows(const Problem& p, int64_t n0, int64_t n1) {
   rows_scalar(p, n0, n1);
 }
 
-ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                      ffi::AnyBuffer lut, ffi::AnyBuffer scales, ffi::AnyBuffer zeros,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t group_size, int64_t round) {
-  const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 2 || lut.dimensions().size() != 2 ||
-      scales.dimensions().size() != 2 || zeros.dimensions().size() != 2) {
+// Decodes weight `i` of a call (codes, lut, scales, zeros at args 4i.., y at ret i) into `p`,
+// whose x, M, K, g, round are set; an error names what is wrong.
+ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
+                          size_t i, Problem& p) {
+  auto codes = args.get<ffi::AnyBuffer>(4 * i), lut = args.get<ffi::AnyBuffer>(4 * i + 1),
+       scales = args.get<ffi::AnyBuffer>(4 * i + 2), zeros = args.get<ffi::AnyBuffer>(4 * i + 3);
+  auto y = rets.get<ffi::AnyBuffer>(i);
+  if (!codes.has_value() || !lut.has_value() || !scales.has_value() || !zeros.has_value() ||
+      !y.has_value()) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: every weight's arrays are buffers");
+  }
+  const auto cd = codes->dimensions(), yd = (*y)->dimensions();
+  if (cd.size() != 2 || lut->dimensions().size() != 2 || scales->dimensions().size() != 2 ||
+      zeros->dimensions().size() != 2 || yd.size() != 2) {
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: x must be [M, K], codes [N, K/2]");
   }
-  const ffi::DataType dt = lut.element_type();
-  if (scales.element_type() != dt || zeros.element_type() != dt ||
+  const ffi::DataType dt = lut->element_type();
+  if (scales->element_type() != dt || zeros->element_type() != dt ||
       (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16 && dt != ffi::DataType::F16)) {
     return ffi::Error::InvalidArgument(
         "any4_lut_gemm_cpu: lut, scales and zeros must share one dtype: float32, bf16 or f16");
   }
-  const int param = dt == ffi::DataType::BF16 ? kParamBF16
-                    : dt == ffi::DataType::F16 ? kParamF16 : kParamF32;
-  Problem p{x.typed_data(), codes.typed_data(), lut.untyped_data(), scales.untyped_data(),
-            zeros.untyped_data(), y->typed_data(), xd[0], cd[0], xd[1], group_size,
-            static_cast<int>(round), param};
-  const int64_t groups = p.g > 0 ? p.K / p.g : 0;
-  p.groups = groups;
-  if (p.K != 2 * cd[1] || p.g <= 0 || p.K % p.g || lut.dimensions()[0] != p.N ||
-      lut.dimensions()[1] != 16 || scales.dimensions()[0] != p.N ||
-      scales.dimensions()[1] != groups || zeros.dimensions()[0] != p.N ||
-      zeros.dimensions()[1] != groups) {
+  if (codes->element_type() != ffi::DataType::U8 || (*y)->element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: codes are uint8, y float32");
+  }
+  p.param = dt == ffi::DataType::BF16 ? kParamBF16 : dt == ffi::DataType::F16 ? kParamF16
+                                                                             : kParamF32;
+  p.codes = static_cast<const uint8_t*>(codes->untyped_data());
+  p.lut = lut->untyped_data();
+  p.scales = scales->untyped_data();
+  p.zeros = zeros->untyped_data();
+  p.y = static_cast<float*>((*y)->untyped_data());
+  p.N = cd[0];
+  if (p.K != 2 * cd[1] || lut->dimensions()[0] != p.N || lut->dimensions()[1] != 16 ||
+      scales->dimensions()[0] != p.N || scales->dimensions()[1] != p.groups ||
+      zeros->dimensions()[0] != p.N || zeros->dimensions()[1] != p.groups || yd[0] != p.M ||
+      yd[1] != p.N) {
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: inconsistent shapes");
   }
-  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  return ffi::Error::Success();
+}
+
+// y_i = x @ w_i^T for one or more weights that share x (a layer's q/k/v or gate/up
+// projections: one call instead of three or two, nn.QuantDense.apply_shared): args are x then
+// (codes, lut, scales, zeros) per weight, results one y [M, N_i] per weight. The weights share
+// K, the group size and the tables' dtype; their rows are split over the threads together.
+ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                      ffi::RemainingRets rets, int64_t group_size, int64_t round) {
+  const auto xd = x.dimensions();
+  const size_t sets = rets.size();
+  if (xd.size() != 2 || sets == 0 || args.size() != 4 * sets) {
+    return ffi::Error::InvalidArgument(
+        "any4_lut_gemm_cpu: x [M, K], then codes, lut, scales and zeros per weight, one y each");
+  }
+  if (group_size <= 0 || xd[1] % group_size) {
+    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: K must be a multiple of group_size");
+  }
+  Problem p{};  // what the weights share
+  p.x = x.typed_data();
+  p.M = xd[0];
+  p.K = xd[1];
+  p.g = group_size;
+  p.groups = p.K / p.g;
+  p.round = static_cast<int>(round);
+  std::vector<Problem> probs(sets, p);
+  for (size_t i = 0; i < sets; ++i) {
+    if (ffi::Error e = weight_problem(args, rets, i, probs[i]); e.failure()) return e;
+    if (probs[i].param != probs[0].param) {
+      return ffi::Error::InvalidArgument(
+          "any4_lut_gemm_cpu: the weights of one call share their tables' dtype");
+    }
+  }
+  p.param = probs[0].param;
+  const int64_t groups = p.groups;
+  if (p.M == 0) return ffi::Error::Success();
   // each group's sum of x, once per call, for the post-scaled vdpbf16ps path
   std::vector<float> xsum;
   if (dot_bf16(p)) {
@@ -614,15 +661,25 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     xw = x_in_dot_order<float>(p, 64, [](float v) { return v; });
     p.xw = xw.data();
   }
+  for (Problem& q : probs) {
+    q.xsum = p.xsum;
+    q.xbf = p.xbf;
+    q.xw = p.xw;
+  }
   // Rows of w in chunks claimed from a shared counter by this thread and by the helper
   // threads of `SpinPool` (spin_pool_cpu.h: awake helpers; tasks on XLA's pool started too
   // late to take a share of a small call). The caller works too and then waits only for
   // chunks other threads have claimed (they are running), never for one not yet claimed, so a
   // call never depends on a helper. The state is shared with the helpers, so one that comes
   // after the call has returned finds no chunk left and touches nothing else.
+  struct Chunk {
+    const Problem* p;
+    int64_t n0, n1;
+  };
   struct State : any4::SpinJob {
-    Problem p;
-    int64_t chunks = 0, per = 0;
+    std::vector<Problem> probs;
+    std::vector<Chunk> list;
+    int64_t chunks = 0;
     std::atomic<int64_t> next{0}, done{0};
     std::mutex mu;
     std::condition_variable cv;
@@ -642,7 +699,7 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       for (;;) {
         const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
         if (c >= chunks) return;
-        rows(p, c * per, std::min(p.N, (c + 1) * per));
+        rows(*list[c].p, list[c].n0, list[c].n1);
         if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
           std::lock_guard<std::mutex> lock(mu);
           cv.notify_all();
@@ -654,13 +711,19 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // to the cores), so the runners do not crowd each other off the cores.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // at least 64K weight-rows per chunk, so that claiming one costs little; SmolLM2's 576 x 576
-  // GEMV takes five (its decode step's GEMVs: 1.1x faster than with 256K, v7)
-  const int64_t work = p.N * p.K * p.M;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 16));
+  // GEMV takes five (its decode step's GEMVs: 1.1x faster than with 256K, v7). Chunks of the
+  // same number of rows across the weights (a weight's last one may be shorter).
+  int64_t rows_total = 0;
+  for (const Problem& q : probs) rows_total += q.N;
+  if (rows_total == 0) return ffi::Error::Success();
+  const int64_t work = rows_total * p.K * p.M;
+  const int64_t target = std::max<int64_t>(1, std::min<int64_t>(4 * threads, work >> 16));
+  const int64_t per = (rows_total + target - 1) / target;
   auto st = std::make_shared<State>();
-  st->p = p;
-  st->per = (p.N + chunks - 1) / chunks;
-  st->chunks = (p.N + st->per - 1) / st->per;
+  st->probs = std::move(probs);
+  for (const Problem& q : st->probs)
+    for (int64_t n0 = 0; n0 < q.N; n0 += per) st->list.push_back({&q, n0, std::min(q.N, n0 + per)});
+  st->chunks = static_cast<int64_t>(st->list.size());
   if (st->chunks > 1) {
     if (any4::SpinPool* helpers = any4::SpinPool::get(static_cast<int>(threads - 1))) {
       helpers->post(st, static_cast<int>(std::min<int64_t>(threads, st->chunks) - 1));
@@ -693,10 +756,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemmCpu, LutGemmCpu,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // codes [N, K/2]
-                                  .Arg<ffi::AnyBuffer>()  // lut [N, 16] (f32, bf16, f16)
-                                  .Arg<ffi::AnyBuffer>()  // scales [N, K/g], lut's dtype
-                                  .Arg<ffi::AnyBuffer>()  // zeros [N, K/g], lut's dtype
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
+                                  // per weight: codes [N, K/2] uint8, lut [N, 16] (f32,
+                                  // bf16, f16), scales and zeros [N, K/g] in lut's dtype
+                                  .RemainingArgs()
+                                  .RemainingRets()  // per weight: y [M, N] float32
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("round"));

@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="--decode: the model's dtype")
     ap.add_argument("--steps", type=int, default=20, help="--decode: steps per round")
+    ap.add_argument("--old-separate", action="store_true",
+                    help="--decode: the old build computes each projection in its own call "
+                         "(always so for sources that take one weight per call)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -71,7 +74,9 @@ def main() -> int:
         lib = ctypes.cdll.LoadLibrary(build_library(f"lut_gemm_cpu_ab_{name}", src))
         jax.ffi.register_ffi_target(f"any4_ab_{name}", jax.ffi.pycapsule(lib.Any4LutGemmCpu),
                                     platform="cpu")
-    rows = decode_rows(args) if args.decode else kernel_rows(args, old_wants_f32)
+    # sources before v8d take one weight per call: the old model then calls each projection
+    separate = args.old_separate or ".RemainingArgs()" not in old_src
+    rows = decode_rows(args, separate) if args.decode else kernel_rows(args, old_wants_f32)
     if args.json:
         Path(args.json).write_text(json.dumps({"old": args.old, "n": args.n, "k": args.k,
                                                "group_size": args.group_size,
@@ -81,12 +86,13 @@ def main() -> int:
     return 0
 
 
-def decode_rows(args) -> list[dict]:
-    """Median blocking decode-step time through each library, interleaved rounds."""
+def decode_rows(args, old_separate: bool) -> list[dict]:
+    """Median blocking decode-step time through each library, interleaved rounds;
+    `old_separate`: the old one computes each projection in its own call (no shared calls)."""
     from bench_decode import find_preset, quantize_randomly
     from decode_breakdown import step_call, time_step
 
-    from any4_jax.models.llama import generate
+    from any4_jax.models.llama import generate, modules
     from any4_jax.models.llama.config import PRESETS
     from any4_jax.models.llama.params import random_model
     from any4_jax.nn import prepare_model
@@ -99,12 +105,19 @@ def decode_rows(args) -> list[dict]:
     prepare_model(model, "cpu")
     cpu_kernel._register()  # the library's own target, before TARGET is pointed elsewhere
 
+    shared = modules.project
+    one_each = lambda layers, x: [layer(x) for layer in layers]
+
+    def use(target: str) -> None:  # step_call and generate retrace: they see these
+        cpu_kernel.TARGET = target
+        modules.project = one_each if old_separate and target.endswith("old") else shared
+
     def step_ms(target: str) -> float:
-        cpu_kernel.TARGET = target  # step_call retraces: the step calls the target it saw
+        use(target)
         return time_step(step_call(model), args.steps)[0]
 
     def tokens_per_s(target: str) -> float:  # generate_ids, host loop included
-        cpu_kernel.TARGET = target
+        use(target)
         generate._steps.cache_clear()
         out, _, _, seconds, _ = generate.generate_ids(model, list(range(1, 17)),
                                                       max_new_tokens=args.steps + 2)
@@ -121,7 +134,9 @@ def decode_rows(args) -> list[dict]:
     print(f"decode step {args.decode} {args.dtype} g{args.group_size}: old {old:.2f} ms, new "
           f"{new:.2f} ms, {old / new:.2f}x; generate_ids: old {old_tok:.1f} tokens/s, new "
           f"{new_tok:.1f}, {new_tok / old_tok:.2f}x", flush=True)
-    return [{"decode_step_old_ms": old, "decode_step_new_ms": new, "speedup": old / new,
+    modules.project = shared
+    return [{"old_separate_calls": old_separate, "decode_step_old_ms": old,
+             "decode_step_new_ms": new, "speedup": old / new,
              "tokens_per_s_old": old_tok, "tokens_per_s_new": new_tok,
              "rounds_old_ms": t["old"], "rounds_new_ms": t["new"],
              "rounds_old_tokens_per_s": speed["old"], "rounds_new_tokens_per_s": speed["new"]}]

@@ -85,15 +85,26 @@ _PARAM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 
 
 def _call(x2, codes, lut, scales, zeros, *, group_size: int, target: str = TARGET):
+    """x2 [M, K] -> y [M, N] float32."""
+    return _call_many(x2, [(codes, lut, scales, zeros)], group_size=group_size,
+                      target=target)[0]
+
+
+def _call_many(x2, weights, *, group_size: int, target: str = TARGET) -> list:
+    """x2 [M, K] and weights [(codes [N_i, K/2], lut, scales, zeros)] sharing K, the group size
+    and the tables' dtype -> [y_i [M, N_i] float32]: one kernel call (the rows of all the
+    weights split over the threads together)."""
     m = x2.shape[0]
-    n = codes.shape[0]
     f32 = jnp.float32
-    dt = jnp.dtype(lut.dtype)
-    if dt not in _PARAM_DTYPES or scales.dtype != dt or zeros.dtype != dt:
-        lut, scales, zeros = lut.astype(f32), scales.astype(f32), zeros.astype(f32)
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), f32),
-                            vmap_method="sequential")(
-        x2.astype(f32), codes, lut, scales, zeros,
+    args, outs = [], []
+    for codes, lut, scales, zeros in weights:
+        dt = jnp.dtype(lut.dtype)
+        if dt not in _PARAM_DTYPES or scales.dtype != dt or zeros.dtype != dt:
+            lut, scales, zeros = lut.astype(f32), scales.astype(f32), zeros.astype(f32)
+        args += [codes, lut, scales, zeros]
+        outs.append(jax.ShapeDtypeStruct((m, codes.shape[0]), f32))
+    return jax.ffi.ffi_call(target, outs, vmap_method="sequential")(
+        x2.astype(f32), *args,
         group_size=np.int64(group_size), round=np.int64(_ROUND[jnp.dtype(x2.dtype)]))
 
 
@@ -107,3 +118,21 @@ def lut_matmul_cpu(x: jax.Array, qweight: QuantizedWeight) -> jax.Array:
     y = _call(x.reshape(-1, k), qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
               group_size=qweight.group_size, target=TARGET)
     return y.astype(x.dtype).reshape(*lead, n)
+
+
+def lut_matmul_cpu_many(x: jax.Array, qweights) -> list[jax.Array]:
+    """x: [..., K] against several weights of the same K and group size (a layer's q/k/v
+    projections, say) in one kernel call -> [[..., N_i]] in x's dtype; each bit for bit
+    `lut_matmul_cpu(x, qweight)`."""
+    why = _register()
+    if why:
+        raise RuntimeError(why)
+    k = qweights[0].shape[1]
+    shared = {(q.shape[1], q.group_size, jnp.dtype(q.lut.dtype).name) for q in qweights}
+    if len(shared) != 1:
+        raise ValueError("lut_matmul_cpu_many: the weights must share K, the group size and "
+                         f"the tables' dtype; got (K, group size, dtype) {sorted(shared)}")
+    lead = x.shape[:-1]
+    ys = _call_many(x.reshape(-1, k), [(q.codes, q.lut, q.scales, q.zeros) for q in qweights],
+                    group_size=qweights[0].group_size, target=TARGET)
+    return [y.astype(x.dtype).reshape(*lead, q.shape[0]) for y, q in zip(ys, qweights, strict=True)]

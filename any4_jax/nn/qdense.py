@@ -101,6 +101,22 @@ class QuantDense(nnx.Module):
             y = y + self.bias[...].astype(y.dtype)
         return y if out_dtype is None else y.astype(out_dtype)
 
+    @staticmethod
+    def apply_shared(layers, x) -> list:
+        """[layer(x) for layer in layers], bit for bit; layers that share an input, K, group
+        size and tables' dtype and run the CPU kernel for it (`prepare_model(model, "cpu")`)
+        go through one kernel call (a decode step's q/k/v and gate/up projections: 7 calls a
+        layer become 4; docs/cpu_kernel_notes.md, v8)."""
+        if len(layers) > 1 and all(_cpu_shareable(layer, x) for layer in layers):
+            qws = [layer.weight for layer in layers]
+            if len({(q.shape[1], q.group_size, q.lut.dtype) for q in qws}) == 1:
+                from any4_jax.kernels.cpu import lut_matmul_cpu_many
+
+                ys = lut_matmul_cpu_many(x, qws)
+                return [y if layer.bias is None else y + layer.bias[...].astype(y.dtype)
+                        for y, layer in zip(ys, layers, strict=True)]
+        return [layer(x) for layer in layers]
+
     def checkpoint_meta(self) -> dict:
         """What `placeholder` needs to rebuild this layer's shapes (for checkpoint restore)."""
         m = self.meta
@@ -134,6 +150,13 @@ class QuantDense(nnx.Module):
             symmetric=bool(meta["symmetric"]), shape=(int(n), int(k)), dtype=meta["dtype"])
         return cls(qw, np.zeros((n,), tdt) if meta.get("bias") else None,
                    act_quant=act_quant_from_meta(meta))
+
+
+def _cpu_shareable(layer, x) -> bool:
+    """Whether `layer(x)` would run the CPU kernel on its canonical weight as it is."""
+    return (type(layer) is QuantDense and layer.implementation == "cpu"
+            and layer.layout == "canonical" and layer.act_quant is None
+            and getattr(layer, "tp", None) is None and not can_use("cpu", x, layer.weight))
 
 
 def act_quant_from_meta(meta: dict) -> ActQuantConfig | None:

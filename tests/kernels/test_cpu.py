@@ -227,3 +227,22 @@ def test_the_vdpbf16ps_path_against_its_exact_sum_and_the_reference(rng, m, g, k
         rest = cpu_kernel._call(x, qw.codes[1:], qw.lut[1:], qw.scales[1:], qw.zeros[1:],
                                 group_size=g, target=target)
         np.testing.assert_array_equal(np.asarray(rest, np.float64), y[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_one_call_for_several_weights_is_each_weights_own_call(rng, dtype, m):
+    """`lut_matmul_cpu_many`: weights of one K (q/k/v-like: 96, 32, 32 rows; gate/up-like:
+    200 rows, enough chunks to split over the threads) in one kernel call give each weight's
+    own call bit for bit; weights that differ in K, group size or table dtype are refused."""
+    qws = [make_qweight(rng, n, 256, fmt="any4", g=64, dtype=dtype) for n in (96, 32, 32, 200)]
+    x = jnp.asarray(rng.standard_normal((m, 256)), dtype)
+    many = jax.jit(cpu_kernel.lut_matmul_cpu_many)(x, qws)
+    assert len(many) == 4
+    for y, qw in zip(many, qws, strict=True):
+        assert y.shape == (m, qw.shape[0]) and y.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                      np.asarray(cpu_kernel.lut_matmul_cpu(x, qw), np.float32))
+    other = [qws[0], make_qweight(rng, 16, 256, fmt="any4", g=32, dtype=dtype)]
+    with pytest.raises(ValueError, match="share K, the group size"):
+        cpu_kernel.lut_matmul_cpu_many(x, other)

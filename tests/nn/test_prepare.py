@@ -87,3 +87,32 @@ def test_prepare_model_choices(quantized):
     assert len(layouts) == n and set(layouts.values()) == {"canonical"}
     assert {m.implementation for _, m in dense_layers(model) if isinstance(m, QuantDense)} \
         == {"xla"}
+
+
+def test_projections_of_one_input_share_one_cpu_kernel_call(quantized):
+    """A model prepared for the CPU kernel computes q/k/v and gate/up in one call each
+    (`QuantDense.apply_shared` through the model's `project`): 4 kernel calls per layer at
+    decode instead of 7, the same logits bit for bit as one call per layer."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU kernel runs on the CPU backend")
+    from any4_jax.kernels import cpu as cpu_kernel
+    from any4_jax.models.llama import modules
+
+    qm, tok = quantized
+    model = nnx.clone(qm)
+    prepare_model(model, "cpu")
+    ids = jnp.asarray([tok.encode("It is")[:1]], jnp.int32)  # one token: M = 1
+    hlo = jax.jit(lambda m, t: m(t)).lower(model, ids).as_text()
+    n_layers = len(model.layers)
+    assert hlo.count(cpu_kernel.TARGET) == 4 * n_layers, hlo.count(cpu_kernel.TARGET)
+    got = np.asarray(model(ids)[0])
+    one_each = lambda layers, x: [layer(x) for layer in layers]
+    real = modules.project
+    modules.project = one_each
+    try:
+        hlo = jax.jit(lambda m, t: m(t)).lower(model, ids).as_text()
+        assert hlo.count(cpu_kernel.TARGET) == 7 * n_layers
+        want = np.asarray(model(ids)[0])
+    finally:
+        modules.project = real
+    np.testing.assert_array_equal(got, want)

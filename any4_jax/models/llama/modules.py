@@ -46,6 +46,16 @@ class Dense(nnx.Module):
         return y.astype(out_dtype or k.dtype)
 
 
+def project(layers, x) -> list:
+    """[layer(x) for layer in layers]: projections of one input. A layer class with an
+    `apply_shared(layers, x)` static method (a quantized Dense: one kernel call for all of
+    them) computes them together; the results are the same."""
+    shared = getattr(type(layers[0]), "apply_shared", None)
+    if shared is not None and all(type(layer) is type(layers[0]) for layer in layers):
+        return shared(layers, x)
+    return [layer(x) for layer in layers]
+
+
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_normal(rngs, (vocab_size, dim), dtype))
@@ -167,9 +177,10 @@ class Attention(nnx.Module):
         """
         b, t, _ = x.shape
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(x).reshape(b, t, h, hd), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, hd), cos, sin)
-        v = self.v_proj(x).reshape(b, t, kvh, hd)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x)
+        q = apply_rope(q.reshape(b, t, h, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, kvh, hd), cos, sin)
+        v = v.reshape(b, t, kvh, hd)
         g = h // kvh
         q = q.reshape(b, t, kvh, g, hd)  # [b, t, kvh, g, hd]
         if cache is None and mask is None and t > ATTN_BLOCK:
@@ -209,7 +220,8 @@ class MLP(nnx.Module):
         self.down_proj = Dense(f, d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project((self.gate_proj, self.up_proj), x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
