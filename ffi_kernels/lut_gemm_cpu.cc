@@ -72,7 +72,6 @@ constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 struct Isa {  // 16 codes a step: the row's table is one register, one permute looks it up
   using Vec = __m512;
   using Table = __m512;
-  static Table table(const float* lut) { return _mm512_loadu_ps(lut); }
   static Vec lookup(const Table& t, const uint8_t* p) {  // the values of p's 16 codes
     const __m128i c = nibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), t);
@@ -103,9 +102,6 @@ struct Isa {  // 8 codes a step: a permute reads 8 entries, so both table halves
   struct Table {
     __m256 lo, hi;
   };
-  static Table table(const float* lut) {
-    return {_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
-  }
   static constexpr int kWide = 1;
   static void lookup_wide(const Table& t, const uint8_t* p, Vec out[kWide]) {
     out[0] = lookup(t, p);
@@ -162,6 +158,7 @@ inline Isa::Table scaled_table(const Isa::Table& t, Vec s, Vec z) {
   return {vround<R>(Isa::fma(t.lo, s, z)), vround<R>(Isa::fma(t.hi, s, z))};
 #endif
 }
+
 #else
 constexpr int kVec = 0;
 #endif
@@ -233,6 +230,29 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
+// Row n's 16 table entries as float32, widened in registers. (Widening them one by one into
+// a stack array and loading that as a vector stalled each row on store forwarding: 576-wide
+// rows 1.6x slower per weight than with this, docs/cpu_kernel_notes.md, v8.)
+inline Isa::Table row_table(const Problem& p, int64_t n) {
+#if defined(__AVX512F__)
+  if (p.param == kParamF32) return _mm512_loadu_ps(static_cast<const float*>(p.lut) + n * 16);
+  const __m256i h = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.lut) + n * 16));
+  if (p.param == kParamF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  if (p.param == kParamF32) {
+    const float* t = static_cast<const float*>(p.lut) + n * 16;
+    return {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)};
+  }
+  const uint16_t* t = static_cast<const uint16_t*>(p.lut) + n * 16;
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 8));
+  if (p.param == kParamF16) return {_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi)};
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16))};
+#endif
+}
 // Rows [m0, m0 + MB) of x against weight row n, with U accumulators per row of x: U
 // independent FMA chains, so that a single row of x (decoding) is not bound by the FMA
 // latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
@@ -314,9 +334,7 @@ void rows_vector(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t groups = p.K / p.g;
   std::vector<float> widened(p.param == kParamF32 ? 0 : 2 * groups);
   for (int64_t n = n0; n < n1; ++n) {
-    float row_lut[16];
-    for (int i = 0; i < 16; ++i) row_lut[i] = widen(p.lut, n * 16 + i, p.param);
-    const Isa::Table lut = Isa::table(row_lut);
+    const Isa::Table lut = row_table(p, n);
     const float *s, *z;
     if (p.param == kParamF32) {
       s = static_cast<const float*>(p.scales) + n * groups;
