@@ -137,7 +137,7 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         wanted = len(out) + (inflight is not None) < max_new_tokens
         if wanted:
             key, sub = jax.random.split(key)
-            dev_tok, cache = decode(leaves, dev_tok, cache, jnp.int32(pos),
+            dev_tok, cache = decode(leaves, dev_tok, cache, np.int32(pos),
                                     float(temperature), float(top_p), sub)
             pos += 1
             if pos == p + 1:  # the compiling first step: wait for it, time it apart
