@@ -16,8 +16,9 @@
 // activations, rounding to that dtype (round to nearest even), as `dequantize(x.dtype)` does;
 // x is exact in float32 and the sums are float32. One exception is post-scaled (per group
 // sum(lut[c] x), then the scale, the zero times the group's sum of x): every bf16 call with
-// bf16 tables on a CPU with AVX512_BF16, which runs through vdpbf16ps (`rows_dot_bf16_any`). Rows of w are split over the
-// calling thread and the helper threads of spin_pool_cpu.h.
+// bf16 tables on a CPU with AVX512_BF16, which runs through vdpbf16ps (`rows_dot_bf16_any`).
+// Rows of w are split over the calling thread and the helper threads of spin_pool_cpu.h. One
+// call may take several weights that share x (a layer's q/k/v): their rows are split together.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -84,7 +85,8 @@ struct Isa {  // 16 codes a step: the row's table is one register, one permute l
   // (`dot_order` with steps of 64).
   static constexpr int kWide = 4;
   static void lookup_wide(const Table& t, const uint8_t* p, Vec out[kWide]) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m512i w = _mm512_cvtepu16_epi32(words);
     out[0] = _mm512_permutexvar_ps(w, t);
     out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), t);
     out[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8), t);
@@ -165,8 +167,8 @@ constexpr int kVec = 0;
 
 // Tables, scales and zeros arrive in the weight's own dtype (float32, bf16 or f16): widening
 // them to float32 before the call cost a bf16 model ~60% more time per GEMV at M = 1
-// (docs/cpu_kernel_notes.md, v5); each value is widened where it is read (16 per row, one
-// scale and zero per group).
+// (docs/cpu_kernel_notes.md, v5); the vector paths widen a row's table in registers
+// (`row_table`) and its scales and zeros once per row, the scalar loop where it reads them.
 enum Param : int { kParamF32 = 0, kParamBF16 = 1, kParamF16 = 2 };
 inline float widen(const void* p, int64_t i, int dt) {
   if (dt == kParamBF16) {
@@ -192,7 +194,8 @@ struct Problem {
   const float* xsum;  // [M, K / g]: each group's sum of x (the vdpbf16ps path only)
   const uint16_t* xbf;  // [M, K]: x as bf16 in the order dot_bf16 reads it (that path only)
   const float* xw;  // [M, K]: x in the order Isa::lookup_wide gives the weights (wide() only)
-  int64_t groups;  // K / g (set once per call: a division per row cost as much as a group)
+  int64_t groups;  // K / g, once per call (the vector rows read it: a division per row cost
+                   // as much as a 64-code group)
 };
 
 // The 64-codes-a-step AVX-512 lookup (Isa::lookup_wide) serves groups of a multiple of 64.
@@ -235,8 +238,9 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
 // hardware prefetchers alone left one core reading 7-8 GB/s from memory; with this 9-11
 // (docs/cpu_kernel_notes.md, v8). A prefetch past the array's end does not fault.
 constexpr int kPrefetch = 4096;
-inline void prefetch_codes(const uint8_t* c) {
-  _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetch, _MM_HINT_T0);
+inline void prefetch_codes(const uint8_t* c) {  // the address as an integer: it may be past
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(c) + kPrefetch),
+               _MM_HINT_T0);
 }
 
 // Row n's 16 table entries as float32, widened in registers. (Widening them one by one into
@@ -264,7 +268,8 @@ inline Isa::Table row_table(const Problem& p, int64_t n) {
 }
 // Rows [m0, m0 + MB) of x against weight row n, with U accumulators per row of x: U
 // independent FMA chains, so that a single row of x (decoding) is not bound by the FMA
-// latency (one chain: one FMA per 4 cycles). Needs g a multiple of U vectors.
+// latency (one chain: one FMA per 4 cycles). Needs g a multiple of a step's codes (U vectors;
+// W vectors with the 64-code lookup).
 // The reference's arithmetic: the weight is fmaf(lut, s, z) rounded to x's dtype (bit for bit
 // the dequantized weight), computed once per group on the table (`scaled_table`) and looked
 // up from it, so a weight costs its lookup and one FMA with x. `s` and `z` are the row's
@@ -273,8 +278,8 @@ inline Isa::Table row_table(const Problem& p, int64_t n) {
 // Not inlined: each form gets its own register allocation (inlined into rows_vector beside
 // the other forms, GCC kept the accumulators on the stack: 0.73x at M = 1).
 template <int R, int MB, int U, int W, int GS>
-__attribute__((noinline)) void row_block(const Problem& p, int64_t n, int64_t m0, const Isa::Table& lut,
-                      const float* s, const float* z) {
+__attribute__((noinline)) void row_block(const Problem& p, int64_t n, int64_t m0,
+                                         const Isa::Table& lut, const float* s, const float* z) {
   constexpr int kStep = kVec * (W > 1 ? W : U);  // codes per step
   const int64_t groups = p.groups;
   const int64_t steps = GS ? GS : p.g / kStep;
@@ -601,7 +606,8 @@ ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRe
   const auto cd = codes->dimensions(), yd = (*y)->dimensions();
   if (cd.size() != 2 || lut->dimensions().size() != 2 || scales->dimensions().size() != 2 ||
       zeros->dimensions().size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: x must be [M, K], codes [N, K/2]");
+    return ffi::Error::InvalidArgument(
+        "any4_lut_gemm_cpu: codes [N, K/2], lut [N, 16], scales and zeros [N, K/g], y [M, N]");
   }
   const ffi::DataType dt = lut->element_type();
   if (scales->element_type() != dt || zeros->element_type() != dt ||
@@ -643,6 +649,9 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
   }
   if (group_size <= 0 || xd[1] % group_size) {
     return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: K must be a multiple of group_size");
+  }
+  if (group_size % 2) {  // a byte's two codes would straddle two groups (the scalar loop)
+    return ffi::Error::InvalidArgument("any4_lut_gemm_cpu: the group size must be even");
   }
   Problem p{};  // what the weights share
   p.x = x.typed_data();
@@ -750,8 +759,11 @@ ffi::Error LutGemmCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
   const int64_t per = (rows_total + target - 1) / target;
   auto st = std::make_shared<State>();
   st->probs = std::move(probs);
+  // chunks point into st->probs, built after the move and never resized: the pointers hold
   for (const Problem& q : st->probs)
-    for (int64_t n0 = 0; n0 < q.N; n0 += per) st->list.push_back({&q, n0, std::min(q.N, n0 + per)});
+    for (int64_t n0 = 0; n0 < q.N; n0 += per) {
+      st->list.push_back({&q, n0, std::min(q.N, n0 + per)});
+    }
   st->chunks = static_cast<int64_t>(st->list.size());
   if (st->chunks > 1) {
     if (any4::SpinPool* helpers = any4::SpinPool::get(static_cast<int>(threads - 1))) {

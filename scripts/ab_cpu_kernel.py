@@ -125,16 +125,18 @@ def decode_rows(args, old_separate: bool) -> list[dict]:
 
     t = {"old": [], "new": []}
     speed = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        for name in t:
-            t[name].append(step_ms(f"any4_ab_{name}"))
-            speed[name].append(tokens_per_s(f"any4_ab_{name}"))
+    try:
+        for _ in range(args.rounds):
+            for name in t:
+                t[name].append(step_ms(f"any4_ab_{name}"))
+                speed[name].append(tokens_per_s(f"any4_ab_{name}"))
+    finally:
+        modules.project = shared
     old, new = statistics.median(t["old"]), statistics.median(t["new"])
     old_tok, new_tok = statistics.median(speed["old"]), statistics.median(speed["new"])
     print(f"decode step {args.decode} {args.dtype} g{args.group_size}: old {old:.2f} ms, new "
           f"{new:.2f} ms, {old / new:.2f}x; generate_ids: old {old_tok:.1f} tokens/s, new "
           f"{new_tok:.1f}, {new_tok / old_tok:.2f}x", flush=True)
-    modules.project = shared
     return [{"old_separate_calls": old_separate, "decode_step_old_ms": old,
              "decode_step_new_ms": new, "speedup": old / new,
              "tokens_per_s_old": old_tok, "tokens_per_s_new": new_tok,

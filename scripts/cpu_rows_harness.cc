@@ -30,8 +30,11 @@ int main(int argc, char** argv) {
   for (int r = 0; r < 5; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < reps; ++i) { p.codes = codes[i % copies].data(); rows(p, 0, N); }
-    double ns = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e9 / reps;
+    const double ns =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e9 / reps;
     best = std::min(best, ns);
   }
-  printf("N=%ld K=%ld g=%ld copies=%ld: %.1f us per call, %.2f weights/ns (1 thread), %.2f GB/s codes\n", N, K, g, copies, best / 1e3, N * K / best, N * K / 2 / best);
+  printf("N=%ld K=%ld g=%ld copies=%ld: %.1f us per call, %.2f weights/ns (1 thread), "
+         "%.2f GB/s codes\n", static_cast<long>(N), static_cast<long>(K), static_cast<long>(g),
+         static_cast<long>(copies), best / 1e3, N * K / best, N * K / 2 / best);
 }

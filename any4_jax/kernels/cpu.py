@@ -69,6 +69,10 @@ def can_use_cpu(x, qweight) -> list[str]:
     if m > MAX_ROWS:
         reasons.append(f"M={m} rows exceed {MAX_ROWS}, above which dequantize-then-dense "
                        "(XLA's GEMM) is the faster path on the CPU")
+    if qweight.group_size % 2:
+        reasons.append(f"group size {qweight.group_size} is odd: the CPU kernel reads a byte's "
+                       "two codes together, so it takes even group sizes (the reference runs "
+                       "odd ones)")
     if not reasons:
         why = _register()
         if why:
@@ -127,6 +131,8 @@ def lut_matmul_cpu_many(x: jax.Array, qweights) -> list[jax.Array]:
     why = _register()
     if why:
         raise RuntimeError(why)
+    if not qweights:
+        raise ValueError("lut_matmul_cpu_many: give at least one weight")
     k = qweights[0].shape[1]
     shared = {(q.shape[1], q.group_size, jnp.dtype(q.lut.dtype).name) for q in qweights}
     if len(shared) != 1:

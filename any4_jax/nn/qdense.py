@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from any4_jax.kernels.api import can_use, lut_matmul, prepare
+from any4_jax.kernels.api import can_use, lut_matmul, pick, prepare
 from any4_jax.kernels.cuda_layout import CudaWeight
 from any4_jax.quant.act_quant import ActQuantConfig, fake_quantize
 from any4_jax.quant.qweight import QuantizedWeight, WeightMeta
@@ -106,7 +106,8 @@ class QuantDense(nnx.Module):
         """[layer(x) for layer in layers], bit for bit; layers that share an input, K, group
         size and tables' dtype and run the CPU kernel for it (`prepare_model(model, "cpu")`)
         go through one kernel call (a decode step's q/k/v and gate/up projections: 7 calls a
-        layer become 4; docs/cpu_kernel_notes.md, v8)."""
+        layer become 4; docs/cpu_kernel_notes.md, v8); layers with no preference share it
+        when the automatic choice is the CPU kernel."""
         if len(layers) > 1 and all(_cpu_shareable(layer, x) for layer in layers):
             qws = [layer.weight for layer in layers]
             if len({(q.shape[1], q.group_size, q.lut.dtype) for q in qws}) == 1:
@@ -153,10 +154,16 @@ class QuantDense(nnx.Module):
 
 
 def _cpu_shareable(layer, x) -> bool:
-    """Whether `layer(x)` would run the CPU kernel on its canonical weight as it is."""
-    return (type(layer) is QuantDense and layer.implementation == "cpu"
+    """Whether `layer(x)` would run the CPU kernel on its canonical weight as it is (its
+    preference, or the automatic choice)."""
+    if not (type(layer) is QuantDense and layer.implementation in ("cpu", None)
             and layer.layout == "canonical" and layer.act_quant is None
-            and getattr(layer, "tp", None) is None and not can_use("cpu", x, layer.weight))
+            and getattr(layer, "tp", None) is None):
+        return False
+    w = layer.weight
+    if layer.implementation is None:
+        return pick(x, w) == "cpu"
+    return not can_use("cpu", x, w)
 
 
 def act_quant_from_meta(meta: dict) -> ActQuantConfig | None:

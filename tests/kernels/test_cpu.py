@@ -1,6 +1,7 @@
 """The CPU LUT GEMM (`implementation="cpu"`): the shared battery against the reference, each
 instruction set it has a path for (built here with the wider ones turned off), dispatch."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -233,16 +234,38 @@ def test_the_vdpbf16ps_path_against_its_exact_sum_and_the_reference(rng, m, g, k
 @pytest.mark.parametrize("m", [1, 3])
 def test_one_call_for_several_weights_is_each_weights_own_call(rng, dtype, m):
     """`lut_matmul_cpu_many`: weights of one K (q/k/v-like: 96, 32, 32 rows; gate/up-like:
-    200 rows, enough chunks to split over the threads) in one kernel call give each weight's
-    own call bit for bit; weights that differ in K, group size or table dtype are refused."""
-    qws = [make_qweight(rng, n, 256, fmt="any4", g=64, dtype=dtype) for n in (96, 32, 32, 200)]
-    x = jnp.asarray(rng.standard_normal((m, 256)), dtype)
+    200 rows; 1024 wide: five or more chunks, some crossing into the next weight's rows, split
+    over the threads) in one kernel call give each weight's own call bit for bit; a weight of
+    no rows gives an empty result; weights that differ in K, group size or table dtype, and
+    no weights at all, are refused."""
+    qws = [make_qweight(rng, n, 1024, fmt="any4", g=64, dtype=dtype) for n in (96, 32, 32, 200)]
+    x = jnp.asarray(rng.standard_normal((m, 1024)), dtype)
     many = jax.jit(cpu_kernel.lut_matmul_cpu_many)(x, qws)
     assert len(many) == 4
     for y, qw in zip(many, qws, strict=True):
         assert y.shape == (m, qw.shape[0]) and y.dtype == dtype
         np.testing.assert_array_equal(np.asarray(y, np.float32),
                                       np.asarray(cpu_kernel.lut_matmul_cpu(x, qw), np.float32))
-    other = [qws[0], make_qweight(rng, 16, 256, fmt="any4", g=32, dtype=dtype)]
+    q = qws[1]
+    empty = dataclasses.replace(q, codes=q.codes[:0], lut=q.lut[:0], scales=q.scales[:0],
+                                zeros=q.zeros[:0], shape=(0, 1024))
+    ys = cpu_kernel.lut_matmul_cpu_many(x, [qws[0], empty, qws[2]])
+    assert ys[1].shape == (m, 0)
+    np.testing.assert_array_equal(np.asarray(ys[2], np.float32), np.asarray(many[2], np.float32))
+    other = [qws[0], make_qweight(rng, 16, 1024, fmt="any4", g=32, dtype=dtype)]
     with pytest.raises(ValueError, match="share K, the group size"):
         cpu_kernel.lut_matmul_cpu_many(x, other)
+    with pytest.raises(ValueError, match="at least one weight"):
+        cpu_kernel.lut_matmul_cpu_many(x, [])
+
+
+def test_odd_group_sizes_are_declined_and_refused(rng):
+    """A byte holds two codes, so with an odd group size they would straddle two groups: the
+    kernel declines (the reference runs it, exactly) and the raw call is an error."""
+    qw = make_qweight(rng, 8, 6, fmt="any4", g=3, dtype=jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 6)), jnp.float32)
+    reasons = can_use("cpu", x, qw)
+    assert any("group size 3 is odd" in r for r in reasons), reasons
+    assert pick(x, qw) != "cpu"
+    with pytest.raises(Exception, match="group size must be even"):
+        cpu_kernel._call(x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=3).block_until_ready()

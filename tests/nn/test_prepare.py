@@ -93,10 +93,11 @@ def test_projections_of_one_input_share_one_cpu_kernel_call(quantized):
     """A model prepared for the CPU kernel computes q/k/v and gate/up in one call each
     (`QuantDense.apply_shared` through the model's `project`): 4 kernel calls per layer at
     decode instead of 7, the same logits bit for bit as one call per layer."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the CPU kernel runs on the CPU backend")
     from any4_jax.kernels import cpu as cpu_kernel
     from any4_jax.models.llama import modules
+
+    if jax.default_backend() != "cpu" or cpu_kernel._register():
+        pytest.skip("the CPU kernel does not run here (not the CPU backend, or turned off)")
 
     qm, tok = quantized
     model = nnx.clone(qm)
@@ -116,3 +117,7 @@ def test_projections_of_one_input_share_one_cpu_kernel_call(quantized):
     finally:
         modules.project = real
     np.testing.assert_array_equal(got, want)
+    # unprepared (no preference): the automatic choice is the CPU kernel, shared the same way
+    plain = nnx.clone(qm)
+    hlo = jax.jit(lambda m, t: m(t)).lower(plain, ids).as_text()
+    assert hlo.count(cpu_kernel.TARGET) == 4 * n_layers

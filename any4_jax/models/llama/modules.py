@@ -3,6 +3,8 @@
 Parameter paths mirror Hugging Face names (`layers[i].self_attn.q_proj.kernel`), so loaders
 are a renaming. Every projection a quantizer may replace is a `Dense`; swapping that one class
 (for `QuantDense`) is all the quantization issue needs, the model code stays as it is.
+Projections of one input (q/k/v, gate/up) go through `project`, which lets a layer class that
+can compute them together (`apply_shared`) do so.
 
 Dtype policy: parameters and activations in `param_dtype` (bf16 or f32); RMSNorm statistics,
 rotary angles, attention scores and softmax in float32; logits float32.
