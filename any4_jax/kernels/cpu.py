@@ -114,14 +114,7 @@ def _call_many(x2, weights, *, group_size: int, target: str = TARGET) -> list:
 
 def lut_matmul_cpu(x: jax.Array, qweight: QuantizedWeight) -> jax.Array:
     """x: [..., K] -> [..., N] in x's dtype."""
-    why = _register()
-    if why:
-        raise RuntimeError(why)
-    n, k = qweight.shape
-    lead = x.shape[:-1]
-    y = _call(x.reshape(-1, k), qweight.codes, qweight.lut, qweight.scales, qweight.zeros,
-              group_size=qweight.group_size, target=TARGET)
-    return y.astype(x.dtype).reshape(*lead, n)
+    return lut_matmul_cpu_many(x, [qweight])[0]
 
 
 def lut_matmul_cpu_many(x: jax.Array, qweights) -> list[jax.Array]:
