@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from any4_jax.models.llama import generate
 from any4_jax.models.llama.config import TINY
-from any4_jax.models.llama.generate import PAD, generate_ids, sample_token
+from any4_jax.models.llama.generate import PAD, generate_ids, greedy_token, sample_token
 from any4_jax.models.llama.params import random_model
 
 
@@ -69,3 +70,50 @@ def test_sampling_follows_the_distribution_and_top_p():
     np.testing.assert_allclose(nucleus[:2], [0.625, 0.375], atol=0.03)
     greedy = sample_token(logits, keys[0], temperature=0.0, top_p=1.0)
     assert int(greedy[0]) == 0
+
+
+def test_greedy_token_is_argmax_with_ties_nans_and_infinities():
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        b, v = int(rng.integers(1, 4)), int(rng.integers(1, 300))
+        logits = rng.standard_normal((b, v)).astype(np.float32)
+        if case % 3 == 0:
+            logits = np.round(logits)  # ties: the first maximum wins
+        if case % 5 == 0:
+            logits[rng.random((b, v)) < 0.05] = np.nan  # the first NaN wins
+        if case % 7 == 0:
+            logits[:] = -np.inf
+        x = jnp.asarray(logits, jnp.bfloat16 if case % 4 == 1 else jnp.float32)
+        np.testing.assert_array_equal(greedy_token(x), jnp.argmax(x, axis=-1), err_msg=case)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 0.9)])
+def test_the_device_loop_gives_the_host_loops_tokens(temperature, top_p):
+    """Without a callback the steps after the first run in one device-side loop; with one,
+    one step per host iteration. Same keys, same tokens, same stop."""
+    model = random_model(TINY, seed=3)
+    prompt = [5, 9, 2, 7]
+    kw = dict(max_new_tokens=20, temperature=temperature, top_p=top_p, seed=1)
+    seen = []
+    host, *_, host_reason = generate_ids(model, prompt, on_token=seen.append, **kw)
+    dev, _, first_s, decode_s, dev_reason = generate_ids(model, prompt, device_loop=True, **kw)
+    assert seen == host and dev == host and len(dev) == 20
+    assert host_reason == dev_reason == "max_new_tokens" and first_s > 0 and decode_s > 0
+    # an EOS in the middle: both stop on it, the EOS included
+    eos = host[7]
+    host, *_, host_reason = generate_ids(model, prompt, on_token=lambda t: None,
+                                         eos_ids=(eos,), **kw)
+    dev, *_, dev_reason = generate_ids(model, prompt, eos_ids=(eos,), device_loop=True, **kw)
+    with pytest.raises(ValueError, match="on_token or stop"):
+        generate_ids(model, prompt, on_token=print, device_loop=True)
+    assert dev == host and dev[-1] == eos and host_reason == dev_reason == "eos"
+
+
+def test_the_device_loop_compiles_once_per_length_bucket():
+    model = random_model(TINY, seed=3)
+    generate_ids(model, [1, 2, 3], max_new_tokens=9, device_loop=True)
+    n = len(generate._COMPILED)
+    for tokens in (10, 12, 3):  # every remainder fits the same PAD-long buffer
+        out, *_ = generate_ids(model, [1, 2, 3], max_new_tokens=tokens, device_loop=True)
+        assert len(out) == tokens
+    assert len(generate._COMPILED) == n

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 PAD = 64
 
@@ -37,10 +38,21 @@ class Generation:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
 
 
+def greedy_token(logits):
+    """logits: [b, vocab] -> [b] int32, jnp.argmax's answer (the first maximum; the first NaN
+    if there is one) as two plain reductions: XLA:CPU's argmax (one reduction of value-index
+    pairs) took 0.22 ms of a 12 ms decode step over a 49152-word vocabulary, these about a
+    third of that (docs/cpu_kernel_notes.md, v9)."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def sample_token(logits, key, *, temperature: float, top_p: float):
     """logits: [b, vocab] float32 -> [b] int32. temperature 0 is greedy (argmax)."""
     if temperature <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
     logits = logits / temperature
     if top_p < 1.0:
         # keep the smallest set of tokens whose probability mass reaches top_p
@@ -82,12 +94,48 @@ def _steps(graphdef, treedef):
     return bind(_prefill), bind(_decode)
 
 
+@functools.lru_cache(maxsize=8)
+def _loop(graphdef, treedef, n_max: int, temperature: float, top_p: float):
+    """The jitted device-side decode loop of one model structure and output length `n_max`.
+    Dispatching a step from the host costs a quantized SmolLM2 (~900 arrays) about 1 ms of
+    host time per token on the CPU (argument handling for every array); in one loop the
+    arrays are handed over once (docs/cpu_kernel_notes.md, v9)."""
+
+    def run(leaves, token, cache, pos, n, eos, key):
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+        def cond(c):
+            i, _, _, _, _, done = c
+            return (i < n) & ~done
+
+        def body(c):
+            i, tok, cache, key, out, _ = c
+            key, sub = jax.random.split(key)
+            tok, cache = _decode(model, tok, cache, pos + i, temperature, top_p, sub)
+            out = lax.dynamic_update_index_in_dim(out, tok[0], i, 0)
+            return i + 1, tok, cache, key, out, jnp.any(tok[0] == eos)
+
+        init = (jnp.int32(0), token, cache, key, jnp.zeros((n_max,), jnp.int32),
+                jnp.bool_(False))
+        i, _, cache, _, out, _ = lax.while_loop(cond, body, init)
+        return out, i, cache
+
+    return jax.jit(run, donate_argnums=(2,))
+
+
 def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, eos_ids=(),
                  on_token: Callable[[int], None] | None = None,
-                 stop: Callable[[list[int]], bool] | None = None):
+                 stop: Callable[[list[int]], bool] | None = None,
+                 device_loop: bool | None = None):
     """Generate after `prompt_ids` (batch 1). `stop(new_ids)`, asked after every new token,
     ends the generation when it returns True (stop strings; reason "stop").
+
+    device_loop: run the decode steps after the first in one device-side loop (no host work
+    per token; the same tokens). None: on the CPU backend, where it made decoding 12-16%
+    faster (docs/cpu_kernel_notes.md, v9), and only without `on_token` and `stop`, which need
+    the host after every token; on a GPU the host loop below overlaps its work with the
+    device's (the loop there is not measured yet, docs/gpu.md).
 
     Returns (new ids, prefill s, first decode step s, later decode steps s, stop reason).
     """
@@ -97,6 +145,12 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         raise ValueError(f"{max_new_tokens=} must be positive")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"{top_p=} must be in (0, 1]")
+    per_token = on_token is not None or stop is not None
+    if device_loop and per_token:
+        raise ValueError("device_loop=True runs the steps without the host, so it cannot call "
+                         "on_token or stop after each token; leave device_loop unset")
+    if device_loop is None:
+        device_loop = not per_token and jax.default_backend() == "cpu"
     p = len(prompt_ids)
     p_pad = -(-p // PAD) * PAD
     max_len = -(-(p + max_new_tokens) // PAD) * PAD
@@ -121,6 +175,10 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         on_token(out[-1])
     eos = set(int(e) for e in eos_ids)
     reason = "eos" if out[-1] in eos else "stop" if stop and stop(out) else "max_new_tokens"
+    if device_loop:
+        return _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos,
+                                   prefill_s, reason, max_new_tokens=max_new_tokens,
+                                   temperature=float(temperature), top_p=float(top_p), key=key)
     t0 = time.perf_counter()
     first_s = 0.0
     pos = p
@@ -159,6 +217,57 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         inflight = dev_tok
     decode_s = time.perf_counter() - t0 if pos > p else 0.0
     return out, prefill_s, first_s, decode_s, reason
+
+
+def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, prefill_s, reason,
+                        *, max_new_tokens, temperature, top_p, key):
+    """generate_ids after the prefill when no callback needs the tokens one by one: the first
+    decode step alone (it compiles; the loop is compiled beside it, both timed as the first
+    step), then every later step in one device-side loop (`_loop`)."""
+    _, decode = _steps(graphdef, treedef)
+    t0 = time.perf_counter()
+    first_s = decode_s = 0.0
+    pos = p
+    if reason == "max_new_tokens" and len(out) < max_new_tokens:
+        key, sub = jax.random.split(key)
+        tok, cache = decode(leaves, tok, cache, np.int32(pos), temperature, top_p, sub)
+        pos += 1
+        out.append(int(tok[0]))
+        reason = "eos" if out[-1] in eos else "max_new_tokens"
+        rest = max_new_tokens - len(out)
+        if reason == "max_new_tokens" and rest > 0:
+            n_max = -(-rest // PAD) * PAD  # one compiled loop serves lengths up to a PAD
+            eos_ids = np.asarray(sorted(eos) or [-1], np.int32)  # -1: no token is it
+            args = (leaves, tok, cache, np.int32(pos), np.int32(rest), eos_ids, key)
+            run = _compiled_loop(graphdef, treedef, n_max, temperature, top_p, args)
+            first_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            new, count, cache = run(*args)
+            new = np.asarray(new)[:int(count)].tolist()
+            decode_s = time.perf_counter() - t0
+            out += new
+            if new and new[-1] in eos:
+                reason = "eos"
+        else:
+            first_s = time.perf_counter() - t0
+    return out, prefill_s, first_s, decode_s, reason
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_loop(graphdef, treedef, n_max, temperature, top_p, args):
+    """`_loop(...)` compiled ahead for these arguments' shapes (kept: a generation of a known
+    shape compiles nothing), so that compiling is not timed as decoding."""
+    sig = (graphdef, treedef, n_max, temperature, top_p,
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[:3])), args[5].shape)
+    run = _COMPILED.get(sig)
+    if run is None:
+        if len(_COMPILED) >= 8:  # a few model structures x lengths; the oldest goes
+            _COMPILED.pop(next(iter(_COMPILED)))
+        run = _COMPILED[sig] = _loop(graphdef, treedef, n_max, temperature,
+                                     top_p).lower(*args).compile()
+    return run
 
 
 def generate(model, tokenizer, prompt: str, **kw) -> Generation:
