@@ -14,7 +14,8 @@
 // overlapping another one leaves the older to its own caller), and only to `wanted` helpers
 // (the others stay waiting). `SpinPool::spin_us()` (ANY4_JAX_CPU_SPIN_US, set by
 // any4_jax/kernels/cpu.py; default 200) is how long an idle helper spins before it sleeps
-// until a post wakes it; 0: it sleeps at once.
+// until a post wakes it; 0: it sleeps at once. A spinning helper yields the core between its
+// checks, so it only takes time no other thread wants.
 //
 // Everything here has internal linkage (an unnamed namespace; the header is included by one
 // source per library): each loaded copy of the library (the instruction-set variants the
@@ -119,6 +120,10 @@ class SpinPool {
       const auto until = std::chrono::steady_clock::now() + spin;
       while (spin.count() > 0 && seq_.load(std::memory_order_acquire) == seen) {
         for (int i = 0; i < 64; ++i) ANY4_SPIN_PAUSE();
+        // and let another thread that wants this core run: XLA's pool threads run its own
+        // parallel ops between our calls, and a helper that kept the core made them wait (a
+        // decode step 8-9% slower, docs/cpu_kernel_notes.md, v9)
+        std::this_thread::yield();
         if (std::chrono::steady_clock::now() > until) break;
       }
       std::shared_ptr<SpinJob> job;

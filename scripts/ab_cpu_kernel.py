@@ -118,7 +118,7 @@ def decode_rows(args, old_separate: bool) -> list[dict]:
 
     def tokens_per_s(target: str) -> float:  # generate_ids, host loop included
         use(target)
-        generate._steps.cache_clear()
+        generate.clear_compiled()
         out, _, _, seconds, _ = generate.generate_ids(model, list(range(1, 17)),
                                                       max_new_tokens=args.steps + 2)
         return (len(out) - 2) / seconds

@@ -37,7 +37,7 @@ def step_call(model):
     from any4_jax.models.llama import generate
 
     leaves, treedef = jax.tree.flatten(nnx.state(model))
-    generate._steps.cache_clear()
+    generate.clear_compiled()
     _, decode = generate._steps(nnx.graphdef(model), treedef)
     tok, key = jnp.zeros((1,), jnp.int32), jax.random.key(0)
     pos = np.int32(20)  # a numpy scalar, as generate_ids passes it (jnp.int32: ~35 us a call)

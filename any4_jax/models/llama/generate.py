@@ -256,6 +256,14 @@ def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, pref
 _COMPILED: dict = {}
 
 
+def clear_compiled() -> None:
+    """Forget every traced and compiled step and loop: the next generation retraces (after a
+    change the trace cannot see, such as the kernel a layer calls)."""
+    _steps.cache_clear()
+    _loop.cache_clear()
+    _COMPILED.clear()
+
+
 def _compiled_loop(graphdef, treedef, n_max, temperature, top_p, args):
     """`_loop(...)` compiled ahead for these arguments' shapes (kept: a generation of a known
     shape compiles nothing), so that compiling is not timed as decoding."""
