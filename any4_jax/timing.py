@@ -95,6 +95,25 @@ def copy_bandwidth(nbytes: int = 2**30, reps: int = 10) -> float:
     return 2 * (nbytes // 4) / t
 
 
+def read_bandwidth(nbytes: int = 2**28, reps: int = 5) -> float:
+    """Read bandwidth in bytes/s: a jitted sum over four buffers of `nbytes` / 4 each, in
+    turn (together larger than the caches), the best of `reps` rounds. The ceiling of a
+    decode step on the CPU, which reads its weights and writes almost nothing: XLA:CPU's copy
+    (`copy_bandwidth`) runs at a fraction of the memory's speed there (6-8 GB/s on the
+    2-core development VM against 29 GB/s for this)."""
+    bufs = [jnp.full((nbytes // 16,), float(i), jnp.float32) for i in range(4)]
+    total = jax.jit(jnp.sum)
+    for b in bufs:
+        total(b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for b in bufs:
+            total(b).block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / len(bufs))
+    return (nbytes // 4) / best
+
+
 def _cudart() -> ctypes.CDLL:
     """The CUDA runtime library: the system's, or the one a `nvidia-cuda-runtime` wheel put
     into site-packages (found by path, without importing it)."""

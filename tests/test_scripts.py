@@ -45,6 +45,8 @@ def test_bench_decode_runs(tmp_path):
     assert "| tiny |" in out and "| dense |" in out
     rec = json.loads(next(tmp_path.glob("decode_tiny_*.json")).read_text())
     assert rec["rows"][0]["tokens_per_s"] > 0 and rec["quantized_layers"] == 14
+    # the CPU floor is a read's bandwidth (XLA:CPU's copy is far below the memory's speed)
+    assert rec["bandwidth_measure"] == "read (jnp.sum)" and rec["bandwidth_bytes_per_s"] > 1e8
 
 
 @pytest.mark.slow
