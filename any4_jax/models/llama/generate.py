@@ -96,10 +96,13 @@ def _steps(graphdef, treedef):
 
 @functools.lru_cache(maxsize=8)
 def _loop(graphdef, treedef, n_max: int, temperature: float, top_p: float):
-    """The jitted device-side decode loop of one model structure and output length `n_max`.
-    Dispatching a step from the host costs a quantized SmolLM2 (~900 arrays) about 1 ms of
-    host time per token on the CPU (argument handling for every array); in one loop the
-    arrays are handed over once (docs/cpu_kernel_notes.md, v9)."""
+    """The jitted device-side decode loop of one model structure and output length `n_max`:
+    up to `n` (<= n_max) steps, stopping after a token in `eos` ([e] int32); the same steps,
+    keys and tokens as `_decode` called from the host. Returns (tokens [n_max] int32, how
+    many were made, the last token [1], the cache, the key). Dispatching a step from the host
+    costs a quantized SmolLM2 (~900 arrays) about 1 ms of host time per token on the CPU
+    (argument handling for every array); in one loop the arrays are handed over once
+    (docs/cpu_kernel_notes.md, v9)."""
 
     def run(leaves, token, cache, pos, n, eos, key):
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
@@ -117,8 +120,8 @@ def _loop(graphdef, treedef, n_max: int, temperature: float, top_p: float):
 
         init = (jnp.int32(0), token, cache, key, jnp.zeros((n_max,), jnp.int32),
                 jnp.bool_(False))
-        i, _, cache, _, out, _ = lax.while_loop(cond, body, init)
-        return out, i, cache
+        i, tok, cache, key, out, _ = lax.while_loop(cond, body, init)
+        return out, i, tok, cache, key
 
     return jax.jit(run, donate_argnums=(2,))
 
@@ -131,11 +134,12 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     """Generate after `prompt_ids` (batch 1). `stop(new_ids)`, asked after every new token,
     ends the generation when it returns True (stop strings; reason "stop").
 
-    device_loop: run the decode steps after the first in one device-side loop (no host work
-    per token; the same tokens). None: on the CPU backend, where it made decoding 12-16%
-    faster (docs/cpu_kernel_notes.md, v9), and only without `on_token` and `stop`, which need
+    device_loop: run the decode steps in one device-side loop (no host work per token; the
+    same tokens; its first call compiles a little longer). None: on the CPU backend, where
+    SmolLM2 decoded 12-16% faster in float32 (any4 and dense) and 5x faster as a dense bf16
+    model (docs/cpu_kernel_notes.md, v9), and only without `on_token` and `stop`, which need
     the host after every token; on a GPU the host loop below overlaps its work with the
-    device's (the loop there is not measured yet, docs/gpu.md).
+    device's (the device loop there is not measured yet: docs/kernels.md, Status).
 
     Returns (new ids, prefill s, first decode step s, later decode steps s, stop reason).
     """
@@ -221,35 +225,36 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
 
 def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, prefill_s, reason,
                         *, max_new_tokens, temperature, top_p, key):
-    """generate_ids after the prefill when no callback needs the tokens one by one: the first
-    decode step alone (it compiles; the loop is compiled beside it, both timed as the first
-    step), then every later step in one device-side loop (`_loop`)."""
-    _, decode = _steps(graphdef, treedef)
+    """generate_ids after the prefill when no callback needs the tokens one by one: the
+    device-side loop (`_loop`) compiled ahead, then called twice: for the first step (timed
+    with the compilation, as the host loop's compiling first step is) and for every later
+    step. One program: compiling the single step as well made SmolLM2's first step 4.2 s
+    instead of 2.2 (the host loop's: 1.5 s)."""
     t0 = time.perf_counter()
     first_s = decode_s = 0.0
+    rest = max_new_tokens - len(out)
+    if reason != "max_new_tokens" or rest <= 0:
+        return out, prefill_s, first_s, decode_s, reason
+    n_max = -(-rest // PAD) * PAD  # one compiled loop serves lengths up to a PAD
+    eos_ids = np.asarray(sorted(eos) or [-1], np.int32)  # -1: no token is it
+    run = _compiled_loop(graphdef, treedef, n_max, temperature, top_p,
+                         (leaves, tok, cache, np.int32(p), np.int32(1), eos_ids, key))
     pos = p
-    if reason == "max_new_tokens" and len(out) < max_new_tokens:
-        key, sub = jax.random.split(key)
-        tok, cache = decode(leaves, tok, cache, np.int32(pos), temperature, top_p, sub)
-        pos += 1
-        out.append(int(tok[0]))
-        reason = "eos" if out[-1] in eos else "max_new_tokens"
-        rest = max_new_tokens - len(out)
-        if reason == "max_new_tokens" and rest > 0:
-            n_max = -(-rest // PAD) * PAD  # one compiled loop serves lengths up to a PAD
-            eos_ids = np.asarray(sorted(eos) or [-1], np.int32)  # -1: no token is it
-            args = (leaves, tok, cache, np.int32(pos), np.int32(rest), eos_ids, key)
-            run = _compiled_loop(graphdef, treedef, n_max, temperature, top_p, args)
+    for n in (1, rest - 1):  # the first step, then the rest
+        if n <= 0 or reason != "max_new_tokens":
+            break
+        new, count, tok, cache, key = run(leaves, tok, cache, np.int32(pos), np.int32(n),
+                                          eos_ids, key)
+        new = np.asarray(new)[:int(count)].tolist()
+        pos += len(new)
+        out += new
+        if new and new[-1] in eos:
+            reason = "eos"
+        if n == 1:
             first_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            new, count, cache = run(*args)
-            new = np.asarray(new)[:int(count)].tolist()
-            decode_s = time.perf_counter() - t0
-            out += new
-            if new and new[-1] in eos:
-                reason = "eos"
         else:
-            first_s = time.perf_counter() - t0
+            decode_s = time.perf_counter() - t0
     return out, prefill_s, first_s, decode_s, reason
 
 
