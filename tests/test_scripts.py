@@ -50,6 +50,20 @@ def test_bench_decode_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_decode_runs(tmp_path):
+    out = _run(tmp_path, "profile_decode.py", "--model", "tiny", "--group-size", "32",
+               "--tokens", "6")
+    assert "| ffi_call |" in out and "kernel call q/k/v" in out
+    rec = json.loads((tmp_path / "profile_decode_tiny_float32_cpu.json").read_text())
+    assert rec["tokens_in_loop"] == 4 and rec["loop_ms_per_token"] > 0
+    calls = {r["op"]: r["per_token"] for r in rec["ops"]}
+    # the tiny model's layers, 4 kernel calls each (q/k/v and gate/up shared), every token
+    assert calls["ffi_call"] == 4 * 2
+    assert [c["call"] for c in rec["kernel_calls_per_layer"]] == ["q/k/v", "o", "gate/up",
+                                                                   "down"]
+
+
+@pytest.mark.slow
 def test_decode_breakdown_runs(tmp_path):
     out = _run(tmp_path, "decode_breakdown.py", "--model", "tiny", "--group-size", "32",
                "--rounds", "1", "--steps", "2")
