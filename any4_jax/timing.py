@@ -96,22 +96,23 @@ def copy_bandwidth(nbytes: int = 2**30, reps: int = 10) -> float:
 
 
 def read_bandwidth(nbytes: int = 2**28, reps: int = 5) -> float:
-    """Read bandwidth in bytes/s: a jitted sum over four buffers of `nbytes` / 4 each, in
-    turn (together larger than the caches), the best of `reps` rounds. The ceiling of a
-    decode step on the CPU, which reads its weights and writes almost nothing: XLA:CPU's copy
-    (`copy_bandwidth`) runs at a fraction of the memory's speed there (6-8 GB/s on the
-    2-core development VM against 29 GB/s for this)."""
-    bufs = [jnp.full((nbytes // 16,), float(i), jnp.float32) for i in range(4)]
-    total = jax.jit(jnp.sum)
+    """Read bandwidth in bytes/s: a jitted row sum (rows of 4096 float32, so XLA can split the
+    rows over its threads) over four buffers of `nbytes` / 4 each, in turn, the best of `reps`
+    rounds. The ceiling of a decode step on the CPU, which reads its weights and writes almost
+    nothing: XLA:CPU's copy (`copy_bandwidth`) runs at a fraction of the memory's speed there
+    (6-8 GB/s on the 2-core development VM against 22-29 GB/s for this). Give `nbytes` well
+    above the last-level cache of the machine (the default, 256 MiB, is 8x this VM's L3)."""
+    bufs = [jnp.full((nbytes // 16 // 4096, 4096), float(i), jnp.float32) for i in range(4)]
+    row_sums = jax.jit(lambda a: jnp.sum(a, axis=1))
     for b in bufs:
-        total(b).block_until_ready()
+        row_sums(b).block_until_ready()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         for b in bufs:
-            total(b).block_until_ready()
+            row_sums(b).block_until_ready()
         best = min(best, (time.perf_counter() - t0) / len(bufs))
-    return (nbytes // 4) / best
+    return bufs[0].nbytes / best
 
 
 def _cudart() -> ctypes.CDLL:

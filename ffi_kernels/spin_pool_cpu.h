@@ -14,8 +14,8 @@
 // overlapping another one leaves the older to its own caller), and only to `wanted` helpers
 // (the others stay waiting). `SpinPool::spin_us()` (ANY4_JAX_CPU_SPIN_US, set by
 // any4_jax/kernels/cpu.py; default 200) is how long an idle helper spins before it sleeps
-// until a post wakes it; 0: it sleeps at once. A spinning helper yields the core between its
-// checks, so it only takes time no other thread wants.
+// until a post wakes it; 0: it sleeps at once. A spinning helper yields between its checks,
+// giving its core to a runnable thread that waits for it.
 //
 // Everything here has internal linkage (an unnamed namespace; the header is included by one
 // source per library): each loaded copy of the library (the instruction-set variants the

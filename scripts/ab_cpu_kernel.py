@@ -9,8 +9,8 @@ compared only in one process: both sources are compiled (`native.build_cpu`, -ma
 registered as two FFI targets and timed in turn, `--rounds` rounds of `time_per_call` each
 (rotating over weight copies that together exceed the caches), medians compared. Float32 and
 bf16 activations. With --decode MODEL: the blocking batch-1 decode step (the jitted step of
-`generate_ids`, its wall time until the token is ready) and `generate_ids`'s tokens/s (its
-host loop as users run it) of a model of that preset with random
+`generate_ids`, its wall time until the token is ready) and `generate_ids`'s tokens/s (as
+users run it: on the CPU its device-side loop) of a model of that preset with random
 any4 weights in every decoder layer, through each library in turn, --rounds rounds of
 --steps steps. Used for docs/cpu_kernel_notes.md.
 """
@@ -116,7 +116,7 @@ def decode_rows(args, old_separate: bool) -> list[dict]:
         use(target)
         return time_step(step_call(model), args.steps)[0]
 
-    def tokens_per_s(target: str) -> float:  # generate_ids, host loop included
+    def tokens_per_s(target: str) -> float:  # generate_ids as users run it (device loop)
         use(target)
         generate.clear_compiled()
         out, _, _, seconds, _ = generate.generate_ids(model, list(range(1, 17)),

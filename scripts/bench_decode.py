@@ -122,7 +122,7 @@ def main():
     dev = jax.devices()[0]
     # the floor's bandwidth: a copy on a GPU; on the CPU, where XLA's copy is far below the
     # memory's speed, a read (a decode step reads its weights)
-    measure = "copy (read + write)" if dev.platform == "gpu" else "read (jnp.sum)"
+    measure = "copy (read + write)" if dev.platform == "gpu" else "read (row sums)"
     bw = copy_bandwidth(2**30) if dev.platform == "gpu" else read_bandwidth(2**28)
     print(f"device: {dev.device_kind}; {measure} bandwidth {bw / 1e9:.0f} GB/s", file=sys.stderr)
     ks = {config.hidden_size, config.num_heads * config.head_dim, config.intermediate_size}

@@ -6,9 +6,10 @@
 
 A model of the preset's shapes with random weights (as `bench_decode.py`): dense, or any4 g64
 in every decoder layer through the CPU kernel. One generation of --tokens tokens (after one
-that compiles) is traced with `jax.profiler` (its perfetto JSON); inside the execution of the
+that compiles) is traced with `jax.profiler` (its `*.trace.json.gz`); inside the execution of the
 device loop (its second call: the steps after the first), the time per token of each kind of
-XLA op (numbered suffixes merged: `ffi_call.17` counts as `ffi_call`) and, with the CPU kernel,
+XLA op (numbered suffixes merged: `ffi_call.17` counts as `ffi_call`; the executor's and the
+loop's own events left out, so the rows do not nest) and, with the CPU kernel,
 the median time of each kernel call of a layer, in call order (q/k/v, o, gate/up, down when a
 layer makes 4). Tracing slows the step a little. Writes
 `profile_decode_{model}_{dtype}_{kernel}.json` into --out and prints a table. Used for
@@ -78,7 +79,8 @@ def main() -> int:
     if config is None:
         ap.error(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
     if args.tokens < 4:
-        ap.error("--tokens must be at least 4 (two are not in the loop that is profiled)")
+        ap.error("--tokens must be at least 4: the prefill's token and the first step are not "
+                 "in the profiled call, and with one step left it cannot be told apart")
     model = random_model(config, param_dtype=jnp.dtype(args.dtype))
     if args.kernel == "cpu":
         quantize_randomly(model, "any4", args.group_size, lm_head=False)
@@ -93,6 +95,8 @@ def main() -> int:
     n = len(out) - 2  # the tokens of the profiled loop
     per_kind = collections.defaultdict(lambda: [0, 0.0])
     for e in inside:
+        if e["name"].startswith(("ThunkExecutor", "end: ", "while", "wrapped_while")):
+            continue  # containers of the ops below, and zero-width markers
         kind = re.sub(r"\.\d+$", "", e["name"])
         per_kind[kind][0] += 1
         per_kind[kind][1] += e["dur"]
@@ -106,7 +110,7 @@ def main() -> int:
         e["dur"] for e in calls[i::per_layer])} for i in range(per_layer)]
     rec = {"model": args.model, "dtype": args.dtype, "kernel": args.kernel,
            "group_size": args.group_size, "tokens_in_loop": n,
-           "loop_ms_per_token": top["dur"] / n / 1e3, "untraced_decode_s": seconds,
+           "loop_ms_per_token": top["dur"] / n / 1e3, "traced_decode_s": seconds,
            "ops": kinds, "kernel_calls_per_layer": layer_calls,
            "command": "python scripts/profile_decode.py " + " ".join(sys.argv[1:])}
     Path(args.out).mkdir(parents=True, exist_ok=True)

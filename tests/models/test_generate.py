@@ -89,31 +89,46 @@ def test_greedy_token_is_argmax_with_ties_nans_and_infinities():
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 0.9)])
 def test_the_device_loop_gives_the_host_loops_tokens(temperature, top_p):
-    """Without a callback the steps after the first run in one device-side loop; with one,
-    one step per host iteration. Same keys, same tokens, same stop."""
+    """Without a callback the decode steps run in a device-side loop (called once for the
+    first step, once for the rest); with one, one step per host iteration. Same keys, same
+    tokens, same stop."""
     model = random_model(TINY, seed=3)
     prompt = [5, 9, 2, 7]
-    kw = dict(max_new_tokens=20, temperature=temperature, top_p=top_p, seed=1)
+    kw = dict(temperature=temperature, top_p=top_p, seed=1)
     seen = []
-    host, *_, host_reason = generate_ids(model, prompt, on_token=seen.append, **kw)
-    dev, _, first_s, decode_s, dev_reason = generate_ids(model, prompt, device_loop=True, **kw)
+    host, *_, host_reason = generate_ids(model, prompt, on_token=seen.append,
+                                         max_new_tokens=20, **kw)
+    dev, _, first_s, decode_s, dev_reason = generate_ids(model, prompt, device_loop=True,
+                                                         max_new_tokens=20, **kw)
     assert seen == host and dev == host and len(dev) == 20
     assert host_reason == dev_reason == "max_new_tokens" and first_s > 0 and decode_s > 0
-    # an EOS in the middle: both stop on it, the EOS included
-    eos = host[7]
-    host, *_, host_reason = generate_ids(model, prompt, on_token=lambda t: None,
-                                         eos_ids=(eos,), **kw)
-    dev, *_, dev_reason = generate_ids(model, prompt, eos_ids=(eos,), device_loop=True, **kw)
+    # EOS from the prefill (0), the first step (1), the first of the rest (2), later (7): both
+    # paths stop on its first appearance, the EOS included
+    for i in (0, 1, 2, 7):
+        eos = host[i]
+        want = host[:host.index(eos) + 1]
+        got_host, *_, r_host = generate_ids(model, prompt, on_token=lambda t: None,
+                                            eos_ids=(eos,), max_new_tokens=20, **kw)
+        got_dev, *_, r_dev = generate_ids(model, prompt, eos_ids=(eos,), device_loop=True,
+                                          max_new_tokens=20, **kw)
+        assert got_host == got_dev == want and r_host == r_dev == "eos", i
+    for n in (1, 2, 3):  # the prefill alone; the first step alone; one more
+        got, *_, reason = generate_ids(model, prompt, device_loop=True, max_new_tokens=n, **kw)
+        assert got == host[:n] and reason == "max_new_tokens", n
     with pytest.raises(ValueError, match="on_token or stop"):
         generate_ids(model, prompt, on_token=print, device_loop=True)
-    assert dev == host and dev[-1] == eos and host_reason == dev_reason == "eos"
 
 
 def test_the_device_loop_compiles_once_per_length_bucket():
     model = random_model(TINY, seed=3)
+    generate.clear_compiled()
+    before = generate.LOOP_TRACES[0]
     generate_ids(model, [1, 2, 3], max_new_tokens=9, device_loop=True)
-    n = len(generate._COMPILED)
-    for tokens in (10, 12, 3):  # every remainder fits the same PAD-long buffer
+    traces = generate.LOOP_TRACES[0]
+    assert traces == before + 1  # both calls of a generation share one compiled loop
+    for tokens in (10, 12, 4):  # every remainder fits the same PAD-long buffer
         out, *_ = generate_ids(model, [1, 2, 3], max_new_tokens=tokens, device_loop=True)
         assert len(out) == tokens
-    assert len(generate._COMPILED) == n
+    assert generate.LOOP_TRACES[0] == traces
+    generate_ids(model, [1, 2, 3], max_new_tokens=PAD + 10, device_loop=True)  # a longer one
+    assert generate.LOOP_TRACES[0] == traces + 1

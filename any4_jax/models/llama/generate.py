@@ -94,6 +94,9 @@ def _steps(graphdef, treedef):
     return bind(_prefill), bind(_decode)
 
 
+LOOP_TRACES = [0]  # traces of `_loop`'s function so far (tests: one compile per length)
+
+
 @functools.lru_cache(maxsize=8)
 def _loop(graphdef, treedef, n_max: int, temperature: float, top_p: float):
     """The jitted device-side decode loop of one model structure and output length `n_max`:
@@ -105,6 +108,7 @@ def _loop(graphdef, treedef, n_max: int, temperature: float, top_p: float):
     (docs/cpu_kernel_notes.md, v9)."""
 
     def run(leaves, token, cache, pos, n, eos, key):
+        LOOP_TRACES[0] += 1  # at trace time only: how often a loop was (re)compiled
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
         def cond(c):
@@ -226,19 +230,18 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
 def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, prefill_s, reason,
                         *, max_new_tokens, temperature, top_p, key):
     """generate_ids after the prefill when no callback needs the tokens one by one: the
-    device-side loop (`_loop`) compiled ahead, then called twice: for the first step (timed
-    with the compilation, as the host loop's compiling first step is) and for every later
-    step. One program: compiling the single step as well made SmolLM2's first step 4.2 s
-    instead of 2.2 (the host loop's: 1.5 s)."""
+    device-side loop (`_loop`) called twice: for the first step (it compiles on a new shape,
+    and is timed apart, as the host loop's first step is), then for every later step. One
+    program: compiling the single step as well made SmolLM2's first step 4.2 s instead of 2.2
+    (the host loop's: 1.5 s)."""
     t0 = time.perf_counter()
     first_s = decode_s = 0.0
     rest = max_new_tokens - len(out)
     if reason != "max_new_tokens" or rest <= 0:
         return out, prefill_s, first_s, decode_s, reason
     n_max = -(-rest // PAD) * PAD  # one compiled loop serves lengths up to a PAD
+    run = _loop(graphdef, treedef, n_max, temperature, top_p)
     eos_ids = np.asarray(sorted(eos) or [-1], np.int32)  # -1: no token is it
-    run = _compiled_loop(graphdef, treedef, n_max, temperature, top_p,
-                         (leaves, tok, cache, np.int32(p), np.int32(1), eos_ids, key))
     pos = p
     for n in (1, rest - 1):  # the first step, then the rest
         if n <= 0 or reason != "max_new_tokens":
@@ -258,29 +261,11 @@ def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, pref
     return out, prefill_s, first_s, decode_s, reason
 
 
-_COMPILED: dict = {}
-
-
 def clear_compiled() -> None:
-    """Forget every traced and compiled step and loop: the next generation retraces (after a
-    change the trace cannot see, such as the kernel a layer calls)."""
+    """Forget every traced step and loop: the next generation retraces (after a change the
+    trace cannot see, such as the kernel a layer calls)."""
     _steps.cache_clear()
     _loop.cache_clear()
-    _COMPILED.clear()
-
-
-def _compiled_loop(graphdef, treedef, n_max, temperature, top_p, args):
-    """`_loop(...)` compiled ahead for these arguments' shapes (kept: a generation of a known
-    shape compiles nothing), so that compiling is not timed as decoding."""
-    sig = (graphdef, treedef, n_max, temperature, top_p,
-           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[:3])), args[5].shape)
-    run = _COMPILED.get(sig)
-    if run is None:
-        if len(_COMPILED) >= 8:  # a few model structures x lengths; the oldest goes
-            _COMPILED.pop(next(iter(_COMPILED)))
-        run = _COMPILED[sig] = _loop(graphdef, treedef, n_max, temperature,
-                                     top_p).lower(*args).compile()
-    return run
 
 
 def generate(model, tokenizer, prompt: str, **kw) -> Generation:
@@ -299,6 +284,9 @@ def decode_speed(model, prompt_ids, tokens: int, runs: int) -> float:
     the first (prefill) and second (compiling) token excluded (the benchmarks' measure)."""
     import statistics
 
+    if tokens < 3:
+        raise ValueError(f"{tokens=}: decode speed needs at least 3 new tokens (the prefill "
+                         "and the first, compiling step are not timed)")
     speeds = []
     for _ in range(runs):
         out, _, _, decode_s, _ = generate_ids(model, prompt_ids, max_new_tokens=tokens)
