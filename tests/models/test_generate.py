@@ -89,34 +89,44 @@ def test_greedy_token_is_argmax_with_ties_nans_and_infinities():
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 0.9)])
 def test_the_device_loop_gives_the_host_loops_tokens(temperature, top_p):
-    """Without a callback the decode steps run in a device-side loop (called once for the
-    first step, once for the rest); with one, one step per host iteration. Same keys, same
-    tokens, same stop."""
+    """The device-side loop (one step, then the rest in one call, or in chunks when a
+    callback wants each token) against one step per host iteration: same keys, same tokens,
+    same callbacks, same stop."""
     model = random_model(TINY, seed=3)
     prompt = [5, 9, 2, 7]
-    kw = dict(temperature=temperature, top_p=top_p, seed=1)
-    seen = []
-    host, *_, host_reason = generate_ids(model, prompt, on_token=seen.append,
-                                         max_new_tokens=20, **kw)
-    dev, _, first_s, decode_s, dev_reason = generate_ids(model, prompt, device_loop=True,
-                                                         max_new_tokens=20, **kw)
-    assert seen == host and dev == host and len(dev) == 20
-    assert host_reason == dev_reason == "max_new_tokens" and first_s > 0 and decode_s > 0
-    # EOS from the prefill (0), the first step (1), the first of the rest (2), later (7): both
-    # paths stop on its first appearance, the EOS included
-    for i in (0, 1, 2, 7):
+    kw = dict(temperature=temperature, top_p=top_p, seed=1, max_new_tokens=40)
+    host_seen, dev_seen = [], []
+    host, *_, host_reason = generate_ids(model, prompt, on_token=host_seen.append,
+                                         device_loop=False, **kw)
+    dev, _, first_s, decode_s, dev_reason = generate_ids(model, prompt, device_loop=True, **kw)
+    chunked, *_, chunked_reason = generate_ids(model, prompt, on_token=dev_seen.append,
+                                               device_loop=True, **kw)
+    assert host_seen == host == dev == chunked == dev_seen and len(dev) == 40
+    assert host_reason == dev_reason == chunked_reason == "max_new_tokens"
+    assert first_s > 0 and decode_s > 0
+    # EOS from the prefill (0), the first step (1), the first of the rest (2), later (7, and
+    # 20: past the first chunks): every path stops on its first appearance, EOS included
+    for i in (0, 1, 2, 7, 20):
         eos = host[i]
         want = host[:host.index(eos) + 1]
-        got_host, *_, r_host = generate_ids(model, prompt, on_token=lambda t: None,
-                                            eos_ids=(eos,), max_new_tokens=20, **kw)
-        got_dev, *_, r_dev = generate_ids(model, prompt, eos_ids=(eos,), device_loop=True,
-                                          max_new_tokens=20, **kw)
-        assert got_host == got_dev == want and r_host == r_dev == "eos", i
+        got = [generate_ids(model, prompt, eos_ids=(eos,), device_loop=loop, **opt, **kw)
+               for loop, opt in ((False, {"on_token": lambda t: None}), (True, {}),
+                                 (True, {"on_token": lambda t: None}))]
+        assert all(g[0] == want and g[-1] == "eos" for g in got), i
+    # a stop after k tokens: the callbacks see exactly those, the chunk's later tokens dropped
+    for k in (1, 2, 5, 13):
+        runs = []
+        for loop in (False, True):
+            seen = []
+            out, *_, reason = generate_ids(model, prompt, on_token=seen.append,
+                                           stop=lambda ids, k=k: len(ids) >= k,
+                                           device_loop=loop, **kw)
+            runs.append((out, seen, reason))
+        assert runs[0] == runs[1] == (host[:k], host[:k], "stop"), k
     for n in (1, 2, 3):  # the prefill alone; the first step alone; one more
-        got, *_, reason = generate_ids(model, prompt, device_loop=True, max_new_tokens=n, **kw)
+        got, *_, reason = generate_ids(model, prompt, device_loop=True,
+                                       **{**kw, "max_new_tokens": n})
         assert got == host[:n] and reason == "max_new_tokens", n
-    with pytest.raises(ValueError, match="on_token or stop"):
-        generate_ids(model, prompt, on_token=print, device_loop=True)
 
 
 def test_the_device_loop_compiles_once_per_length_bucket():

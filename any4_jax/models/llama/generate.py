@@ -138,11 +138,12 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     """Generate after `prompt_ids` (batch 1). `stop(new_ids)`, asked after every new token,
     ends the generation when it returns True (stop strings; reason "stop").
 
-    device_loop: run the decode steps in one device-side loop (no host work per token; the
-    same tokens; its first call compiles a little longer). None: on the CPU backend, where
-    SmolLM2 decoded 12-16% faster in float32 (any4 and dense) and 5x faster as a dense bf16
-    model (docs/cpu_kernel_notes.md, v9), and only without `on_token` and `stop`, which need
-    the host after every token; on a GPU the host loop below overlaps its work with the
+    device_loop: run the decode steps in a device-side loop (no host work per token; the same
+    tokens; its first call compiles a little longer). With `on_token` or `stop` the loop runs
+    in chunks of 1, 2, 4, ... up to CHUNK steps, and they are called for each token of a chunk
+    in turn (tokens after a stop are dropped). None: on the CPU backend, where SmolLM2
+    decoded 12-16% faster in float32 (any4 and dense) and 5x faster as a dense bf16 model
+    (docs/cpu_kernel_notes.md, v9); on a GPU the host loop below overlaps its work with the
     device's (the device loop there is not measured yet: docs/kernels.md, Status).
 
     Returns (new ids, prefill s, first decode step s, later decode steps s, stop reason).
@@ -153,12 +154,8 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
         raise ValueError(f"{max_new_tokens=} must be positive")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"{top_p=} must be in (0, 1]")
-    per_token = on_token is not None or stop is not None
-    if device_loop and per_token:
-        raise ValueError("device_loop=True runs the steps without the host, so it cannot call "
-                         "on_token or stop after each token; leave device_loop unset")
     if device_loop is None:
-        device_loop = not per_token and jax.default_backend() == "cpu"
+        device_loop = jax.default_backend() == "cpu"
     p = len(prompt_ids)
     p_pad = -(-p // PAD) * PAD
     max_len = -(-(p + max_new_tokens) // PAD) * PAD
@@ -186,7 +183,8 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     if device_loop:
         return _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos,
                                    prefill_s, reason, max_new_tokens=max_new_tokens,
-                                   temperature=float(temperature), top_p=float(top_p), key=key)
+                                   temperature=float(temperature), top_p=float(top_p), key=key,
+                                   on_token=on_token, stop=stop)
     t0 = time.perf_counter()
     first_s = 0.0
     pos = p
@@ -227,13 +225,18 @@ def generate_ids(model, prompt_ids, *, max_new_tokens: int = 64, temperature: fl
     return out, prefill_s, first_s, decode_s, reason
 
 
+CHUNK = 16  # the most steps between two returns to the host when tokens are wanted one by one
+
+
 def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, prefill_s, reason,
-                        *, max_new_tokens, temperature, top_p, key):
-    """generate_ids after the prefill when no callback needs the tokens one by one: the
-    device-side loop (`_loop`) called twice: for the first step (it compiles on a new shape,
-    and is timed apart, as the host loop's first step is), then for every later step. One
-    program: compiling the single step as well made SmolLM2's first step 4.2 s instead of 2.2
-    (the host loop's: 1.5 s)."""
+                        *, max_new_tokens, temperature, top_p, key, on_token, stop):
+    """generate_ids after the prefill through the device-side loop (`_loop`): first one step
+    (it compiles on a new shape, and is timed apart, as the host loop's first step is), then
+    every later step in one call, or, when `on_token` or `stop` wants the tokens one by one,
+    in chunks of 2, 4, ... up to CHUNK steps, each token then handed to them in turn. One
+    compiled program: compiling the single step as well made SmolLM2's first step 4.2 s
+    instead of 2.2 (the host loop's: 1.5 s)."""
+    per_token = on_token is not None or stop is not None
     t0 = time.perf_counter()
     first_s = decode_s = 0.0
     rest = max_new_tokens - len(out)
@@ -242,22 +245,30 @@ def _generate_on_device(graphdef, treedef, leaves, tok, cache, p, out, eos, pref
     n_max = -(-rest // PAD) * PAD  # one compiled loop serves lengths up to a PAD
     run = _loop(graphdef, treedef, n_max, temperature, top_p)
     eos_ids = np.asarray(sorted(eos) or [-1], np.int32)  # -1: no token is it
-    pos = p
-    for n in (1, rest - 1):  # the first step, then the rest
-        if n <= 0 or reason != "max_new_tokens":
-            break
+    pos, size = p, 1
+    while reason == "max_new_tokens" and len(out) < max_new_tokens:
+        left = max_new_tokens - len(out)
+        n = min(size, left) if pos == p or per_token else left
         new, count, tok, cache, key = run(leaves, tok, cache, np.int32(pos), np.int32(n),
                                           eos_ids, key)
         new = np.asarray(new)[:int(count)].tolist()
-        pos += len(new)
-        out += new
-        if new and new[-1] in eos:
-            reason = "eos"
-        if n == 1:
+        for t in new:  # the loop stopped after an EOS; a stop may come earlier
+            out.append(t)
+            if on_token:
+                on_token(t)
+            if t in eos:
+                reason = "eos"
+            elif stop and stop(out):
+                reason = "stop"
+            if reason != "max_new_tokens":
+                break
+        if pos == p:
             first_s = time.perf_counter() - t0
             t0 = time.perf_counter()
         else:
             decode_s = time.perf_counter() - t0
+        pos += len(new)
+        size = min(2 * size, CHUNK)
     return out, prefill_s, first_s, decode_s, reason
 
 
